@@ -1,0 +1,203 @@
+"""Properties of the native DiT backbone: shapes, attention structure, conditioning, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xdlm.models.dit import PRESETS, DiT, DiTConfig
+from xdlm.models.protocol import Denoiser, HiddenDenoiser
+
+V, L = 50, 12
+
+
+def tiny(**overrides) -> DiT:
+    cfg = DiTConfig(vocab_size=V, n_layers=2, d_model=32, n_heads=4, max_seq_len=64)
+    return DiT(DiTConfig(**{**cfg.__dict__, **overrides})).eval()
+
+
+def randomize_modulation(model: DiT) -> DiT:
+    """adaLN layers start at zero (no effect of t); give them weights to test the wiring."""
+    with torch.no_grad():
+        for mod in [b.modulation for b in model.blocks] + [model.final_modulation]:
+            mod.weight.normal_(std=0.3)
+            mod.bias.normal_(std=0.3)
+    return model
+
+
+def ids(B: int = 2, n: int = L) -> torch.Tensor:
+    return torch.randint(0, V, (B, n))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_shapes_dtype_and_protocols(tie, time_conditioning):
+    model = tiny(tie_embeddings=tie, time_conditioning=time_conditioning, num_classes=3)
+    z, t = ids(), torch.rand(2)
+    logits = model(z, t, torch.ones(2, L, dtype=torch.bool), torch.tensor([0, 2]))
+    assert logits.shape == (2, L, V) and logits.dtype == torch.float32
+    assert model.hidden(z, t).shape == (2, L, 32)
+    assert isinstance(model, Denoiser) and isinstance(model, HiddenDenoiser)
+
+
+def test_forward_equals_output_head_of_hidden():
+    model = randomize_modulation(tiny(time_conditioning=True, num_classes=2))
+    z, t, m, c = ids(), torch.rand(2), torch.rand(2, L) > 0.3, torch.tensor([1, 0])
+    assert torch.equal(model(z, t, m, c), model.output_head(model.hidden(z, t, m, c)))
+
+
+def test_bidirectional():
+    model, z, j = tiny(), ids(1), 5
+    z2 = z.clone()
+    z2[0, j] = (z[0, j] + 1) % V
+    diff = (model(z, None) - model(z2, None)).abs().amax(-1)[0]
+    assert (diff[:j] > 1e-6).all() and (diff[j + 1 :] > 1e-6).all()
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_padding_never_leaks_into_real_positions(conditioned):
+    model = tiny(time_conditioning=conditioned, num_classes=3 if conditioned else 0)
+    model = randomize_modulation(model) if conditioned else model
+    t, c = torch.rand(2), (torch.tensor([2, 0]) if conditioned else None)
+    lengths = torch.tensor([7, L])
+    mask = torch.arange(L)[None] < lengths[:, None]
+    z = ids()
+    z_other = torch.where(mask, z, torch.randint(0, V, (2, L)))
+    out = model(z, t, mask, c)
+    out_other = model(z_other, t, mask, c)
+    torch.testing.assert_close(out[mask], out_other[mask], atol=1e-5, rtol=0)
+    for b, n in enumerate(lengths.tolist()):
+        alone = model(z[b : b + 1, :n], t[b : b + 1], None, None if c is None else c[b : b + 1])
+        torch.testing.assert_close(out[b, :n], alone[0], atol=1e-5, rtol=0)
+
+
+def test_left_padding_matches_unpadded_by_relative_positions():
+    model, z = tiny(), ids(1, 8)
+    padded = torch.cat([torch.randint(0, V, (1, 4)), z], dim=1)
+    mask = torch.arange(12)[None] >= 4
+    torch.testing.assert_close(model(padded, None, mask)[:, 4:], model(z, None), atol=1e-5, rtol=0)
+
+
+def test_fully_padded_row_is_finite():
+    model = tiny()
+    mask = torch.zeros(2, L, dtype=torch.bool)
+    mask[0, :3] = True
+    assert torch.isfinite(model(ids(), None, mask)).all()
+
+
+def test_t_ignored_without_time_conditioning():
+    model, z = tiny(), ids()
+    ref = model(z, None)
+    assert torch.equal(model(z, torch.zeros(2)), ref)
+    assert torch.equal(model(z, torch.ones(2)), ref)
+
+
+def test_t_used_with_time_conditioning():
+    model, z = tiny(time_conditioning=True), ids()
+    # adaLN-Zero: at initialisation t has no effect.
+    torch.testing.assert_close(model(z, torch.zeros(2)), model(z, torch.ones(2)))
+    randomize_modulation(model)
+    assert not torch.allclose(model(z, torch.full((2,), 0.1)), model(z, torch.full((2,), 0.9)))
+    with pytest.raises(ValueError, match="needs t"):
+        model(z, None)
+
+
+def test_class_conditioning_changes_output_and_none_is_null_class():
+    model, z = tiny(num_classes=3), ids()
+    assert not torch.allclose(model(z, None, cond=torch.tensor([0, 0])), model(z, None, cond=None))
+    assert not torch.allclose(
+        model(z, None, cond=torch.tensor([0, 0])), model(z, None, cond=torch.tensor([1, 1]))
+    )
+    torch.testing.assert_close(model(z, None), model(z, None, cond=torch.tensor([3, 3])))
+    with pytest.raises(ValueError, match="num_classes"):
+        tiny()(z, None, cond=torch.tensor([0, 1]))
+
+
+def test_tied_embeddings_share_storage_and_count_once():
+    tied, untied = tiny(tie_embeddings=True), tiny()
+    assert tied.output_head.weight.data_ptr() == tied.embed.weight.data_ptr()
+    assert untied.num_params() - tied.num_params() == V * 32
+    assert tied.num_params(exclude_embeddings=True) == untied.num_params(exclude_embeddings=True)
+
+
+def test_gradients_reach_every_parameter():
+    model = tiny(num_classes=2, tie_embeddings=True).train()
+    z = ids()
+    loss = torch.nn.functional.cross_entropy(
+        model(z, None, cond=torch.tensor([0, 1])).flatten(0, 1), z.flatten()
+    )
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_bf16_autocast_on_cpu():
+    model, z = tiny(time_conditioning=True, num_classes=2), ids()
+    randomize_modulation(model)
+    t, c = torch.rand(2), torch.tensor([0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(z, t, torch.rand(2, L) > 0.2, c)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    logits.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_dropout_only_in_training():
+    model, z = tiny(dropout=0.5), ids()
+    assert torch.equal(model(z, None), model(z, None))
+    model.train()
+    assert not torch.equal(model(z, None), model(z, None))
+
+
+def test_presets_build_on_meta_with_expected_sizes():
+    with torch.device("meta"):
+        small = DiT(DiTConfig.from_preset("small", vocab_size=50257))
+    non_embedding = 12 * 12 * 768**2 + 25 * 768  # 12 blocks of 12·D² + 25 LayerNorm weights
+    assert small.num_params(exclude_embeddings=True) == non_embedding  # 84.95M
+    assert small.num_params() == non_embedding + 2 * 50257 * 768
+    for name in PRESETS:
+        cfg = DiTConfig.from_preset(name, vocab_size=100)
+        assert cfg.vocab_size == 100
+    assert DiTConfig.from_preset("tiny", 100, n_layers=3).n_layers == 3
+    with pytest.raises(ValueError, match="valid presets.*small"):
+        DiTConfig.from_preset("huge", 100)
+
+
+def test_meta_then_init_weights_matches_eager_build():
+    cfg = DiTConfig(vocab_size=V, n_layers=2, d_model=32, n_heads=4, max_seq_len=64)
+    with torch.device("meta"):
+        model = DiT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    eager = DiT(cfg)
+    assert torch.equal(model.rope_cos, eager.rope_cos) and torch.equal(
+        model.rope_sin, eager.rope_sin
+    )
+    assert torch.isfinite(model(ids(), None)).all()
+
+
+def test_flops_per_token():
+    model = tiny()
+    n_matmul = model.num_params() - V * 32  # all but the input embedding lookup
+    assert model.flops_per_token(L) == 6 * n_matmul + 12 * 2 * 32 * L
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"d_model": 30}, "head size"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"num_classes": -1}, "num_classes"),
+    ],
+)
+def test_config_validation(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(**overrides)
+
+
+def test_input_validation():
+    model = tiny()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long), None)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids(), None, torch.ones(2, L))
