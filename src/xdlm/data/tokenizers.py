@@ -1,0 +1,224 @@
+"""Text tokenizers for diffusion LMs: a thin wrapper over HF `tokenizers` with four special ids.
+
+A diffusion LM outputs logits over `vocab_size` ids, which INCLUDES the absorbing mask id `m`
+(paper: the mask state of the mixed kernel). `TextTokenizer` guarantees that `mask_id`, `pad_id`,
+`bos_id` and `eos_id` are four distinct ids, none of which an ordinary token maps to; special
+tokens the base vocabulary lacks are appended at the end (so for GPT-2, `mask_id = V - 1`).
+Literal special-token text inside documents (e.g. the string "[MASK]") is encoded as ordinary
+text, never as a special id.
+
+Builders (`load_tokenizer(kind, ...)`):
+  - `gpt2`: byte-level BPE from a local dir with encoder.json + vocab.bpe, or a hub name
+    (default "gpt2"). <|endoftext|> is EOS; [BOS], [PAD], [MASK] are added.
+  - `bert-base-uncased` / `wordpiece`: WordPiece from a vocab.txt (or a dir holding one) with
+    BERT lowercasing, or a hub name. [CLS] is BOS, [SEP] is EOS, [PAD], [MASK] as in BERT.
+  - `char`: one id per character of the corpus (sorted, deterministic) + [UNK] and specials.
+  - `bpe`: byte-level BPE trained on the corpus with `vocab_size` total ids (specials included).
+
+`TextTokenizer.save(dir)` writes `tokenizer.json` + `xdlm_tokenizer.json`; `load_tokenizer_dir`
+rebuilds it from that directory alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers.trainers import BpeTrainer
+
+KINDS = ("gpt2", "bert-base-uncased", "wordpiece", "char", "bpe")
+_ROLES = ("bos", "eos", "pad", "mask")
+_META_FILE = "xdlm_tokenizer.json"
+_HF_FILE = "tokenizer.json"
+_DEFAULT_SPECIALS = {"bos": "[BOS]", "eos": "[EOS]", "pad": "[PAD]", "mask": "[MASK]"}
+
+
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` plus the four special ids a diffusion LM needs.
+
+    Args:
+        tokenizer: the HF tokenizer (its post-processor is ignored: `encode` adds no specials).
+        special_tokens: role -> token string for "bos", "eos", "pad", "mask"; each must already
+            be in the tokenizer's vocabulary.
+        spec: small JSON-able dict recorded in manifests, at least {"kind", "source"}.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, special_tokens: dict[str, str], spec: dict):
+        self._tok = tokenizer
+        self._tok.encode_special_tokens = True  # literal "[MASK]" in text is ordinary text
+        self.special_tokens = dict(special_tokens)
+        ids = {}
+        for role in _ROLES:
+            token_id = tokenizer.token_to_id(special_tokens[role])
+            if token_id is None:
+                raise ValueError(f"special token {special_tokens[role]!r} ({role}) is not in vocab")
+            ids[role] = token_id
+        if len(set(ids.values())) != len(_ROLES):
+            raise ValueError(f"special ids must be distinct, got {ids}")
+        self.bos_id, self.eos_id = ids["bos"], ids["eos"]
+        self.pad_id, self.mask_id = ids["pad"], ids["mask"]
+        self.spec = {**spec, "vocab_size": self.vocab_size}
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the model outputs over, mask and other specials included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {"bos": self.bos_id, "eos": self.eos_id, "pad": self.pad_id, "mask": self.mask_id}
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids (no BOS/EOS added)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Texts -> one id list per text (no BOS/EOS added); parallel inside `tokenizers`."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        """Ids -> text. With `skip_special`, BOS/EOS/PAD/MASK (and other specials) emit nothing."""
+        ids = [int(i) for i in ids]
+        if skip_special:
+            drop = set(self.special_ids.values())
+            ids = [i for i in ids if i not in drop]
+        return self._tok.decode(ids, skip_special_tokens=skip_special)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `tokenizer.json` and `xdlm_tokenizer.json` into `directory` (created)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(directory / _HF_FILE))
+        meta = {"special_tokens": self.special_tokens, "spec": self.spec}
+        (directory / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return directory
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer({self.spec}, special_ids={self.special_ids})"
+
+
+def load_tokenizer_dir(directory: str | Path) -> TextTokenizer:
+    """Rebuild a tokenizer written by `TextTokenizer.save` (needs nothing but that directory)."""
+    directory = Path(directory)
+    meta_path = directory / _META_FILE
+    if not meta_path.is_file() or not (directory / _HF_FILE).is_file():
+        raise FileNotFoundError(
+            f"{directory} holds no saved tokenizer ({_HF_FILE} + {_META_FILE}); "
+            "write one with TextTokenizer.save(dir)"
+        )
+    meta = json.loads(meta_path.read_text())
+    tok = Tokenizer.from_file(str(directory / _HF_FILE))
+    spec = {k: v for k, v in meta["spec"].items() if k != "vocab_size"}
+    return TextTokenizer(tok, meta["special_tokens"], spec)
+
+
+def load_tokenizer(
+    kind: str,
+    source: str | Path | None = None,
+    corpus_texts: Sequence[str] | None = None,
+    vocab_size: int | None = None,
+) -> TextTokenizer:
+    """Build a tokenizer by kind (see module docstring).
+
+    Args:
+        kind: one of `KINDS`.
+        source: local dir/file or HF hub name (gpt2, bert-base-uncased, wordpiece).
+        corpus_texts: training texts (char, bpe).
+        vocab_size: total ids for the trained `bpe`, specials included.
+    """
+    if kind == "gpt2":
+        return _gpt2(source or "gpt2")
+    if kind in ("bert-base-uncased", "wordpiece"):
+        if kind == "wordpiece" and source is None:
+            raise ValueError("kind 'wordpiece' needs source=<vocab.txt or its dir or hub name>")
+        return _wordpiece(kind, source or "bert-base-uncased")
+    if kind in ("char", "bpe"):
+        if not corpus_texts:
+            raise ValueError(f"tokenizer kind {kind!r} needs corpus_texts to build its vocabulary")
+        if kind == "char":
+            return _char(corpus_texts)
+        return _bpe(corpus_texts, vocab_size)
+    raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def _add_specials(tok: Tokenizer, specials: dict[str, str]) -> None:
+    """Register specials (existing tokens keep their ids, missing ones are appended in order)."""
+    tok.add_special_tokens([AddedToken(specials[r], special=True) for r in _ROLES])
+
+
+def _gpt2(source: str | Path) -> TextTokenizer:
+    path = Path(source)
+    if path.is_dir():
+        files = [path / "encoder.json", path / "vocab.bpe"]
+        if not all(f.is_file() for f in files):
+            raise FileNotFoundError(f"gpt2 tokenizer dir {path} needs encoder.json and vocab.bpe")
+        tok = Tokenizer(models.BPE.from_file(str(files[0]), str(files[1])))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+    else:
+        tok = _from_hub(str(source), "gpt2")
+    specials = {"bos": "[BOS]", "eos": "<|endoftext|>", "pad": "[PAD]", "mask": "[MASK]"}
+    _add_specials(tok, {r: specials[r] for r in _ROLES})
+    return TextTokenizer(tok, specials, {"kind": "gpt2", "source": str(source)})
+
+
+def _wordpiece(kind: str, source: str | Path) -> TextTokenizer:
+    path = Path(source)
+    vocab_file = path / "vocab.txt" if path.is_dir() else path
+    if vocab_file.is_file():
+        tok = Tokenizer(models.WordPiece.from_file(str(vocab_file), unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+    elif path.suffix == ".txt" or path.is_dir():
+        raise FileNotFoundError(f"no WordPiece vocab at {vocab_file}; pass a vocab.txt or its dir")
+    else:
+        tok = _from_hub(str(source), kind)
+    specials = {"bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "mask": "[MASK]"}
+    _add_specials(tok, specials)
+    return TextTokenizer(tok, specials, {"kind": kind, "source": str(source)})
+
+
+def _from_hub(name: str, kind: str) -> Tokenizer:
+    """Download `tokenizer.json` of a hub repo (needs internet)."""
+    try:
+        return Tokenizer.from_pretrained(name)
+    except Exception as err:  # network / missing repo errors come in many types
+        raise ValueError(
+            f"could not load {kind} tokenizer {name!r} from the HF hub ({err}); "
+            "pass source=<local dir> instead"
+        ) from err
+
+
+def _char(texts: Sequence[str]) -> TextTokenizer:
+    chars = sorted(set().union(*(set(t) for t in texts)))
+    reserved = set(_DEFAULT_SPECIALS.values()) | {"[UNK]"}
+    vocab = {c: i for i, c in enumerate(c for c in chars if c not in reserved)}
+    vocab["[UNK]"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    _add_specials(tok, _DEFAULT_SPECIALS)
+    return TextTokenizer(tok, _DEFAULT_SPECIALS, {"kind": "char", "source": "corpus"})
+
+
+def _bpe(texts: Sequence[str], vocab_size: int | None) -> TextTokenizer:
+    min_size = 256 + len(_ROLES) + 1
+    if vocab_size is None or vocab_size < min_size:
+        raise ValueError(
+            f"tokenizer kind 'bpe' needs vocab_size >= {min_size} (256 bytes + specials), "
+            f"got {vocab_size}"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[_DEFAULT_SPECIALS[r] for r in _ROLES],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return TextTokenizer(tok, _DEFAULT_SPECIALS, {"kind": "bpe", "source": "corpus"})
