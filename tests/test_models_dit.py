@@ -176,10 +176,12 @@ def test_meta_then_init_weights_matches_eager_build():
     assert torch.isfinite(model(ids(), None)).all()
 
 
-def test_flops_per_token():
+def test_flops_per_token_counts_per_token_matmuls_only():
     model = tiny()
-    n_matmul = model.num_params() - V * 32  # all but the input embedding lookup
+    n_matmul = model.num_params() - V * 32 - 5 * 32  # minus input embedding and 5 LayerNorms
     assert model.flops_per_token(L) == 6 * n_matmul + 12 * 2 * 32 * L
+    conditioned = tiny(time_conditioning=True, num_classes=3, tie_embeddings=True)
+    assert conditioned.flops_per_token(L) == model.flops_per_token(L)
 
 
 @pytest.mark.parametrize(

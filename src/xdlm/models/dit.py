@@ -83,7 +83,7 @@ class DiTConfig:
 
 # vocab_size=1 is a placeholder: `from_preset` always sets the real one.
 PRESETS: dict[str, DiTConfig] = {
-    "tiny": DiTConfig(vocab_size=1, n_layers=2, d_model=128, n_heads=4, max_seq_len=256),
+    "tiny": DiTConfig(vocab_size=1, n_layers=2, d_model=128, n_heads=4),
     "small": DiTConfig(vocab_size=1, n_layers=12, d_model=768, n_heads=12),
     "medium": DiTConfig(vocab_size=1, n_layers=24, d_model=1024, n_heads=16),
 }
@@ -299,14 +299,16 @@ class DiT(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward): 6·N + 12·n_layers·D·seq_len.
 
-        N counts every parameter used in a matmul: all but the input embedding lookup (the
-        output head is included, once). The second term is QKᵀ and attention·V over the full
-        (bidirectional, unmasked) sequence. Use for MFU = tokens/s · flops_per_token / peak.
+        N counts the weights of the per-token matmuls: attention and MLP projections of every
+        block and the output head (V·D, once even when tied). Embedding lookups, norms and the
+        per-sequence conditioning layers (time MLP, adaLN modulations) are left out. The second
+        term is QKᵀ and attention·V over the full (bidirectional) sequence.
+        Use for MFU = tokens/s · flops_per_token / peak FLOP/s.
         """
-        n = self.num_params() - self.embed.weight.numel()
-        if self.cfg.tie_embeddings:
-            n += self.output_head.weight.numel()
-        return 6.0 * n + 12.0 * self.cfg.n_layers * self.cfg.d_model * seq_len
+        cfg = self.cfg
+        per_block = 4 * cfg.d_model**2 + 2 * cfg.d_model * cfg.d_mlp
+        n = cfg.n_layers * per_block + cfg.vocab_size * cfg.d_model
+        return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 
 def _key_mask(attention_mask: Tensor | None, shape: torch.Size) -> Tensor | None:
