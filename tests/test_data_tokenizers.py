@@ -1,0 +1,135 @@
+import gzip
+
+import pytest
+
+from xdlm.data import embedded_corpus_path, load_tokenizer, load_tokenizer_dir, split_documents
+from xdlm.data.tokenizers import TextTokenizer
+
+SAMPLE = 'It is a truth universally acknowledged, that a single man --\n"Mr. Bennet," 1813!'
+LITERAL_SPECIALS = "x [MASK] [PAD] [BOS] [EOS] [CLS] [SEP] [UNK] <|endoftext|> y"
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    with gzip.open(embedded_corpus_path(), "rt", encoding="utf-8") as f:
+        return split_documents(f.read())[:300]
+
+
+def _build(kind: str, corpus: list[str], shared) -> TextTokenizer:
+    if kind == "char":
+        return load_tokenizer("char", corpus_texts=corpus)
+    if kind == "bpe":
+        return load_tokenizer("bpe", corpus_texts=corpus, vocab_size=400)
+    if kind == "gpt2":
+        return load_tokenizer("gpt2", shared / "tokenizers" / "gpt2")
+    return load_tokenizer("bert-base-uncased", shared / "tokenizers" / "bert-base-uncased")
+
+
+@pytest.fixture(params=["char", "bpe", "gpt2", "bert"])
+def tok(request, corpus) -> TextTokenizer:
+    shared = None
+    if request.param in ("gpt2", "bert"):
+        shared = request.getfixturevalue("shared_data")
+    return _build(request.param, corpus, shared)
+
+
+def test_gpt2_matches_reference_ids(shared_data):
+    tok = load_tokenizer("gpt2", shared_data / "tokenizers" / "gpt2")
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.eos_id == 50256  # <|endoftext|>
+    assert tok.vocab_size == 50260 and tok.mask_id == tok.vocab_size - 1
+    assert tok.encode_batch(["Hello world", "Hello"]) == [[15496, 995], [15496]]
+
+
+def test_bert_uses_its_own_specials(shared_data):
+    vocab = shared_data / "tokenizers" / "bert-base-uncased" / "vocab.txt"
+    for source in (vocab, vocab.parent):
+        tok = load_tokenizer("bert-base-uncased", source)
+        assert tok.special_ids == {"bos": 101, "eos": 102, "pad": 0, "mask": 103}
+        assert tok.vocab_size == 30522
+        assert tok.encode("Hello World") == tok.encode("hello world")
+    assert load_tokenizer("wordpiece", vocab).spec["kind"] == "wordpiece"
+
+
+def test_special_ids_distinct_and_never_produced_by_text(tok, corpus):
+    specials = set(tok.special_ids.values())
+    assert len(specials) == 4 and all(0 <= i < tok.vocab_size for i in specials)
+    for ids in tok.encode_batch(corpus[:50] + [LITERAL_SPECIALS]):
+        assert specials.isdisjoint(ids)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_decode_skips_specials(tok):
+    ids = tok.encode(SAMPLE)
+    wrapped = [tok.bos_id, *ids, tok.eos_id, tok.mask_id, tok.pad_id, tok.pad_id]
+    assert tok.decode(wrapped) == tok.decode(ids)
+    text = tok.decode([tok.mask_id, *ids, tok.pad_id])
+    for special in tok.special_tokens.values():
+        assert special not in text
+    assert tok.special_tokens["mask"] in tok.decode([tok.mask_id], skip_special=False)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_round_trip_trained(kind, corpus):
+    tok = _build(kind, corpus, None)
+    for text in [SAMPLE, *corpus[:20]]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_round_trip_gpt2(shared_data):
+    tok = _build("gpt2", [], shared_data)
+    for text in [SAMPLE, LITERAL_SPECIALS, "naïve café — ünïcödé\n\n  spaces"]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_round_trip_bert_up_to_lowercase(shared_data):
+    tok = _build("bert", [], shared_data)
+    assert tok.decode(tok.encode("Hello World, how are you")) == "hello world, how are you"
+
+
+def test_save_load_identity(tok, tmp_path, corpus):
+    tok.save(tmp_path / "tok")
+    again = load_tokenizer_dir(tmp_path / "tok")
+    assert again.special_ids == tok.special_ids
+    assert again.vocab_size == tok.vocab_size and again.spec == tok.spec
+    texts = [SAMPLE, LITERAL_SPECIALS, *corpus[:10]]
+    assert again.encode_batch(texts) == tok.encode_batch(texts)
+    ids = tok.encode(SAMPLE) + [tok.mask_id]
+    assert again.decode(ids) == tok.decode(ids)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_trained_tokenizers_deterministic(kind, corpus, tmp_path):
+    a = _build(kind, corpus, None).save(tmp_path / "a") / "tokenizer.json"
+    b = _build(kind, list(corpus), None).save(tmp_path / "b") / "tokenizer.json"
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_char_vocab_sorted_with_unk():
+    tok = load_tokenizer("char", corpus_texts=["cab", "ba d"])
+    assert tok.encode(" abcd") == [0, 1, 2, 3, 4]
+    assert tok.vocab_size == 5 + 1 + 4  # chars, [UNK], four specials
+    unk = tok.encode("z")
+    assert len(unk) == 1 and unk[0] not in tok.special_ids.values()
+
+
+def test_bpe_vocab_size_is_total(corpus):
+    tok = load_tokenizer("bpe", corpus_texts=corpus, vocab_size=300)
+    assert tok.vocab_size == 300
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown tokenizer kind 'sentencepiece'"):
+        load_tokenizer("sentencepiece")
+    with pytest.raises(ValueError, match="needs corpus_texts"):
+        load_tokenizer("char")
+    with pytest.raises(ValueError, match="vocab_size >= 261"):
+        load_tokenizer("bpe", corpus_texts=["abc"], vocab_size=100)
+    with pytest.raises(ValueError, match="needs source"):
+        load_tokenizer("wordpiece")
+    with pytest.raises(FileNotFoundError, match="encoder.json"):
+        load_tokenizer("gpt2", tmp_path)
+    with pytest.raises(FileNotFoundError, match="vocab.txt"):
+        load_tokenizer("bert-base-uncased", tmp_path)
+    with pytest.raises(FileNotFoundError, match="TextTokenizer.save"):
+        load_tokenizer_dir(tmp_path)
