@@ -1,0 +1,332 @@
+"""The XDLM stationary mixed kernel: forward process, exact posterior, per-step KL and NELBO.
+
+Notation (docs/math.md derives every formula):
+
+    V      number of states (the mask m is one of them unless the kernel is pure UDLM)
+    k      uniform share: k = 0 is MDLM (pure masking), k = 1 is UDLM (pure uniform noise)
+    r(e)   = k/V + (1 − k)·[e = m]                    the prior / stationary distribution
+    f_a(y, e) = a·y(e) + (1 − a)·r(e)                 y a one-hot x or a distribution p_θ
+    q(z_t = e | x) = f_{α_t}(x, e),   β = 1 − α
+
+Everything is closed form and O(V) per position: no one-hot of x, no V×V matrix. The only
+(B, L, V) tensors are the logits, log p_θ and one elementwise map of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class MixedKernel:
+    """Q_{t|s}(e | d) = α_{t|s}·[e = d] + β_{t|s}·r(e): a share k of uniform noise, 1 − k masking.
+
+    Args:
+        vocab_size: V, the number of states the denoiser outputs over (mask included).
+        mask_id: m, the mask state; `None` only for pure UDLM (k = 1).
+        k: the uniform share in [0, 1].
+    """
+
+    vocab_size: int
+    mask_id: int | None
+    k: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be an int >= 2, got {self.vocab_size!r}")
+        if not 0.0 <= float(self.k) <= 1.0 or math.isnan(float(self.k)):
+            raise ValueError(f"k must be in [0, 1] (0 = MDLM, 1 = UDLM), got k={self.k}")
+        if self.mask_id is None and self.k != 1.0:
+            raise ValueError(
+                f"mask_id=None is only valid for pure uniform noise (k=1), got k={self.k}; "
+                "pass the mask token id"
+            )
+        if self.mask_id is not None and not 0 <= self.mask_id < self.vocab_size:
+            raise ValueError(f"mask_id={self.mask_id} must be in [0, vocab_size={self.vocab_size})")
+
+    @classmethod
+    def mdlm(cls, vocab_size: int, mask_id: int) -> MixedKernel:
+        """Pure masking (k = 0): MDLM."""
+        return cls(vocab_size, mask_id, 0.0)
+
+    @classmethod
+    def udlm(cls, vocab_size: int) -> MixedKernel:
+        """Pure uniform noise (k = 1) over V data states with no mask state: UDLM."""
+        return cls(vocab_size, None, 1.0)
+
+    def spec(self) -> dict:
+        """JSON-able description; `MixedKernel(**spec)` rebuilds the kernel."""
+        return {"vocab_size": self.vocab_size, "mask_id": self.mask_id, "k": float(self.k)}
+
+    # ------------------------------------------------------------------ prior and forward
+
+    def prior_probs(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """r(e) = k/V + (1 − k)·[e = m], shape (V,)."""
+        r = torch.full((self.vocab_size,), self.k / self.vocab_size, dtype=dtype)
+        if self.mask_id is not None:
+            r[self.mask_id] += 1.0 - self.k
+        return r
+
+    def sample_prior(
+        self,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        """z_1 ~ r: the mask with probability 1 − k, else uniform over all V ids. LongTensor."""
+        u = torch.rand(shape, generator=generator, device=device)
+        j = torch.randint(self.vocab_size, shape, generator=generator, device=device)
+        if self.mask_id is None:
+            return j
+        return torch.where(u < self.k, j, torch.full_like(j, self.mask_id))
+
+    def marginal_probs(self, x0_probs: Tensor, alpha: Tensor) -> Tensor:
+        """q(z_t | x) = f_{α_t}(y, ·) = α·y + (1 − α)·r for y = x0_probs (B, ..., V), α (B,)."""
+        self._check_vocab(x0_probs.shape[-1], "x0_probs")
+        a = _expand(alpha, x0_probs.dim())
+        return a * x0_probs + (1.0 - a) * self.prior_probs(x0_probs.dtype).to(x0_probs.device)
+
+    def sample_marginal(
+        self, x0: Tensor, alpha: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Forward process z_t ~ q(· | x0) for x0 (B, L), α (B,) -> (B, L).
+
+        Per position: u ~ U[0, 1), j ~ U{0..V−1}; keep x if u < α; emit j if α ≤ u < α + kβ
+        (j may be m or x itself); otherwise emit m.
+        """
+        a = _expand(alpha, x0.dim()).to(x0.device)
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
+        j = torch.randint(self.vocab_size, x0.shape, generator=generator, device=x0.device)
+        z = torch.where(u < a + self.k * (1.0 - a), j, self._mask_like(x0))
+        return torch.where(u < a, x0, z)
+
+    # ------------------------------------------------------------------ reverse step
+
+    def posterior_probs(
+        self, x0_probs: Tensor, z_t: Tensor, alpha_t: Tensor, alpha_s: Tensor
+    ) -> Tensor:
+        """p_θ(z_s | z_t) = Σ_x q(z_s | z_t, x) with x ~ p_θ, closed form. (B, L, V) -> (B, L, V).
+
+        `x0_probs` is p_θ (B, L, V) with p_θ(m) = 0; α_s ≥ α_t, both (B,). α_s = 1 is the
+        final noise-removal step. Masked z = m:
+
+            p(e) = (α_s − α_t)·p_θ(e)/β_t + k·β_{t|s}·β_s/(V·β_t)       e ≠ m
+            p(m) = (β_s/β_t)·[1 − k·β_{t|s}·(V − 1)/V]
+
+        Visible z = j, F = V·α_t·p_θ(j) + k·β_t:
+
+            p(e) = k·β_{t|s}·(V·α_s·p_θ(e) + k·β_s)/(V·F)                e ∉ {j, m}
+            p(j) = (same) + 1 − k·β_{t|s}/F,    p(m) = k·β_{t|s}·β_s·(k/V + 1 − k)/F
+
+        Written as  a·p_θ + c  plus a "stay" mass at z and a "re-mask" mass at m.
+        """
+        self._check_step(x0_probs, z_t, alpha_t, alpha_s)
+        V, k = self.vocab_size, self.k
+        p = x0_probs.to(torch.promote_types(x0_probs.dtype, torch.float32))
+        at, as_ = (_expand(a, 2).to(p) for a in (alpha_t, alpha_s))  # (B, 1)
+        bt, bs = 1.0 - at, 1.0 - as_
+        b_ts = (as_ - at) / as_  # β_{t|s}
+        masked = self._is_mask(z_t)
+        p_z = p.gather(-1, z_t.unsqueeze(-1)).squeeze(-1)  # p_θ(z), (B, L)
+        # κ = k·β_{t|s}/F at visible positions (0 when k = 0: a visible token always stays).
+        kappa = (k * b_ts / (V * at * p_z + k * bt)) if k > 0 else torch.zeros_like(p_z)
+        scale = torch.where(masked, (as_ - at) / bt, kappa * as_)
+        shift = torch.where(masked, k * b_ts * bs / (V * bt), kappa * k * bs / V)
+        stay = torch.where(masked, (bs / bt) * (1.0 - k * b_ts), 1.0 - kappa)
+        out = scale.unsqueeze(-1) * p + shift.unsqueeze(-1)
+        out.scatter_add_(-1, z_t.unsqueeze(-1), stay.unsqueeze(-1))
+        if self.mask_id is not None:
+            remask = torch.where(masked, torch.zeros_like(p_z), kappa * bs * (1.0 - k))
+            out[..., self.mask_id] += remask
+        return out
+
+    # ------------------------------------------------------------------ losses
+
+    def log_probs(self, logits: Tensor) -> Tensor:
+        """log p_θ = log_softmax with the mask logit at −inf (float32+, input untouched). (B, L, V)."""
+        self._check_vocab(logits.shape[-1], "logits")
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        if self.mask_id is not None:
+            col = torch.zeros(self.vocab_size, dtype=torch.bool, device=logits.device)
+            col[self.mask_id] = True
+            logits = logits.masked_fill(col, float("-inf"))
+        return torch.log_softmax(logits, dim=-1, dtype=dtype)
+
+    def nelbo(
+        self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha: Tensor, dalpha: Tensor
+    ) -> Tensor:
+        """Continuous-time NELBO integrand ℓ_t(x, z) in nats, (B, L, V) logits -> (B, L).
+
+            ℓ = (−α')·ρ_t(z)·{ ([z = x] − p_θ(z))/f_α(p_θ, z) − (1/α)·[log f_α(x, z) − log f_α(p_θ, z)]
+                               + [log f_α(x, x) − log f_α(p_θ, x)] + (k·β/α)·ḡ }
+
+        with ρ_t(z) = r(z)/f_α(x, z) and ḡ = (1/V)·Σ_{e≠m} [log f_α(x, e) − log f_α(p_θ, e)].
+        k = 0 uses MDLM's exact form (−α')/(1 − α)·(−log p_θ(x)) at masked positions, 0 elsewhere.
+        """
+        self._check_pair(logits, x0, z_t, alpha, "alpha")
+        if dalpha.shape != alpha.shape:
+            raise ValueError(
+                f"dalpha shape {tuple(dalpha.shape)} != alpha shape {tuple(alpha.shape)}"
+            )
+        logp = self.log_probs(logits)
+        lp_x = logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        a = _expand(alpha, 2).to(lp_x)
+        w = -_expand(dalpha, 2).to(lp_x)
+        if self.k == 0.0:
+            return torch.where(self._is_mask(z_t), w / (1.0 - a) * -lp_x, torch.zeros_like(lp_x))
+        lp_z = logp.gather(-1, z_t.unsqueeze(-1)).squeeze(-1)
+        g = _Gterms(self, logp, lp_x, lp_z, x0, z_t, a)
+        t1 = (g.is_x.to(lp_x) - lp_z.exp()) * torch.exp(-g.log_fp_z)
+        inner = t1 - (g.log_fx_z - g.log_fp_z) / a + (g.log_fx_x - g.log_fp_x)
+        inner = inner + self.k * (1.0 - a) / a * g.gbar
+        return w * g.rho * inner
+
+    def step_kl(
+        self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha_t: Tensor, alpha_s: Tensor
+    ) -> Tensor:
+        """KL(q(z_s | z_t, x) ‖ p_θ(z_s | z_t)) in nats for one reverse step t -> s. (B, L).
+
+            KL = A·g_s(z) − g_t(z) + (α_s − α_t)·ρ_t(z)·[g_s(x) + (k·β_s/α_s)·ḡ_s],
+            A = 1 − (α_s − α_t)·ρ_t(z)/α_s,   g_a(e) = log f_a(x, e) − log f_a(p_θ, e).
+
+        Evaluated as (g_s − g_t)(z) − (α_s − α_t)·ρ_t(z)·g_s(z)/α_s + ..., with g_s − g_t from
+        log1p so the result stays accurate as α_s → α_t. α_s = 1 gives the reconstruction
+        term −log p_θ(z_s = x | z_t).
+        """
+        self._check_pair(logits, x0, z_t, alpha_t, "alpha_t")
+        self._check_alphas(alpha_t, alpha_s)
+        logp = self.log_probs(logits)
+        lp_x = logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+        lp_z = logp.gather(-1, z_t.unsqueeze(-1)).squeeze(-1)
+        at, as_ = (_expand(a, 2).to(lp_x) for a in (alpha_t, alpha_s))
+        final = as_ >= 1.0
+        as_safe = torch.where(final, torch.full_like(as_, 0.5), as_)
+        delta = as_safe - at
+        t = _Gterms(self, logp, lp_x, lp_z, x0, z_t, at)
+        s = _Gterms(self, logp, lp_x, lp_z, x0, z_t, as_safe)
+        r_z = t.log_r_z.exp()
+        dg = torch.log1p(delta * (t.is_x.to(lp_x) - r_z) * torch.exp(-t.log_fx_z)) - torch.log1p(
+            delta * (lp_z.exp() - r_z) * torch.exp(-t.log_fp_z)
+        )
+        g_s_z = s.log_fx_z - s.log_fp_z
+        g_s_x = s.log_fx_x - s.log_fp_x
+        tail = g_s_x + self.k * (1.0 - as_safe) / as_safe * s.gbar if self.k > 0 else g_s_x
+        kl = dg + delta * t.rho * (tail - g_s_z / as_safe)
+        if self.k == 0.0:  # visible tokens carry over; avoid 0·∞ where p_θ underflows
+            kl = torch.where(self._is_mask(z_t), kl, torch.zeros_like(kl))
+        return torch.where(final, self._reconstruction_nll(lp_x, lp_z, x0, z_t, at), kl)
+
+    def _reconstruction_nll(
+        self, lp_x: Tensor, lp_z: Tensor, x0: Tensor, z_t: Tensor, at: Tensor
+    ) -> Tensor:
+        """−log p_θ(z_0 = x | z_t) for the final step α_s = 1, (B, L).
+
+        Masked z: p_θ(x). Visible z = j: p(x) = (V·α_t·[x = j] + k·β_t)·p_θ(x)/F.
+        """
+        if self.k == 0.0:
+            return torch.where(self._is_mask(z_t), -lp_x, torch.zeros_like(lp_x))
+        V, k, bt = self.vocab_size, self.k, 1.0 - at
+        log_f = torch.logaddexp(torch.log(V * at) + lp_z, torch.log(k * bt))
+        log_num = torch.log(V * at * (x0 == z_t).to(at) + k * bt) + lp_x
+        return torch.where(self._is_mask(z_t), -lp_x, log_f - log_num)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _is_mask(self, z: Tensor) -> Tensor:
+        if self.mask_id is None:
+            return torch.zeros_like(z, dtype=torch.bool)
+        return z == self.mask_id
+
+    def _mask_like(self, x: Tensor) -> Tensor:
+        # Pure UDLM has no mask branch (its probability (1 − k)·β is 0); any id works there.
+        return torch.full_like(x, self.mask_id if self.mask_id is not None else 0)
+
+    def _check_vocab(self, v: int, name: str) -> None:
+        if v != self.vocab_size:
+            raise ValueError(
+                f"{name} has {v} states in its last dim but the kernel has "
+                f"vocab_size={self.vocab_size}; build the kernel with V={v}"
+            )
+
+    def _check_pair(
+        self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha: Tensor, name: str
+    ) -> None:
+        self._check_vocab(logits.shape[-1], "logits")
+        if x0.shape != z_t.shape or logits.shape[:-1] != x0.shape:
+            raise ValueError(
+                f"shape mismatch: logits {tuple(logits.shape)}, x0 {tuple(x0.shape)}, "
+                f"z_t {tuple(z_t.shape)}; expected (B, L, V), (B, L), (B, L)"
+            )
+        if alpha.shape != (x0.shape[0],):
+            raise ValueError(
+                f"{name} must have shape (B,)=({x0.shape[0]},), got {tuple(alpha.shape)}"
+            )
+
+    def _check_alphas(self, alpha_t: Tensor, alpha_s: Tensor) -> None:
+        if alpha_s.shape != alpha_t.shape:
+            raise ValueError(
+                f"alpha_s shape {tuple(alpha_s.shape)} != alpha_t {tuple(alpha_t.shape)}"
+            )
+        if bool((alpha_s < alpha_t).any()):
+            bad = (alpha_s - alpha_t).min().item()
+            raise ValueError(
+                f"need alpha_s >= alpha_t (s < t is less noisy); min(alpha_s - alpha_t)"
+                f"={bad:.3g}; swap the two times"
+            )
+
+    def _check_step(self, x0_probs: Tensor, z_t: Tensor, alpha_t: Tensor, alpha_s: Tensor) -> None:
+        self._check_vocab(x0_probs.shape[-1], "x0_probs")
+        if x0_probs.shape[:-1] != z_t.shape:
+            raise ValueError(
+                f"x0_probs {tuple(x0_probs.shape)} does not match z_t "
+                f"{tuple(z_t.shape)}; expected (B, L, V) and (B, L)"
+            )
+        if alpha_t.shape != (z_t.shape[0],):
+            raise ValueError(
+                f"alpha_t must have shape (B,)=({z_t.shape[0]},), got {tuple(alpha_t.shape)}"
+            )
+        self._check_alphas(alpha_t, alpha_s)
+
+
+class _Gterms:
+    """The gathered log-quantities of the KL/NELBO at one α (all (B, L)).
+
+    log f_α(x, z), log f_α(p_θ, z), log f_α(x, x), log f_α(p_θ, x), log r(z), ρ_α(z) and
+    ḡ_α = (1/V)·[softplus(c) − Σ_e softplus(log p_θ(e) + c)], c = log(V·α/(k·β)), which is
+    (1/V)·Σ_{e≠m} g_α(e) written without cancelling V large logs.
+    """
+
+    def __init__(
+        self,
+        kern: MixedKernel,
+        logp: Tensor,
+        lp_x: Tensor,
+        lp_z: Tensor,
+        x0: Tensor,
+        z_t: Tensor,
+        a: Tensor,
+    ) -> None:
+        V, k = kern.vocab_size, kern.k
+        b = 1.0 - a
+        self.is_x = z_t == x0
+        r_z = torch.full_like(lp_x, k / V).masked_fill(kern._is_mask(z_t), k / V + 1.0 - k)
+        self.log_r_z = torch.log(r_z)
+        self.log_fx_z = torch.log(a * self.is_x.to(lp_x) + b * r_z)
+        self.log_fp_z = torch.logaddexp(torch.log(a) + lp_z, torch.log(b) + self.log_r_z)
+        self.log_fx_x = torch.log(a + b * k / V)
+        self.log_fp_x = torch.logaddexp(torch.log(a) + lp_x, torch.log(b * k / V))
+        self.rho = torch.exp(self.log_r_z - self.log_fx_z)
+        if k > 0:
+            c = torch.log(V * a) - torch.log(k * b)  # (B, 1)
+            self.gbar = (F.softplus(c) - F.softplus(logp + c.unsqueeze(-1)).sum(-1)) / V
+
+
+def _expand(alpha: Tensor, ndim: int) -> Tensor:
+    """(B,) -> (B, 1, ..., 1) with `ndim` dims in total, for broadcasting against (B, ...)."""
+    alpha = torch.as_tensor(alpha)
+    return alpha.reshape(alpha.shape[0], *([1] * (ndim - 1)))
