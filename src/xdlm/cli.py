@@ -1,0 +1,43 @@
+"""`xdlm` command line: thin wrappers, one module per command in `xdlm.commands`.
+
+Each command module defines `register(subparsers)`, which adds its parser and sets
+`func=run` (a function of the parsed args returning an exit code).
+
+    xdlm prepare ...   text -> token shards          xdlm train --config FILE --out RUN_DIR
+    xdlm sample ...    few-step generation           xdlm eval ...   likelihood / gen quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ["prepare", "train", "sample", "eval", "consolidate", "images"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xdlm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"xdlm.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"xdlm.commands.{name}":
+                raise
+            continue  # command not installed in this build
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"xdlm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
