@@ -28,17 +28,20 @@ def sample_times(
     rank: int = 0,
     world_size: int = 1,
     device: torch.device | str = "cpu",
+    u: Tensor | None = None,
 ) -> Tensor:
     """t (B,) in [t_min, 1).
 
     Antithetic (stratified) sampling: one u ~ U[0, 1) shared by all ranks (seed the generator
     identically on every rank) and t_i = (u + i/N) mod 1 over the N = B·world_size positions of the
     global batch; rank r takes i ∈ [r·B, (r+1)·B). This lowers the variance of the NELBO estimate.
+    Pass `u` to share one draw across micro-batches (gradient accumulation: index them as ranks).
     """
     if not 0.0 <= t_min < 1.0:
         raise ValueError(f"t_min must be in [0, 1), got {t_min}")
     if antithetic:
-        u = torch.rand((), generator=generator, device=device)
+        if u is None:
+            u = torch.rand((), generator=generator, device=device)
         i = torch.arange(rank * batch_size, (rank + 1) * batch_size, device=device)
         t = torch.remainder(u + i / (batch_size * world_size), 1.0)
     else:
