@@ -1,0 +1,141 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from xdlm import MixedKernel, make_schedule
+from xdlm.data import prepare
+from xdlm.data.loader import Rows
+from xdlm.eval.likelihood import evaluate_rows, evaluate_split, summarize, time_nodes
+
+V, MASK, L = 9, 8, 12
+
+
+class Toy(nn.Module):
+    """logits(z) = A[z] + mean_l B[z_l]: cheap, bidirectional, deterministic."""
+
+    def __init__(self, vocab=V):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.a = nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.b = nn.Parameter(torch.randn(vocab, vocab, generator=g))
+
+    def forward(self, z, t, attention_mask=None, cond=None):
+        return self.a[z] + self.b[z].mean(1, keepdim=True)
+
+
+class Uniform(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, z, t, attention_mask=None, cond=None):
+        return torch.zeros(*z.shape, V) + self.p
+
+
+def _data(n=12, seed=0):
+    return torch.randint(0, MASK, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _batches(x, bs, mask=None):
+    for s in range(0, len(x), bs):
+        ids = torch.arange(s, min(s + bs, len(x)))
+        yield ids, Rows(x[ids], None if mask is None else mask[ids])
+
+
+SCHED = make_schedule("loglinear")
+
+
+@pytest.mark.parametrize("discrete", [None, 5])
+def test_batched_sum_reduction_equals_single_pass(discrete):
+    x, kern, model = _data(), MixedKernel(V, MASK, 0.1), Toy()
+    mask = torch.arange(L)[None] < torch.randint(3, L + 1, (len(x), 1))
+    kw = dict(discrete_steps=discrete, seed=3, t_samples=3)
+    one = evaluate_rows(model, kern, SCHED, _batches(x, 12, mask), **kw)
+    many = evaluate_rows(model, kern, SCHED, _batches(x, 5, mask), **kw)
+    assert one.tokens == many.tokens == int(mask.sum())
+    assert one.nats == pytest.approx(many.nats, rel=1e-5)
+    assert one.se_nats_per_token == pytest.approx(many.se_nats_per_token, rel=1e-4)
+
+
+def test_se_shrinks_with_more_t_samples():
+    x, kern, model = _data(32), MixedKernel(V, MASK, 0.1), Toy()
+    se = [
+        evaluate_rows(model, kern, SCHED, _batches(x, 16), t_samples=n).se_nats_per_token
+        for n in (1, 16)
+    ]
+    assert se[1] < 0.5 * se[0]
+
+
+@pytest.mark.parametrize("method", ["stratified", "midpoint", "gauss-legendre"])
+def test_uniform_denoiser_mdlm_reference(method):
+    """k = 0, p_θ uniform over the V − 1 data ids: E ℓ_t = (−α')·log(V − 1) for every t."""
+    x, kern = _data(64), MixedKernel.mdlm(V, MASK)
+    res = evaluate_rows(Uniform(), kern, SCHED, _batches(x, 32), t_samples=8, method=method)
+    expected = (1 - 1e-3) * math.log(V - 1)
+    assert abs(res.nats_per_token - expected) < 4 * res.se_nats_per_token + 1e-6
+    assert res.bits_per_token == pytest.approx(res.nats_per_token / math.log(2))
+    assert res.ppl == pytest.approx(math.exp(res.nats_per_token))
+    lo, hi = res.ci95_ppl
+    assert lo < res.ppl < hi
+
+
+@pytest.mark.parametrize("k", [0.0, 0.1, 1.0])
+def test_discrete_bound_tightens_towards_continuous(k):
+    kern = MixedKernel(V, None, 1.0) if k == 1.0 else MixedKernel(V, MASK, k)
+    x, model = _data(48), Toy()
+    cont = evaluate_rows(model, kern, SCHED, _batches(x, 48), t_samples=16, method="midpoint")
+    d2 = evaluate_rows(model, kern, SCHED, _batches(x, 48), discrete_steps=2)
+    d64 = evaluate_rows(model, kern, SCHED, _batches(x, 48), discrete_steps=64)
+    assert math.isfinite(d2.nats_per_token) and d2.nats_per_token > d64.nats_per_token
+    tol = 4 * math.hypot(cont.se_nats_per_token, d64.se_nats_per_token) + 0.02
+    assert abs(d64.nats_per_token - cont.nats_per_token) < tol
+
+
+def test_oracle_denoiser_gives_near_zero():
+    x, kern = _data(4), MixedKernel(V, MASK, 0.1)
+
+    class Oracle(Uniform):
+        def forward(self, z, t, attention_mask=None, cond=None):
+            return 60.0 * nn.functional.one_hot(x, V).float()
+
+    res = evaluate_rows(Oracle(), kern, SCHED, _batches(x, 4), t_samples=4)
+    assert abs(res.nats_per_token) < 1e-3
+
+
+def test_summarize_ratio_estimator():
+    nats, toks = torch.tensor([10.0, 20.0, 40.0]), torch.tensor([5, 10, 10])
+    res = summarize(nats, toks)
+    r = 70 / 25
+    resid = nats - r * toks
+    se = math.sqrt(float((resid**2).sum()) / 6) / (25 / 3)
+    assert res.nats_per_token == pytest.approx(r)
+    assert res.se_nats_per_token == pytest.approx(se)
+    assert res.ci95_nats_per_token[1] == pytest.approx(r + 1.959963984540054 * se)
+    with pytest.raises(ValueError, match="no tokens"):
+        summarize(torch.zeros(0), torch.zeros(0))
+
+
+def test_time_nodes_cover_interval():
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    t, w = time_nodes(4, "stratified", 0.1, gens)
+    assert t.shape == (3, 4) and float(w.sum()) == pytest.approx(1.0)
+    strata = ((t - 0.1) / 0.9 * 4).floor()
+    assert torch.equal(strata, torch.arange(4.0).expand(3, 4))
+    t, w = time_nodes(5, "gauss-legendre", 0.0, gens)
+    assert float((w * t[0].double() ** 3).sum()) == pytest.approx(0.25)  # ∫_0^1 t³ dt
+    with pytest.raises(ValueError, match="unknown time method"):
+        time_nodes(2, "trapezoid", 0.0, gens)
+
+
+def test_evaluate_split_on_prepared_pad_data(tmp_path):
+    text = "\n\n".join(f"doc {i} " + "abc " * (i % 5 + 1) for i in range(30))
+    (tmp_path / "c.txt").write_text(text)
+    man = prepare([tmp_path / "c.txt"], tmp_path / "d", tokenizer="char", seq_len=16, mode="pad",
+                  valid_docs=8)  # fmt: skip
+    kern = MixedKernel(man.vocab_size, man.mask_id, 0.1)
+    res = evaluate_split(Toy(man.vocab_size), kern, SCHED, tmp_path / "d", "valid", batch_size=3)
+    assert res.tokens == man.splits["valid"].tokens and res.sequences == man.splits["valid"].rows
+    with pytest.raises(ValueError, match="vocab_size"):
+        evaluate_split(Toy(), MixedKernel(V, MASK, 0.1), SCHED, tmp_path / "d", "valid")
