@@ -1,0 +1,124 @@
+"""The only module that turns configuration into objects (model, kernel, schedule, optimizer)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from xdlm.config import DataConfig, KernelConfig, ModelConfig, TrainConfig
+from xdlm.core.kernel import MixedKernel
+from xdlm.core.schedules import Schedule, make_schedule
+from xdlm.data.corpora import embedded_corpus_path
+from xdlm.data.manifest import Manifest, load_manifest
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
+    """The denoiser: a native DiT preset (with overrides) or a wrapped transformers model."""
+    if cfg.backbone == "dit":
+        from xdlm.models.dit import DiT, DiTConfig
+
+        overrides = {
+            k: getattr(cfg, k)
+            for k in ("n_layers", "d_model", "n_heads", "mlp_ratio")
+            if getattr(cfg, k) is not None
+        }
+        return DiT(
+            DiTConfig.from_preset(
+                cfg.preset,
+                vocab_size,
+                dropout=cfg.dropout,
+                time_conditioning=cfg.time_conditioning,
+                num_classes=cfg.num_classes,
+                tie_embeddings=cfg.tie_embeddings,
+                **overrides,
+            )
+        )
+    if cfg.backbone == "hf":
+        from xdlm.models.hf import HFDenoiser
+
+        if not cfg.hf_name:
+            raise ValueError("model.backbone=hf needs model.hf_name (a hub name or local path)")
+        return HFDenoiser.from_pretrained(
+            cfg.hf_name,
+            kind=cfg.hf_kind,
+            torch_dtype=cfg.hf_dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            vocab_size=vocab_size,
+        )
+    raise ValueError(f"unknown model.backbone {cfg.backbone!r}; choose 'dit' or 'hf'")
+
+
+def build_kernel(cfg: KernelConfig, manifest: Manifest) -> MixedKernel:
+    """MixedKernel over the dataset's vocabulary (mask id from the manifest)."""
+    if not cfg.use_mask:
+        if cfg.k != 1.0:
+            raise ValueError(f"kernel.use_mask=false needs kernel.k=1 (pure UDLM), got k={cfg.k}")
+        return MixedKernel.udlm(manifest.vocab_size)
+    return MixedKernel(manifest.vocab_size, manifest.mask_id, float(cfg.k))
+
+
+def build_schedule(cfg: KernelConfig) -> Schedule:
+    kwargs = {"eps": cfg.eps} if cfg.schedule != "linear" else {}
+    if cfg.schedule == "polynomial":
+        kwargs["power"] = cfg.power
+    return make_schedule(cfg.schedule, **kwargs)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings (parameters with < 2 dims)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to `lr`, then constant or cosine decay to `min_lr_ratio·lr`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        scale = cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.lr * scale
+    raise ValueError(f"unknown train.lr_schedule {cfg.lr_schedule!r}; choose constant or cosine")
+
+
+def resolve_sources(sources: list[str]) -> list[str]:
+    """`embedded:NAME` -> the corpus shipped in the package; other entries unchanged."""
+    return [
+        str(embedded_corpus_path(s.split(":", 1)[1])) if s.startswith("embedded:") else s
+        for s in sources
+    ]
+
+
+def ensure_dataset(cfg: DataConfig) -> Manifest:
+    """The manifest of `cfg.path`, preparing the dataset first when it is absent and
+    `cfg.sources` says what to prepare it from."""
+    path = Path(cfg.path)
+    if not cfg.path:
+        raise ValueError(
+            "data.path is empty; set it to a prepared dataset (xdlm prepare) "
+            "or to where data.sources should be prepared"
+        )
+    if not (path / "manifest.json").is_file() and cfg.sources:
+        from xdlm.data.prepare import prepare
+
+        prepare(
+            resolve_sources(cfg.sources),
+            path,
+            tokenizer=cfg.tokenizer,
+            tokenizer_source=cfg.tokenizer_source,
+            tokenizer_vocab_size=cfg.tokenizer_vocab_size,
+            seq_len=cfg.seq_len,
+            mode=cfg.mode,
+            valid_fraction=cfg.valid_fraction,
+        )
+    return load_manifest(path)

@@ -1,0 +1,378 @@
+"""The training loop: one readable loop, nanoGPT-style.
+
+    xdlm train --config configs/quickstart.yaml --out runs/quickstart          # CPU, one process
+    xdlm train --config configs/quickstart.yaml --out runs/quickstart --resume # continue exactly
+    torchrun --nproc_per_node 2 -m xdlm train --config ... --out ... --set dist.strategy=ddp
+
+Per optimizer step: `grad_accum` micro-batches per process; t is stratified over the global batch
+(micro × accum × world); each micro-batch's loss is Σ nats / (global real tokens), so the gradient
+is that of the global mean NELBO per token however the batch is split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from xdlm.builders import (
+    build_kernel,
+    build_model,
+    build_optimizer,
+    build_schedule,
+    ensure_dataset,
+    lr_at,
+)
+from xdlm.config import XDLMConfig, save_config
+from xdlm.core.objective import diffusion_loss, sample_times
+from xdlm.core.schedules import schedule_spec
+from xdlm.data.loader import ShardedLoader, TokenShards
+from xdlm.data.tokenizers import load_tokenizer_dir
+from xdlm.models.ema import EMA
+from xdlm.train import distributed as D
+from xdlm.train.checkpoint import find_checkpoint, load_train_state, read_meta, save_checkpoint
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps with a NaN/inf loss or gradient."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    last_loss: float | None
+    valid: dict | None
+    interrupted: bool
+    tokens_per_s: float
+
+
+@dataclass
+class _State:
+    """Everything besides weights that a resume must restore."""
+
+    step: int = 0
+    nan_steps: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("train.precision=fp16 is not supported on CPU; use bf16 or fp32")
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    raise ValueError(f"unknown train.precision {precision!r}; choose fp32, bf16 or fp16")
+
+
+class Trainer:
+    """Holds the objects of one run; `run()` is the loop."""
+
+    def __init__(self, cfg: XDLMConfig, run_dir: str | Path, resume: bool = False):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.ctx = D.setup_distributed(cfg.dist, cfg.train.device)
+        if self.ctx.is_main:
+            self.manifest = ensure_dataset(cfg.data)
+        D.barrier(self.ctx)
+        self.manifest = ensure_dataset(cfg.data)
+        if cfg.data.seq_len != self.manifest.seq_len:
+            raise ValueError(
+                f"data.seq_len={cfg.data.seq_len} but {cfg.data.path} was prepared "
+                f"with seq_len={self.manifest.seq_len}; set data.seq_len="
+                f"{self.manifest.seq_len} or prepare the data again"
+            )
+        self.kernel = build_kernel(cfg.kernel, self.manifest)
+        self.schedule = build_schedule(cfg.kernel)
+        self.model = build_model(cfg.model, self.manifest.vocab_size).to(self.ctx.device)
+        self.optimizer = build_optimizer(cfg.train, self.model)
+        self.ema = EMA(self.model, cfg.train.ema_decay)
+        shards = TokenShards(cfg.data.path, "train")
+        if len(shards) < cfg.data.batch_size * self.ctx.world_size:
+            raise ValueError(
+                f"{cfg.data.path} has {len(shards)} training rows, fewer than one "
+                f"global batch ({cfg.data.batch_size}×{self.ctx.world_size}); lower "
+                "data.batch_size or data.seq_len, or add data"
+            )
+        self.loader = ShardedLoader(
+            shards,
+            cfg.data.batch_size,
+            seed=cfg.train.seed,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
+        self.valid = (
+            TokenShards(cfg.data.path, "valid") if "valid" in self.manifest.splits else None
+        )
+        dev = self.ctx.device
+        self.noise_gen = torch.Generator(dev).manual_seed(cfg.train.seed * 7919 + self.ctx.rank)
+        self.time_gen = torch.Generator(dev).manual_seed(cfg.train.seed)  # same on every rank
+        torch.manual_seed(cfg.train.seed + self.ctx.rank)  # dropout
+        self.state = _State()
+        self.meta = {
+            "kernel": self.kernel.spec(),
+            "schedule": schedule_spec(self.schedule),
+            "config": cfg.to_dict(),
+            "data": {
+                "path": cfg.data.path,
+                "vocab_size": self.manifest.vocab_size,
+                "mask_id": self.manifest.mask_id,
+            },
+        }
+        self._prepare_run_dir(resume)
+        self.wrapped = D.wrap_model(self.model, cfg.dist, self.ctx)
+        if cfg.train.compile:
+            self.wrapped = torch.compile(self.wrapped)
+
+    # ------------------------------------------------------------------ setup / resume
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        has_ckpt = (self.run_dir / "checkpoints" / "latest").is_file()
+        if has_ckpt and not resume:
+            raise ValueError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it "
+                "or choose a new --out"
+            )
+        if resume and has_ckpt:
+            self._resume(find_checkpoint(self.run_dir))
+        if self.ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            tok = self.run_dir / "tokenizer"
+            if not tok.is_dir():
+                load_tokenizer_dir(Path(self.cfg.data.path) / "tokenizer").save(tok)
+
+    def _resume(self, ckpt: Path) -> None:
+        meta = read_meta(ckpt)
+        if meta["kernel"] != self.kernel.spec():
+            raise ValueError(
+                f"checkpoint {ckpt} was trained with kernel {meta['kernel']} but the "
+                f"config and data give {self.kernel.spec()}; use the run's own "
+                "config.yaml and data, or start a new --out"
+            )
+        state, ema = load_train_state(ckpt, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            self.ema.load_state_dict(ema)
+        self.loader.load_state_dict(state["loader"])
+        self.noise_gen.set_state(state["noise_rng"])
+        self.time_gen.set_state(state["time_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        self.state = _State(**state["progress"])
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0 writes; the others wait)."""
+        path = None
+        if self.ctx.is_main:
+            train_state = {
+                "optimizer": self.optimizer.state_dict(),
+                "loader": self.loader.state_dict(),
+                "noise_rng": self.noise_gen.get_state(),
+                "time_rng": self.time_gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "progress": vars(self.state).copy(),
+            }
+            path = save_checkpoint(
+                self.run_dir,
+                self.state.step,
+                model=self.model,
+                ema_state=self.ema.state_dict(),
+                train_state=train_state,
+                meta=self.meta,
+                keep_last=self.cfg.train.keep_last,
+            )
+        D.barrier(self.ctx)
+        return path
+
+    # ------------------------------------------------------------------ one step
+
+    def _micro_batches(self):
+        batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        count = sum(
+            b.tokens.numel() if b.attention_mask is None else int(b.attention_mask.sum())
+            for b in batches
+        )
+        total = D.all_reduce_sum(torch.tensor(float(count), device=self.ctx.device), self.ctx)
+        return batches, total
+
+    def train_step(self) -> float | None:
+        """One optimizer step; returns the global mean nats/token, or None if it was skipped."""
+        cfg, ctx = self.cfg.train, self.ctx
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(cfg, self.state.step)
+        batches, total_tokens = self._micro_batches()
+        u = torch.rand((), generator=self.time_gen, device=ctx.device)
+        nats = torch.zeros((), device=ctx.device)
+        for a, batch in enumerate(batches):
+            x0 = batch.tokens.to(ctx.device)
+            mask = None if batch.attention_mask is None else batch.attention_mask.to(ctx.device)
+            t = sample_times(
+                x0.shape[0],
+                t_min=cfg.t_min,
+                antithetic=cfg.antithetic,
+                u=u,
+                rank=a * ctx.world_size + ctx.rank,
+                device=ctx.device,
+                world_size=cfg.grad_accum * ctx.world_size,
+                generator=self.time_gen,
+            )
+            with (
+                D.no_sync(self.wrapped, a < len(batches) - 1),
+                _autocast(cfg.precision, ctx.device),
+            ):
+                out = diffusion_loss(
+                    self.wrapped,
+                    self.kernel,
+                    self.schedule,
+                    x0,
+                    attention_mask=mask,
+                    t=t,
+                    generator=self.noise_gen,
+                    weighting=cfg.weighting,
+                )
+            (out.nats * (ctx.world_size / total_tokens)).backward()
+            nats += out.nats.detach()
+        mean = (D.all_reduce_sum(nats, ctx) / total_tokens).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.state.tokens_seen += int(total_tokens.item())
+        if not (math.isfinite(mean) and torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.nan_steps += 1
+            if self.state.nan_steps > cfg.max_nan_steps:
+                raise NonFiniteLossError(
+                    f"{self.state.nan_steps} steps had a non-finite loss or gradient (last at step "
+                    f"{self.state.step}, loss={mean}); lower train.lr, use precision=fp32, or "
+                    "raise train.max_nan_steps"
+                )
+            self.state.step += 1
+            return None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        self.state.step += 1
+        self.last_grad_norm = float(grad_norm)
+        return mean
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validate(self) -> dict | None:
+        """NELBO on fixed validation batches with the EMA weights (same noise every call)."""
+        if self.valid is None or self.cfg.train.eval_batches <= 0:
+            return None
+        loader = ShardedLoader(
+            self.valid,
+            self.cfg.data.batch_size,
+            shuffle=False,
+            rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
+        gen = torch.Generator(self.ctx.device).manual_seed(12345 + self.ctx.rank)
+        nats = torch.zeros((), device=self.ctx.device)
+        tokens = torch.zeros((), device=self.ctx.device)
+        self.model.eval()
+        with self.ema.swapped(self.model):
+            for _, batch in zip(range(self.cfg.train.eval_batches), loader, strict=False):
+                mask = batch.attention_mask
+                out = diffusion_loss(
+                    self.model,
+                    self.kernel,
+                    self.schedule,
+                    batch.tokens.to(self.ctx.device),
+                    generator=gen,
+                    attention_mask=None if mask is None else mask.to(nats.device),
+                    t_min=self.cfg.train.t_min,
+                )
+                nats += out.nats
+                tokens += out.tokens
+        self.model.train()
+        nats, tokens = D.all_reduce_sum(nats, self.ctx), D.all_reduce_sum(tokens, self.ctx)
+        per_tok = (nats / tokens).item()
+        return {
+            "valid_nats_per_token": per_tok,
+            "valid_ppl": math.exp(min(per_tok, 50.0)),
+            "valid_tokens": int(tokens.item()),
+        }
+
+    # ------------------------------------------------------------------ the loop
+
+    def _log(self, record: dict) -> None:
+        if self.ctx.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg.train
+        self.model.train()
+        last, valid, interrupted = None, None, False
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.state.step,
+            disable=not self.ctx.is_main,
+            dynamic_ncols=True,
+            desc="train",
+        )
+        t0, tokens0 = time.perf_counter(), self.state.tokens_seen
+        elapsed0 = self.state.elapsed
+        try:
+            while self.state.step < cfg.steps:
+                loss = self.train_step()
+                last = loss if loss is not None else last
+                self.state.elapsed = elapsed0 + time.perf_counter() - t0
+                tps = (self.state.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{last:.3f}" if last is not None else "nan", tok_s=f"{tps:,.0f}"
+                )
+                step = self.state.step
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    self._log(
+                        {
+                            "step": step,
+                            "loss": loss,
+                            "lr": lr_at(cfg, step - 1),
+                            "grad_norm": getattr(self, "last_grad_norm", None),
+                            "tokens_per_s": tps,
+                            "tokens_seen": self.state.tokens_seen,
+                            "nan_steps": self.state.nan_steps,
+                            "elapsed": self.state.elapsed,
+                        }
+                    )
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    valid = self.validate()
+                    if valid is not None:
+                        self._log({"step": step, **valid})
+                        bar.write(
+                            f"step {step}: valid NELBO {valid['valid_nats_per_token']:.4f} "
+                            f"nats/token, PPL ≤ {valid['valid_ppl']:.2f}"
+                        )
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            interrupted = True
+            path = self.save()
+            if self.ctx.is_main:
+                print(
+                    f"\ninterrupted at step {self.state.step}; saved {path}. "
+                    f"Continue with --resume."
+                )
+        finally:
+            bar.close()
+        tps = (self.state.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
+        return TrainResult(self.run_dir, self.state.step, last, valid, interrupted, tps)
+
+
+def train(cfg: XDLMConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
+    trainer = Trainer(cfg, run_dir, resume)
+    try:
+        return trainer.run()
+    finally:
+        D.cleanup(trainer.ctx)
