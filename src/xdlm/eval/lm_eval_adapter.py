@@ -1,0 +1,213 @@
+"""EleutherAI lm-evaluation-harness model interface for xdlm denoisers (registered as "xdlm").
+
+    lm_eval --model xdlm \
+        --model_args pretrained=GSAI-ML/LLaDA-8B-Base,trust_remote_code=True,k=0.1,dtype=bfloat16 \
+        --tasks mbpp --confirm_run_unsafe_code
+
+(`import xdlm.eval.lm_eval_adapter` registers the model; the `xdlm eval` CLI does this.)
+
+Scores:
+- `loglikelihood(context, continuation)` is a Monte-Carlo estimate of −NELBO of the continuation
+  with the context kept clean (never noised) and only continuation tokens in the loss:
+  −E_t E_{z_t} Σ_{continuation} ℓ_t(x, z_t) with the exact (−α'_t) weight and antithetic t. In
+  expectation it is a LOWER BOUND on log p(continuation | context), and it is noisy (raise
+  `mc_samples`); comparisons between choices of a multiple-choice task use the same bound.
+  `is_greedy`: the one-step argmax with the whole continuation masked equals the continuation.
+- `loglikelihood_rolling(text)`: the text split into lm_eval's disjoint rolling windows (each
+  token predicted once, with as much clean context as fits in `max_length`); the sum of the
+  windows' bounds.
+- `generate_until`: `generate_confident` below (greedy confidence-ordered unmasking with the
+  XDLM edit budget, one block), cut at the first stop string.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from torch import Tensor
+
+from xdlm.core.kernel import MixedKernel
+from xdlm.core.objective import diffusion_loss
+from xdlm.core.schedules import make_schedule
+
+
+@torch.no_grad()
+def generate_confident(
+    denoiser, prompt: Tensor, gen_length: int, steps: int, mask_id: int, k: float
+) -> Tensor:
+    """Greedy confidence-ordered unmasking of `gen_length` tokens after prompt (B, P) -> (B, G).
+
+    Step i reveals the n_i masked positions with the highest max-probability (n_i spreads
+    gen_length evenly over `steps`), and revises up to ⌊k/(1−k)·n_i⌋ already-visible generated
+    tokens whose argmax differs, most confident first (the XDLM edit budget). Prompt tokens never
+    change. p_θ(mask) = 0.
+    """
+    B, P = prompt.shape
+    fill = torch.full((B, gen_length), mask_id, dtype=prompt.dtype, device=prompt.device)
+    x = torch.cat([prompt, fill], dim=1)
+    counts = [gen_length // steps + (i < gen_length % steps) for i in range(steps)]
+    rows = torch.arange(B, device=x.device)[:, None]
+    for n in counts:
+        logits = denoiser(x, None).float()
+        logits[..., mask_id] = float("-inf")
+        conf, pred = logits.softmax(-1).max(-1)
+        masked = x == mask_id
+        masked[:, :P] = False
+        if n > 0 and bool(masked.any()):
+            take = torch.where(masked, conf, float("-inf")).topk(n, dim=-1).indices
+            ok = masked[rows, take]
+            x[rows, take] = torch.where(ok, pred[rows, take], x[rows, take])
+        edits = min(math.floor(k / (1.0 - k) * n), gen_length) if k < 1.0 else 0
+        if edits > 0:
+            wrong = ~masked & (pred != x)
+            wrong[:, :P] = False
+            take = torch.where(wrong, conf, float("-inf")).topk(edits, dim=-1).indices
+            ok = wrong[rows, take]
+            x[rows, take] = torch.where(ok, pred[rows, take], x[rows, take])
+    return x[:, P:]
+
+
+@register_model("xdlm")
+class XDLMHarnessLM(LM):
+    """lm_eval `LM` over a denoiser and an HF tokenizer.
+
+    Args:
+        pretrained: path or hub name for `HFDenoiser.from_pretrained` (+ `AutoTokenizer`), or
+            None when `denoiser` and `tokenizer` objects are given.
+        k: uniform share of the kernel; mask_id: defaults to the tokenizer's mask token.
+        mc_samples: t samples per loglikelihood request; max_length: longest scored sequence.
+        gen_length, steps: generation length and number of unmasking steps (paper: 256, 32).
+        seed: seeds the generator used for the Monte-Carlo estimates.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        denoiser=None,
+        tokenizer=None,
+        k: float = 0.1,
+        mask_id: int | None = None,
+        mc_samples: int = 16,
+        max_length: int = 4096,
+        gen_length: int = 256,
+        steps: int = 32,
+        device: str = "cpu",
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        seed: int = 0,
+        **_unused,
+    ) -> None:
+        super().__init__()
+        if pretrained is not None:
+            from transformers import AutoTokenizer
+
+            from xdlm.models.hf import HFDenoiser
+
+            trust = str(trust_remote_code).lower() == "true"
+            denoiser = HFDenoiser.from_pretrained(
+                pretrained, torch_dtype=dtype, trust_remote_code=trust
+            )
+            tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust)
+        if denoiser is None or tokenizer is None:
+            raise ValueError("give pretrained=<path or hub name>, or both denoiser and tokenizer")
+        self.denoiser = denoiser.to(device).eval()
+        self.tokenizer = tokenizer
+        mask_id = tokenizer.mask_token_id if mask_id is None else int(mask_id)
+        if mask_id is None:
+            raise ValueError("the tokenizer has no mask token; pass mask_id=<id>")
+        self.kernel = MixedKernel(int(denoiser.vocab_size), mask_id, float(k))
+        self.schedule = make_schedule("loglinear")
+        self.mc_samples, self.max_length = int(mc_samples), int(max_length)
+        self.gen_length, self.steps = int(gen_length), int(steps)
+        self.device_name, self.seed = device, int(seed)
+
+    # ------------------------------------------------------------------ scoring
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _prefix(self) -> list[int]:
+        tok = self.tokenizer
+        prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        return [prefix] if prefix is not None else []
+
+    @torch.no_grad()
+    def _bound(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """(−NELBO estimate of continuation | clean context, one-step greedy match)."""
+        if not continuation:
+            return 0.0, True
+        context = context[-max(self.max_length - len(continuation), 0) :]
+        ids = torch.tensor(context + continuation, device=self.device_name)[None]
+        x0 = ids.expand(self.mc_samples, -1)
+        keep = torch.zeros_like(x0, dtype=torch.bool)
+        keep[:, : len(context)] = True
+        gen = torch.Generator(self.device_name).manual_seed(self.seed)
+        out = diffusion_loss(
+            self.denoiser, self.kernel, self.schedule, x0, generator=gen,
+            keep_mask=keep, loss_mask=~keep,
+        )  # fmt: skip
+        z = ids.clone()
+        z[:, len(context) :] = self.kernel.mask_id
+        pred = self.kernel.log_probs(self.denoiser(z, None)).argmax(-1)
+        greedy = bool((pred[0, len(context) :] == ids[0, len(context) :]).all())
+        return -out.nats.item() / self.mc_samples, greedy
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """Instances with args (context, continuation) -> [(bound on log p, is_greedy)]."""
+        results = []
+        for req in requests:
+            context, continuation = req.args
+            ctx = self._prefix() + self._encode(context)
+            results.append(self._bound(ctx, self._encode(continuation)))
+        return results
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        """Instances with args (text,) -> [sum of window bounds] (see module docstring)."""
+        results = []
+        for req in requests:
+            (text,) = req.args
+            prefix = self._prefix() or [self.tokenizer.pad_token_id or 0]
+            windows = lm_utils.get_rolling_token_windows(
+                token_list=self._encode(text), prefix_token=prefix[0],
+                max_seq_len=self.max_length, context_len=1,
+            )  # fmt: skip
+            pairs = map(lm_utils.make_disjoint_window, windows)
+            results.append(sum(self._bound(list(c), list(y))[0] for c, y in pairs))
+        return results
+
+    # ------------------------------------------------------------------ generation
+
+    def generate_until(self, requests) -> list[str]:
+        """Instances with args (context, {"until": [...], "max_gen_toks": n}) -> texts."""
+        results = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            length = int(gen_kwargs.get("max_gen_toks", self.gen_length))
+            prompt = self._prefix() + self._encode(context)
+            prompt = prompt[-max(self.max_length - length, 1) :]
+            ids = torch.tensor(prompt, device=self.device_name)[None]
+            steps = min(self.steps, length)
+            out = generate_confident(
+                self.denoiser, ids, length, steps, self.kernel.mask_id, self.kernel.k
+            )
+            text = self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+            for stop in until:
+                text = text.split(stop)[0]
+            results.append(text)
+        return results
+
+    def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+        """The tokenizer's chat template as text (lm_eval's --apply_chat_template)."""
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "xdlm").replace("/", "__")
