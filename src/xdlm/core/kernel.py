@@ -23,6 +23,16 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
+class PosteriorCoefficients:
+    """p_θ(z_s = e | z_t) = scale·p_θ(e) + shift + stay·[e = z_t] + remask·[e = m]; each (B, L)."""
+
+    scale: Tensor
+    shift: Tensor
+    stay: Tensor
+    remask: Tensor
+
+
+@dataclass(frozen=True)
 class MixedKernel:
     """Q_{t|s}(e | d) = α_{t|s}·[e = d] + β_{t|s}·r(e): a share k of uniform noise, 1 − k masking.
 
@@ -126,24 +136,39 @@ class MixedKernel:
         Written as  a·p_θ + c  plus a "stay" mass at z and a "re-mask" mass at m.
         """
         self._check_step(x0_probs, z_t, alpha_t, alpha_s)
-        V, k = self.vocab_size, self.k
         p = x0_probs.to(torch.promote_types(x0_probs.dtype, torch.float32))
-        at, as_ = (_expand(a, 2).to(p) for a in (alpha_t, alpha_s))  # (B, 1)
+        c = self.posterior_coefficients(
+            p.gather(-1, z_t.unsqueeze(-1)).squeeze(-1), z_t, alpha_t, alpha_s
+        )
+        out = c.scale.unsqueeze(-1) * p + c.shift.unsqueeze(-1)
+        out.scatter_add_(-1, z_t.unsqueeze(-1), c.stay.unsqueeze(-1))
+        if self.mask_id is not None:
+            out[..., self.mask_id] += c.remask
+        return out
+
+    def posterior_coefficients(
+        self, p_z: Tensor, z_t: Tensor, alpha_t: Tensor, alpha_s: Tensor
+    ) -> PosteriorCoefficients:
+        """Per-position scalars of `posterior_probs`: p = scale·p_θ + shift + stay·δ_z + remask·δ_m.
+
+        p_z = p_θ(z_t) (B, L) (float32+), z_t (B, L), α_t, α_s (B,) -> four (B, L) tensors.
+        Masked z: scale = (α_s − α_t)/β_t, shift = k·β_{t|s}·β_s/(V·β_t),
+        stay = (β_s/β_t)·(1 − k·β_{t|s}), remask = 0. Visible z, κ = k·β_{t|s}/F:
+        scale = κ·α_s, shift = κ·k·β_s/V, stay = 1 − κ, remask = κ·β_s·(1 − k).
+        """
+        V, k = self.vocab_size, self.k
+        at, as_ = (_expand(a, p_z.dim()).to(p_z) for a in (alpha_t, alpha_s))  # (B, 1)
         bt, bs = 1.0 - at, 1.0 - as_
         b_ts = (as_ - at) / as_  # β_{t|s}
         masked = self._is_mask(z_t)
-        p_z = p.gather(-1, z_t.unsqueeze(-1)).squeeze(-1)  # p_θ(z), (B, L)
         # κ = k·β_{t|s}/F at visible positions (0 when k = 0: a visible token always stays).
         kappa = (k * b_ts / (V * at * p_z + k * bt)) if k > 0 else torch.zeros_like(p_z)
-        scale = torch.where(masked, (as_ - at) / bt, kappa * as_)
-        shift = torch.where(masked, k * b_ts * bs / (V * bt), kappa * k * bs / V)
-        stay = torch.where(masked, (bs / bt) * (1.0 - k * b_ts), 1.0 - kappa)
-        out = scale.unsqueeze(-1) * p + shift.unsqueeze(-1)
-        out.scatter_add_(-1, z_t.unsqueeze(-1), stay.unsqueeze(-1))
-        if self.mask_id is not None:
-            remask = torch.where(masked, torch.zeros_like(p_z), kappa * bs * (1.0 - k))
-            out[..., self.mask_id] += remask
-        return out
+        return PosteriorCoefficients(
+            scale=torch.where(masked, (as_ - at) / bt, kappa * as_),
+            shift=torch.where(masked, k * b_ts * bs / (V * bt), kappa * k * bs / V),
+            stay=torch.where(masked, (bs / bt) * (1.0 - k * b_ts), 1.0 - kappa),
+            remask=torch.where(masked, torch.zeros_like(p_z), kappa * bs * (1.0 - k)),
+        )
 
     # ------------------------------------------------------------------ losses
 
@@ -173,10 +198,31 @@ class MixedKernel:
             raise ValueError(
                 f"dalpha shape {tuple(dalpha.shape)} != alpha shape {tuple(alpha.shape)}"
             )
+        return self._nelbo(logits, x0, z_t, _expand(alpha, 2), _expand(dalpha, 2))
+
+    def nelbo_rows(
+        self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha: Tensor, dalpha: Tensor
+    ) -> Tensor:
+        """`nelbo` on flat rows with a time per row: logits (N, V), x0, z_t, α, α' (N,) -> (N,).
+
+        The per-chunk entry point of the fused loss (`xdlm.core.fused`): the same formula as
+        `nelbo`, for any subset of positions.
+        """
+        self._check_vocab(logits.shape[-1], "logits")
+        n = logits.shape[0]
+        if logits.dim() != 2 or any(t.shape != (n,) for t in (x0, z_t, alpha, dalpha)):
+            raise ValueError(
+                f"nelbo_rows needs logits (N, V) and x0, z_t, alpha, dalpha (N,); got logits "
+                f"{tuple(logits.shape)}, x0 {tuple(x0.shape)}, z_t {tuple(z_t.shape)}, "
+                f"alpha {tuple(alpha.shape)}, dalpha {tuple(dalpha.shape)}"
+            )
+        return self._nelbo(logits, x0, z_t, alpha, dalpha)
+
+    def _nelbo(self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha: Tensor, dalpha: Tensor):
+        """ℓ for logits (..., V), x0, z_t (...) and α, α' broadcastable to x0."""
         logp = self.log_probs(logits)
         lp_x = logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-        a = _expand(alpha, 2).to(lp_x)
-        w = -_expand(dalpha, 2).to(lp_x)
+        a, w = alpha.to(lp_x), -dalpha.to(lp_x)
         if self.k == 0.0:
             return torch.where(self._is_mask(z_t), w / (1.0 - a) * -lp_x, torch.zeros_like(lp_x))
         lp_z = logp.gather(-1, z_t.unsqueeze(-1)).squeeze(-1)

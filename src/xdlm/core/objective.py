@@ -63,14 +63,22 @@ class LossOutput:
     z_t: Tensor
 
 
-def diffusion_loss(
-    denoiser,
+@dataclass(frozen=True)
+class NoisyBatch:
+    """A corrupted batch: t, α_t, α'_t (B,) (α' = −1 under unit weighting) and z_t (B, L)."""
+
+    t: Tensor
+    alpha: Tensor
+    dalpha: Tensor
+    z_t: Tensor
+
+
+def corrupt_batch(
     kernel: MixedKernel,
     schedule: Schedule,
     x0: Tensor,
     *,
     attention_mask: Tensor | None = None,
-    cond: Tensor | None = None,
     t: Tensor | None = None,
     generator: torch.Generator | None = None,
     t_min: float = 1e-3,
@@ -78,20 +86,12 @@ def diffusion_loss(
     rank: int = 0,
     world_size: int = 1,
     weighting: Literal["elbo", "unit"] = "elbo",
-    loss_mask: Tensor | None = None,
     keep_mask: Tensor | None = None,
-) -> LossOutput:
-    """Monte-Carlo NELBO of a batch x0 (B, L) with the denoiser `(z_t, t, attention_mask, cond)`.
-
-    weighting="elbo" uses the exact (−α'_t) weight; "unit" replaces it by 1 (the LLM-scale
-    variant used for LLaDA continual pretraining). `loss_mask` (B, L) restricts which tokens
-    count (default: attention_mask); `keep_mask` (B, L) marks tokens that are never noised
-    (e.g. an SFT prompt): they stay clean in z_t.
-    """
-    B = x0.shape[0]
+) -> NoisyBatch:
+    """Sample t (unless given), z_t ~ q(· | x0); padding and `keep_mask` tokens stay clean."""
     if t is None:
         t = sample_times(
-            B,
+            x0.shape[0],
             generator,
             t_min=t_min,
             antithetic=antithetic,
@@ -105,13 +105,40 @@ def diffusion_loss(
         z_t = torch.where(attention_mask, z_t, x0)
     if keep_mask is not None:
         z_t = torch.where(keep_mask, x0, z_t)
-    logits = denoiser(z_t, t, attention_mask=attention_mask, cond=cond)
     dalpha = schedule.dalpha(t) if weighting == "elbo" else -torch.ones_like(t)
-    per_token = kernel.nelbo(logits, x0, z_t, alpha, dalpha)
-    counted = loss_mask if loss_mask is not None else attention_mask
+    return NoisyBatch(t, alpha, dalpha, z_t)
+
+
+def reduce_loss(per_token: Tensor, batch: NoisyBatch, counted: Tensor | None = None) -> LossOutput:
+    """Zero ℓ (B, L) outside `counted` (B, L) (None = all tokens count) and sum: a LossOutput."""
     if counted is not None:
         per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
         tokens = counted.sum()
     else:
-        tokens = torch.tensor(x0.numel(), device=x0.device)
-    return LossOutput(per_token.sum(), tokens, per_token, t, z_t)
+        tokens = torch.tensor(per_token.numel(), device=per_token.device)
+    return LossOutput(per_token.sum(), tokens, per_token, batch.t, batch.z_t)
+
+
+def diffusion_loss(
+    denoiser,
+    kernel: MixedKernel,
+    schedule: Schedule,
+    x0: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    cond: Tensor | None = None,
+    loss_mask: Tensor | None = None,
+    **corruption,
+) -> LossOutput:
+    """Monte-Carlo NELBO of a batch x0 (B, L) with the denoiser `(z_t, t, attention_mask, cond)`.
+
+    `corruption` are the keywords of `corrupt_batch`: t, generator, t_min, antithetic, rank,
+    world_size, weighting, keep_mask. weighting="elbo" uses the exact (−α'_t) weight; "unit"
+    replaces it by 1 (the LLM-scale variant used for LLaDA continual pretraining). `loss_mask`
+    (B, L) restricts which tokens count (default: attention_mask); `keep_mask` (B, L) marks
+    tokens that are never noised (e.g. an SFT prompt): they stay clean in z_t.
+    """
+    batch = corrupt_batch(kernel, schedule, x0, attention_mask=attention_mask, **corruption)
+    logits = denoiser(batch.z_t, batch.t, attention_mask=attention_mask, cond=cond)
+    per_token = kernel.nelbo(logits, x0, batch.z_t, batch.alpha, batch.dalpha)
+    return reduce_loss(per_token, batch, loss_mask if loss_mask is not None else attention_mask)

@@ -1,0 +1,205 @@
+"""Memory-light XDLM training loss and sampler step.
+
+`fused_nelbo` computes the NELBO integrand ℓ_t(x, z) (see `MixedKernel.nelbo`) straight from the
+final hidden states h (B, L, D) and the output projection W (V, D): logits = h·Wᵀ + b are built
+`chunk_size` tokens at a time, so the (B, L, V) logits, log p_θ and their gradients never exist.
+Backward recomputes each chunk's logits, takes ∂ℓ/∂logits with autograd through the kernel's own
+per-row formula (`MixedKernel.nelbo_rows`) and accumulates
+
+    ∂/∂h_chunk = G·W,    ∂/∂W += Gᵀ·h_chunk,    ∂/∂b += Σ_rows G        (G = ∂ℓ/∂logits_chunk).
+
+Peak extra memory is O(chunk_size·V + V·D) instead of a handful of B·L·V tensors; the cost is one
+more h·Wᵀ matmul per chunk in backward.
+
+`sample_posterior` draws z_s ~ p_θ(z_s | z_t) without (B, L, V) temporaries, using the
+decomposition of `MixedKernel.posterior_coefficients`: each position first picks a route
+(p_θ-part, uniform part, stay at z_t, re-mask) from four per-position masses, and only positions
+on the p_θ route draw from p_θ (float64 inverse CDF on those rows only).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from xdlm.core.categorical import sample_categorical
+from xdlm.core.kernel import MixedKernel
+from xdlm.core.objective import LossOutput, corrupt_batch, reduce_loss
+from xdlm.core.schedules import Schedule
+
+CHUNK_ELEMENTS = 1 << 24  # default chunk: about 16M logits (64 MB in float32) per chunk
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk so that one chunk of logits holds about `CHUNK_ELEMENTS` values."""
+    return max(16, CHUNK_ELEMENTS // vocab_size)
+
+
+class _FusedNelbo(torch.autograd.Function):
+    """ℓ (N,) from h (N, D), W (V, D), b (V,) | None, chunked over the N rows."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, kernel, x0, z_t, alpha, dalpha, chunk):
+        ctx.kernel, ctx.chunk = kernel, chunk
+        ctx.autocast = (h.device.type, torch.is_autocast_enabled(h.device.type))
+        ctx.autocast_dtype = torch.get_autocast_dtype(h.device.type)
+        ctx.save_for_backward(h, weight, bias, x0, z_t, alpha, dalpha)
+        out = h.new_empty(h.shape[0], dtype=torch.promote_types(h.dtype, torch.float32))
+        for s in range(0, h.shape[0], chunk):
+            e = s + chunk
+            logits = F.linear(h[s:e], weight, bias)
+            out[s:e] = kernel.nelbo_rows(logits, x0[s:e], z_t[s:e], alpha[s:e], dalpha[s:e])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, weight, bias, x0, z_t, alpha, dalpha = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_b = torch.zeros_like(bias) if need_b else None
+        device_type, autocast_on = ctx.autocast
+        for s in range(0, h.shape[0], ctx.chunk):
+            e = s + ctx.chunk
+            with torch.autocast(device_type, ctx.autocast_dtype, enabled=autocast_on):
+                with torch.no_grad():
+                    logits = F.linear(h[s:e], weight, bias)
+            with torch.enable_grad():
+                logits.requires_grad_(True)
+                ell = ctx.kernel.nelbo_rows(logits, x0[s:e], z_t[s:e], alpha[s:e], dalpha[s:e])
+                (g,) = torch.autograd.grad(ell, logits, grad_out[s:e])
+            if need_h:
+                grad_h[s:e] = g @ weight.to(g.dtype)
+            if need_w:
+                grad_w.add_(g.mT @ h[s:e].to(g.dtype))
+            if need_b:
+                grad_b.add_(g.sum(0))
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def fused_nelbo(
+    hidden: Tensor,
+    weight: Tensor,
+    kernel: MixedKernel,
+    x0: Tensor,
+    z_t: Tensor,
+    alpha: Tensor,
+    dalpha: Tensor,
+    *,
+    chunk_size: int | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """ℓ_t(x0, z_t) (B, L) = `kernel.nelbo(hidden @ weight.T + bias, x0, z_t, alpha, dalpha)`.
+
+    Args:
+        hidden: h (B, L, D), the final hidden states (e.g. `DiT.hidden(...)`).
+        weight: W (V, D), the output projection (`model.output_head.weight`).
+        kernel: the MixedKernel (its V must equal weight.shape[0]).
+        x0, z_t: LongTensor (B, L) clean and noisy ids.
+        alpha, dalpha: α_t, α'_t (B,). No gradient flows to them (times are not learned).
+        chunk_size: tokens per chunk (default `default_chunk_size(V)`, ~64 MB of float32 logits).
+        bias: b (V,) or None.
+
+    Gradients flow to hidden, weight and bias; autocast (e.g. bf16) applies to the chunk matmuls
+    in forward and backward alike. Padding: ℓ is computed everywhere; zero it as you would the
+    unfused loss (`reduce_loss`).
+    """
+    if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"need hidden (B, L, D) and weight (V, D) with the same D; got hidden "
+            f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}"
+        )
+    B, L, D = hidden.shape
+    if x0.shape != (B, L) or z_t.shape != (B, L) or alpha.shape != (B,) or dalpha.shape != (B,):
+        raise ValueError(
+            f"need x0, z_t (B, L)=({B}, {L}) and alpha, dalpha (B,); got x0 {tuple(x0.shape)}, "
+            f"z_t {tuple(z_t.shape)}, alpha {tuple(alpha.shape)}, dalpha {tuple(dalpha.shape)}"
+        )
+    chunk = default_chunk_size(weight.shape[0]) if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rows = (B * L,)
+    per_row = _FusedNelbo.apply(
+        hidden.reshape(B * L, D),
+        weight,
+        bias,
+        kernel,
+        x0.reshape(rows),
+        z_t.reshape(rows),
+        alpha.detach()[:, None].expand(B, L).reshape(rows),
+        dalpha.detach()[:, None].expand(B, L).reshape(rows),
+        chunk,
+    )
+    return per_row.reshape(B, L)
+
+
+def fused_diffusion_loss(
+    model,
+    kernel: MixedKernel,
+    schedule: Schedule,
+    x0: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    cond: Tensor | None = None,
+    loss_mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    **corruption,
+) -> LossOutput:
+    """`diffusion_loss` for a `HiddenDenoiser`, with the loss fused into the output head.
+
+    Same arguments (`corruption` = the keywords of `corrupt_batch`), same corruption path and
+    same `LossOutput`; the model must expose `hidden(z_t, t, attention_mask, cond)` (B, L, D)
+    and `output_head` (an nn.Linear with weight (V, D)).
+    """
+    batch = corrupt_batch(kernel, schedule, x0, attention_mask=attention_mask, **corruption)
+    hidden = model.hidden(batch.z_t, batch.t, attention_mask=attention_mask, cond=cond)
+    head = model.output_head
+    per_token = fused_nelbo(
+        hidden,
+        head.weight,
+        kernel,
+        x0,
+        batch.z_t,
+        batch.alpha,
+        batch.dalpha,
+        chunk_size=chunk_size,
+        bias=head.bias,
+    )
+    return reduce_loss(per_token, batch, loss_mask if loss_mask is not None else attention_mask)
+
+
+def sample_posterior(
+    kernel: MixedKernel,
+    probs: Tensor,
+    z_t: Tensor,
+    alpha_t: Tensor,
+    alpha_s: Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One ancestral step z_s ~ p_θ(z_s | z_t) (B, L), exact, without (B, L, V) temporaries.
+
+    With p_θ = probs (B, L, V) (p_θ(m) = 0, rows summing to 1; filters already applied) and the
+    per-position masses of `kernel.posterior_coefficients`,
+
+        p(e) = scale·p_θ(e) + shift + stay·[e = z_t] + remask·[e = m],
+
+    a position takes route R ∈ {p_θ, uniform, stay, re-mask} with probability ∝ (scale,
+    V·shift, stay, remask), then emits a draw from p_θ, a uniform id in [0, V), z_t, or m. Only
+    the p_θ-route rows are read in full (float64 inverse CDF); at k = 0 visible positions always
+    stay and are never read. α_t, α_s (B,) with α_s ≥ α_t; α_s = 1 is the final step.
+    """
+    kernel._check_step(probs, z_t, alpha_t, alpha_s)
+    p_z = probs.gather(-1, z_t.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    c = kernel.posterior_coefficients(p_z, z_t, alpha_t.double(), alpha_s.double())
+    cum = torch.stack([c.scale, kernel.vocab_size * c.shift, c.stay, c.remask], -1).cumsum(-1)
+    u = torch.rand(z_t.shape, generator=generator, dtype=torch.float64, device=z_t.device)
+    route = (u.unsqueeze(-1) * cum[..., -1:] >= cum).sum(-1)  # 0 p_θ, 1 uniform, 2 stay, 3 mask
+    uniform = torch.randint(kernel.vocab_size, z_t.shape, generator=generator, device=z_t.device)
+    z_s = torch.where(route == 1, uniform, z_t)
+    if kernel.mask_id is not None:
+        z_s = z_s.masked_fill(route == 3, kernel.mask_id)
+    rows = (route == 0).nonzero(as_tuple=True)
+    if rows[0].numel():
+        z_s[rows] = sample_categorical(probs[rows], generator)
+    return z_s
