@@ -1,0 +1,192 @@
+"""Training loop, config, checkpoints: loss falls, resume == uninterrupted, every bad input."""
+
+import gzip
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from xdlm.cli import main as cli_main
+from xdlm.config import load_config
+from xdlm.data.corpora import embedded_corpus_path
+from xdlm.train import loop as loop_mod
+from xdlm.train.checkpoint import find_checkpoint, load_model
+from xdlm.train.loop import NonFiniteLossError, train
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The first ~120 KB of the embedded corpus as a local text file (real English)."""
+    text = gzip.open(embedded_corpus_path(), "rt").read()[:120_000]
+    path = tmp_path_factory.mktemp("corpus") / "austen.txt"
+    path.write_text(text)
+    return path
+
+
+def tiny_cfg(corpus, data_dir, *extra):
+    sets = [
+        f"data.path={data_dir}", f"data.sources=[{corpus}]", "data.tokenizer=char",
+        "data.seq_len=32", "data.batch_size=8", "model.preset=tiny", "model.n_layers=2",
+        "model.d_model=64", "model.n_heads=2", "train.steps=6", "train.warmup_steps=2",
+        "train.log_every=1", "train.eval_every=3", "train.eval_batches=2", "train.save_every=3",
+        "train.lr=3e-3", "train.ema_decay=0.9", *extra,
+    ]  # fmt: skip
+    return load_config(None, sets)
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_config_errors_name_key_and_valid_keys(tmp_path):
+    with pytest.raises(ValueError, match="unknown config key 'train.stepz'.*'steps'"):
+        load_config(None, ["train.stepz=3"])
+    with pytest.raises(ValueError, match="'train.steps' expects int, got 'many'"):
+        load_config(None, ["train.steps=many"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    cfg = load_config("configs/quickstart.yaml", ["kernel.k=0", "train.lr=1e-3"])
+    assert cfg.kernel.k == 0.0 and isinstance(cfg.kernel.k, float) and cfg.model.n_layers == 4
+
+
+def test_loss_falls_on_real_text(corpus, tmp_path):
+    cfg = tiny_cfg(
+        corpus, tmp_path / "data", "train.steps=60", "train.eval_every=60", "train.save_every=60"
+    )
+    result = train(cfg, tmp_path / "run")
+    curve = losses(tmp_path / "run")
+    first = sum(curve[s] for s in range(1, 6)) / 5
+    last = sum(curve[s] for s in range(56, 61)) / 5
+    assert last < first - 0.5, (first, last)
+    assert result.valid["valid_nats_per_token"] < first
+    loaded = load_model(tmp_path / "run")
+    assert loaded.step == 60 and loaded.kernel.k == 0.1 and loaded.tokenizer is not None
+
+
+def test_resume_equals_uninterrupted(corpus, tmp_path):
+    straight = train(tiny_cfg(corpus, tmp_path / "data"), tmp_path / "a")
+    short = tiny_cfg(corpus, tmp_path / "data", "train.steps=3")
+    train(short, tmp_path / "b")
+    resumed = train(tiny_cfg(corpus, tmp_path / "data"), tmp_path / "b", resume=True)
+    assert straight.step == resumed.step == 6
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert [la[s] for s in (4, 5, 6)] == [lb[s] for s in (4, 5, 6)]
+    wa = load_model(tmp_path / "a", use_ema=False).model.state_dict()
+    wb = load_model(tmp_path / "b", use_ema=False).model.state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_existing_run_needs_resume_and_matching_kernel(corpus, tmp_path):
+    cfg = tiny_cfg(corpus, tmp_path / "data", "train.steps=3")
+    train(cfg, tmp_path / "run")
+    with pytest.raises(ValueError, match="--resume"):
+        train(cfg, tmp_path / "run")
+    other = tiny_cfg(corpus, tmp_path / "data", "kernel.k=0")
+    with pytest.raises(ValueError, match="trained with kernel"):
+        train(other, tmp_path / "run", resume=True)
+
+
+def test_bad_data_inputs(corpus, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        train(load_config(None, [f"data.path={tmp_path / 'missing'}"]), tmp_path / "r1")
+    cfg = tiny_cfg(corpus, tmp_path / "data", "train.steps=1")
+    train(cfg, tmp_path / "r0")  # prepares data with seq_len 32
+    with pytest.raises(ValueError, match="seq_len=32"):
+        train(tiny_cfg(corpus, tmp_path / "data", "data.seq_len=64"), tmp_path / "r2")
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        train(tiny_cfg(corpus, tmp_path / "data", "data.batch_size=100000"), tmp_path / "r3")
+
+
+def test_nan_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
+    real = loop_mod.diffusion_loss
+
+    def nan_loss(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return type(out)(out.nats * float("nan"), out.tokens, out.per_token, out.t, out.z_t)
+
+    monkeypatch.setattr(loop_mod, "diffusion_loss", nan_loss)
+    cfg = tiny_cfg(corpus, tmp_path / "data", "train.max_nan_steps=2", "train.eval_batches=0")
+    with pytest.raises(NonFiniteLossError, match="3 steps had a non-finite loss"):
+        train(cfg, tmp_path / "run")
+
+
+def test_ctrl_c_saves_and_resumes(corpus, tmp_path, monkeypatch):
+    real = loop_mod.Trainer.train_step
+
+    def interrupt_at_3(self):
+        if self.state.step == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", interrupt_at_3)
+    result = train(tiny_cfg(corpus, tmp_path / "data"), tmp_path / "run")
+    assert result.interrupted and result.step == 2
+    assert find_checkpoint(tmp_path / "run").name == "step_0000002"
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", real)
+    assert train(tiny_cfg(corpus, tmp_path / "data"), tmp_path / "run", resume=True).step == 6
+
+
+def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
+    train(tiny_cfg(corpus, tmp_path / "data", "train.steps=3"), tmp_path / "run")
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from xdlm.train import checkpoint
+        from xdlm.config import load_config
+        from xdlm.train.loop import Trainer
+        cfg = load_config({str(tmp_path / "run" / "config.yaml")!r}, ["train.steps=6"])
+        trainer = Trainer(cfg, {str(tmp_path / "run")!r}, resume=True)
+        trainer.state.step = 5
+        def die(*a, **k):  # SIGKILL in the middle of writing the new checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.torch.save = die
+        trainer.save()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert find_checkpoint(tmp_path / "run").name == "step_0000003"
+    assert load_model(tmp_path / "run").step == 3
+    assert train(tiny_cfg(corpus, tmp_path / "data"), tmp_path / "run", resume=True).step == 6
+
+
+def test_cli_prepare_and_train(corpus, tmp_path, capsys):
+    data = tmp_path / "prepared"
+    assert (
+        cli_main(
+            ["prepare", str(corpus), "--out", str(data), "--tokenizer", "char", "--seq-len", "32"]
+        )
+        == 0
+    )
+    assert "train:" in capsys.readouterr().out
+    rc = cli_main(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "run"),
+            "--no-samples",
+            "--set",
+            f"data.path={data}",
+            "--set",
+            "data.tokenizer=char",
+            "--set",
+            "data.seq_len=32",
+            "--set",
+            "data.batch_size=8",
+            "--set",
+            "model.d_model=64",
+            "--set",
+            "model.n_heads=2",
+            "--set",
+            "train.steps=2",
+            "--set",
+            "train.eval_batches=1",
+        ]
+    )
+    assert rc == 0 and (tmp_path / "run" / "config.yaml").is_file()
+    assert cli_main(["train", "--out", str(tmp_path / "x"), "--set", "bogus.key=1"]) == 2
+    assert "unknown config key 'bogus'" in capsys.readouterr().err
