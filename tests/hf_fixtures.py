@@ -53,8 +53,14 @@ def tiny_tokenizer(vocab_size: int = 300):
 
 
 def tiny_config(kind: str, vocab_size: int = 320, attn: str = "sdpa"):
-    """kind: "llama" | "bert" | "modernbert"; 2 layers, width 32."""
-    from transformers import BertConfig, LlamaConfig, ModernBertConfig
+    """kind: "llama" | "gpt2" | "bert" | "modernbert"; 2 layers, width 32."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig, ModernBertConfig
+
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128)
+        cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
+        cfg._attn_implementation = attn
+        return cfg
 
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64)
     common |= dict(num_hidden_layers=2, num_attention_heads=4)

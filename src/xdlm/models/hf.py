@@ -73,13 +73,15 @@ class HFDenoiser(nn.Module):
         torch_dtype: torch.dtype | str | None = None,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        vocab_size: int | None = None,
         **kwargs,
     ) -> HFDenoiser:
         """Load from a local directory or a hub name (users need internet for the latter).
 
         `kind="auto"` picks "remote" when the config maps to custom code (`auto_map`), else
-        "encoder" for masked-LM architectures and "decoder" for causal LMs. Extra kwargs go to
-        `from_pretrained` of the transformers Auto class.
+        "encoder" for masked-LM architectures and "decoder" for causal LMs. `vocab_size` (e.g.
+        a tokenizer with an added mask token) grows the embeddings via `resize_vocab`. Extra
+        kwargs go to `from_pretrained` of the transformers Auto class.
         """
         from transformers import AutoConfig
 
@@ -97,7 +99,10 @@ class HFDenoiser(nn.Module):
             name_or_path, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
             **kwargs,
         )  # fmt: skip
-        return cls(model, kind)
+        denoiser = cls(model, kind)
+        if vocab_size is not None:
+            denoiser.resize_vocab(vocab_size)
+        return denoiser
 
     @classmethod
     def from_config(cls, config, kind: str = "auto", trust_remote_code: bool = False) -> HFDenoiser:
