@@ -139,3 +139,22 @@ def test_evaluate_split_on_prepared_pad_data(tmp_path):
     assert res.tokens == man.splits["valid"].tokens and res.sequences == man.splits["valid"].rows
     with pytest.raises(ValueError, match="vocab_size"):
         evaluate_split(Toy(), MixedKernel(V, MASK, 0.1), SCHED, tmp_path / "d", "valid")
+
+
+def test_zero_shot_two_corpora_with_rules(tmp_path):
+    from xdlm.data import load_tokenizer
+    from xdlm.eval.zeroshot import zero_shot
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n\n".join(f"the cat {i} sat" for i in range(20)))
+    b.write_text("\n\n".join(f"a dog {i} ran far" for i in range(20)))
+    tok = load_tokenizer("char", corpus_texts=[a.read_text() + b.read_text()])
+    kern = MixedKernel(tok.vocab_size, tok.mask_id, 0.1)
+    out = zero_shot(Toy(tok.vocab_size), kern, SCHED, tok, [a, str(b)], seq_len=16,
+                    max_tokens=40, batch_size=2, t_samples=2)  # fmt: skip
+    assert list(out) == [str(a), str(b)]
+    for res in out.values():
+        assert res["tokens"] == 48 and res["tokens_available"] > 48  # ⌈40/16⌉ = 3 rows
+        assert res["rules"]["mode"] == "wrap" and res["rules"]["bos_id"] == tok.bos_id
+    with pytest.raises(ValueError, match="tokenizer has"):
+        zero_shot(Toy(), MixedKernel(V, MASK, 0.1), SCHED, tok, [a], seq_len=16)

@@ -214,14 +214,12 @@ def evaluate_rows(
 
 
 def shard_batches(
-    shards: TokenShards, batch_size: int, max_batches: int | None = None
+    shards: TokenShards, batch_size: int, max_rows: int | None = None
 ) -> Iterable[tuple[Tensor, Rows]]:
-    """Rows of a split in order, `batch_size` at a time (last batch may be smaller)."""
+    """The first `max_rows` rows of a split in order, `batch_size` at a time (last may be short)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(shards)
-    if max_batches is not None:
-        n = min(n, max_batches * batch_size)
+    n = len(shards) if max_rows is None else min(len(shards), max_rows)
     for start in range(0, n, batch_size):
         ids = torch.arange(start, min(start + batch_size, n))
         yield ids, shards.rows(ids)
@@ -238,6 +236,7 @@ def evaluate_split(
             f"{data_dir} has vocab_size {shards.vocab_size} but the model has "
             f"{kernel.vocab_size}; evaluate with data prepared by the model's tokenizer"
         )
+    max_rows = None if max_batches is None else max_batches * batch_size
     return evaluate_rows(
-        denoiser, kernel, schedule, shard_batches(shards, batch_size, max_batches), **kwargs
+        denoiser, kernel, schedule, shard_batches(shards, batch_size, max_rows), **kwargs
     )
