@@ -1,0 +1,50 @@
+"""Samplers: pure step functions (`steps`, `confidence`), the loop (`loop.generate`),
+conditioning (prompt / infilling / semi-AR / guidance) and trajectories with an HTML view."""
+
+from xdlm.sampling.conditioning import (
+    BLANK,
+    block_windows,
+    fixed_from_template,
+    guided_logits,
+    parse_infill,
+)
+from xdlm.sampling.confidence import Confidence, edit_budget
+from xdlm.sampling.loop import SAMPLERS, SampleOutput, generate, make_sampler
+from xdlm.sampling.steps import (
+    Ancestral,
+    Fixed,
+    LogitFilter,
+    ReMDM,
+    Sampler,
+    StepOutput,
+    StepTimes,
+    final_step,
+    time_grid,
+)
+from xdlm.sampling.trajectory import Trajectory, TransitionCounts, classify
+
+__all__ = [
+    "BLANK",
+    "SAMPLERS",
+    "Ancestral",
+    "Confidence",
+    "Fixed",
+    "LogitFilter",
+    "ReMDM",
+    "SampleOutput",
+    "Sampler",
+    "StepOutput",
+    "StepTimes",
+    "Trajectory",
+    "TransitionCounts",
+    "block_windows",
+    "classify",
+    "edit_budget",
+    "final_step",
+    "fixed_from_template",
+    "generate",
+    "guided_logits",
+    "make_sampler",
+    "parse_infill",
+    "time_grid",
+]

@@ -1,0 +1,232 @@
+"""Reverse-step functions: pure maps (p_θ, z_t, times, generator) -> `StepOutput`.
+
+In the style of diffusers schedulers, a sampler's `step` is a pure function of the denoiser
+output p_θ (B, L, V) = `LogitFilter.probs(logits, m)` (softmax with p_θ(m) = 0, after
+temperature / top-k / top-p), the current z_t (B, L), the times and a generator; the caller
+(`xdlm.sampling.loop.generate`) writes the loop.
+Shapes: B batch, L length, V states (mask m included). Every step ends with `Fixed.pin`, so a
+fixed position (prompt, infilling context, earlier semi-AR block) never changes.
+
+Samplers (frozen dataclasses with a `step` method):
+
+- `Ancestral`: the exact XDLM posterior p_θ(z_s | z_t) for any k (`MixedKernel.posterior_probs`)
+  with p_θ = softmax(filtered logits), then a float64 categorical draw.
+- `ReMDM` (k = 0 only): MDLM's posterior with remasking of a fraction σ_t of visible tokens.
+- `Confidence` (in `xdlm.sampling.confidence`): LLaDA-style greedy unmasking + edit budget.
+
+`final_step` is the noise-removal step α_s = 1; `time_grid` builds the step grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from xdlm.core.categorical import denoiser_probs, sample_categorical
+from xdlm.core.kernel import MixedKernel
+from xdlm.core.schedules import Schedule
+
+FINAL_MODES = ("ancestral", "greedy", "none")
+GRIDS = ("t", "alpha")
+
+
+@dataclass(frozen=True)
+class LogitFilter:
+    """Temperature, top-k and top-p applied to the denoiser logits before the posterior."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def probs(self, logits: Tensor, mask_id: int | None) -> Tensor:
+        """p_θ (B, L, V) with p_θ(m) = 0, float32+."""
+        return denoiser_probs(logits, mask_id, self.temperature, self.top_k, self.top_p)
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """Positions that no sampler may change: `mask` (B, L) bool, True = fixed to `tokens` (B, L)."""
+
+    mask: Tensor
+    tokens: Tensor
+
+    def __post_init__(self) -> None:
+        if self.mask.shape != self.tokens.shape or self.mask.dtype != torch.bool:
+            raise ValueError(
+                f"Fixed needs a bool mask and tokens of one shape (B, L); got "
+                f"{self.mask.dtype} {tuple(self.mask.shape)} and {tuple(self.tokens.shape)}"
+            )
+
+    @classmethod
+    def none(cls, z: Tensor) -> Fixed:
+        """Nothing fixed, shaped like z (B, L)."""
+        return cls(torch.zeros_like(z, dtype=torch.bool), z.clone())
+
+    def pin(self, z: Tensor) -> Tensor:
+        """z with every fixed position set to its fixed token (a new tensor)."""
+        return torch.where(self.mask, self.tokens.to(z.device), z)
+
+    def window(self, start: int, end: int) -> Fixed:
+        """The columns [start, end)."""
+        return Fixed(self.mask[:, start:end], self.tokens[:, start:end])
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """One reverse step t -> s: α_t, α_s (B,) with α_s ≥ α_t; `steps_left` counts this step."""
+
+    alpha_t: Tensor
+    alpha_s: Tensor
+    steps_left: int
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """z_s (B, L) and the distribution it was drawn from, (B, L, V), or None if deterministic."""
+
+    z_s: Tensor
+    probs: Tensor | None
+
+
+class Sampler(Protocol):
+    """`step(kernel, p_x0 (B, L, V), z_t (B, L), times, generator, fixed) -> StepOutput`.
+
+    `uses_final_step`: whether the loop applies `final_step` after the T steps.
+    """
+
+    uses_final_step: bool
+
+    def step(
+        self,
+        kernel: MixedKernel,
+        p_x0: Tensor,
+        z_t: Tensor,
+        times: StepTimes,
+        generator: torch.Generator | None,
+        fixed: Fixed,
+    ) -> StepOutput: ...
+
+
+@dataclass(frozen=True)
+class Ancestral:
+    """z_s ~ p_θ(z_s | z_t) = Σ_x q(z_s | z_t, x)·p_θ(x | z_t): reveal, revise and re-mask.
+
+    The closed form is in `MixedKernel.posterior_probs`; the draw is an inverse-CDF in float64
+    (`sample_categorical`), so no zero-probability state (e.g. m when α_s = 1) is ever drawn.
+    """
+
+    uses_final_step: bool = True
+
+    def step(
+        self,
+        kernel: MixedKernel,
+        p_x0: Tensor,
+        z_t: Tensor,
+        times: StepTimes,
+        generator: torch.Generator | None,
+        fixed: Fixed,
+    ) -> StepOutput:
+        probs = kernel.posterior_probs(p_x0, z_t, times.alpha_t, times.alpha_s)
+        return StepOutput(fixed.pin(sample_categorical(probs, generator)), probs)
+
+
+@dataclass(frozen=True)
+class ReMDM:
+    """ReMDM remasking for k = 0 (Wang et al. 2025), per position:
+
+        z_t = m:        z_s = x ~ p_θ with prob (α_s − (1 − σ_t)·α_t)/(1 − α_t), else m
+        z_t = j ≠ m:    z_s = j with prob 1 − σ_t, else m (re-masked)
+
+    with σ_t ≤ σ_max = min(1, (1 − α_s)/α_t) so all probabilities stay in [0, 1].
+    `strategy="cap"`: σ_t = min(η, σ_max);  `strategy="rescale"`: σ_t = η·σ_max.
+    σ_t = 0 is exactly MDLM's ancestral step.
+    """
+
+    eta: float = 0.01
+    strategy: str = "cap"
+    uses_final_step: bool = True
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("cap", "rescale"):
+            raise ValueError(f"ReMDM strategy must be 'cap' or 'rescale', got {self.strategy!r}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"ReMDM eta must be in [0, 1], got {self.eta}")
+
+    def sigma(self, alpha_t: Tensor, alpha_s: Tensor) -> Tensor:
+        """σ_t (B,) for the step α_t -> α_s."""
+        sigma_max = ((1.0 - alpha_s) / alpha_t).clamp(max=1.0)
+        return sigma_max.clamp(max=self.eta) if self.strategy == "cap" else self.eta * sigma_max
+
+    def step(
+        self,
+        kernel: MixedKernel,
+        p_x0: Tensor,
+        z_t: Tensor,
+        times: StepTimes,
+        generator: torch.Generator | None,
+        fixed: Fixed,
+    ) -> StepOutput:
+        if kernel.k != 0.0 or kernel.mask_id is None:
+            raise ValueError(f"ReMDM remasking needs a pure-mask kernel (k=0), got k={kernel.k}")
+        at, as_ = (a.to(p_x0).unsqueeze(-1) for a in (times.alpha_t, times.alpha_s))  # (B, 1)
+        sigma = self.sigma(at, as_)
+        masked = z_t == kernel.mask_id
+        reveal = (as_ - (1.0 - sigma) * at) / (1.0 - at)
+        probs = torch.where(masked.unsqueeze(-1), reveal.unsqueeze(-1) * p_x0, 0.0)
+        keep = torch.where(masked, 0.0, 1.0 - sigma)
+        to_mask = torch.where(masked, (1.0 - as_ - sigma * at) / (1.0 - at), sigma)
+        probs = probs.scatter_add(-1, z_t.unsqueeze(-1), keep.unsqueeze(-1))
+        probs[..., kernel.mask_id] += to_mask
+        return StepOutput(fixed.pin(sample_categorical(probs, generator)), probs)
+
+
+def final_step(
+    kernel: MixedKernel,
+    p_x0: Tensor,
+    z_t: Tensor,
+    alpha_t: Tensor,
+    mode: str,
+    generator: torch.Generator | None,
+    fixed: Fixed,
+) -> StepOutput:
+    """Noise removal t -> 0 with α_s = 1 (no mask survives), p_θ (B, L, V), z_t (B, L), α_t (B,).
+
+    `ancestral`: draw from the α_s = 1 posterior. `greedy`: its argmax, as in the paper's code:
+    at a masked position that is argmax p_θ; at a visible position j it is
+    argmax_e k·β_t·p_θ(e)/F + [e = j]·(1 − k·β_t/F) with F = V·α_t·p_θ(j) + k·β_t, i.e. j
+    is replaced only when the model strongly prefers another token (never for k = 0).
+    `none`: z_t unchanged (masks may remain).
+    """
+    if mode == "none":
+        return StepOutput(z_t, None)
+    if mode not in FINAL_MODES:
+        raise ValueError(f"final step must be one of {FINAL_MODES}, got {mode!r}")
+    times = StepTimes(alpha_t, torch.ones_like(alpha_t), 1)
+    if mode == "ancestral":
+        return Ancestral().step(kernel, p_x0, z_t, times, generator, fixed)
+    probs = kernel.posterior_probs(p_x0, z_t, alpha_t, times.alpha_s)
+    return StepOutput(fixed.pin(probs.argmax(-1)), probs)
+
+
+def time_grid(schedule: Schedule, steps: int, grid: str = "t", t_end: float = 1e-5) -> Tensor:
+    """The T + 1 decreasing times t_0 = 1 > ... > t_T = t_end (float64).
+
+    `grid="t"`: linspace(1, t_end, T + 1) (the paper). `grid="alpha"`: uniform in α_t between
+    α_1 and α_{t_end}, mapped back with `schedule.t_of_alpha`.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0.0 <= t_end < 1.0:
+        raise ValueError(f"t_end must be in [0, 1), got {t_end}")
+    ts = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
+    if grid == "t":
+        return ts
+    if grid != "alpha":
+        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
+    a = schedule.alpha(ts[[0, -1]])
+    return schedule.t_of_alpha(
+        torch.linspace(float(a[0]), float(a[1]), steps + 1, dtype=torch.float64)
+    )
