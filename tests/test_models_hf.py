@@ -4,6 +4,8 @@ HiddenDenoiser contract, tokenizer preparation, SFT masks, fine-tuning, save/loa
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -183,3 +185,32 @@ def test_save_pretrained_round_trip(case, tmp_path):
         torch.testing.assert_close(back(z, None), model(z, None))
     grown = HFDenoiser.from_pretrained(out, trust_remote_code=case == "remote", vocab_size=330)
     assert grown.vocab_size == 330
+
+
+def test_cpu_hf_recipe_trains(tmp_path):
+    """configs/hf_tiny.yaml through the training loop, with a tiny random GPT-2 on disk."""
+    from xdlm.config import load_config
+    from xdlm.train.loop import train
+
+    HFDenoiser.from_config(tiny_config("gpt2")).save_pretrained(tmp_path / "gpt2")
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs" / "hf_tiny.yaml",
+        [
+            f"model.hf_name={tmp_path / 'gpt2'}",
+            f"data.path={tmp_path / 'data'}",
+            "data.tokenizer=bpe",
+            "data.tokenizer_source=null",
+            "data.tokenizer_vocab_size=400",
+            "data.seq_len=32",
+            "train.steps=3",
+            "train.warmup_steps=1",
+            "train.eval_every=3",
+            "train.eval_batches=1",
+            "train.save_every=3",
+            "train.device=cpu",
+            "sample.num_samples=1",
+            "sample.steps=4",
+        ],
+    )
+    result = train(cfg, tmp_path / "run")
+    assert result.step == 3 and result.last_loss is not None and math.isfinite(result.last_loss)
