@@ -4,10 +4,10 @@ import random
 
 import pytest
 import torch
+from eval_toys import WORDS, tiny_scorer
 
 from xdlm.data import load_tokenizer, split_documents
 from xdlm.eval.genquality import (
-    Scorer,
     distinct_n,
     generative_perplexity,
     load_scorer,
@@ -16,26 +16,6 @@ from xdlm.eval.genquality import (
     strip_special,
     unigram_entropy,
 )
-
-WORDS = "the cat sat on a mat and dog ran far away".split()
-
-
-def tiny_scorer(context=64):
-    """A random 2-layer Llama over a word-level vocabulary (specials <s> = 0, </s> = 1)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {w: i for i, w in enumerate(["<s>", "</s>", "<unk>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                      max_position_embeddings=context, bos_token_id=0, eos_token_id=1)  # fmt: skip
-    torch.manual_seed(0)
-    return Scorer(LlamaForCausalLM(cfg).eval(), hf_tok, "tiny-llama", context)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from eval_toys import Toy
 from torch import nn
 
 from xdlm import MixedKernel, make_schedule
@@ -10,19 +11,6 @@ from xdlm.data.loader import Rows
 from xdlm.eval.likelihood import evaluate_rows, evaluate_split, summarize, time_nodes
 
 V, MASK, L = 9, 8, 12
-
-
-class Toy(nn.Module):
-    """logits(z) = A[z] + mean_l B[z_l]: cheap, bidirectional, deterministic."""
-
-    def __init__(self, vocab=V):
-        super().__init__()
-        g = torch.Generator().manual_seed(1)
-        self.a = nn.Parameter(torch.randn(vocab, vocab, generator=g))
-        self.b = nn.Parameter(torch.randn(vocab, vocab, generator=g))
-
-    def forward(self, z, t, attention_mask=None, cond=None):
-        return self.a[z] + self.b[z].mean(1, keepdim=True)
 
 
 class Uniform(nn.Module):
@@ -49,7 +37,7 @@ SCHED = make_schedule("loglinear")
 
 @pytest.mark.parametrize("discrete", [None, 5])
 def test_batched_sum_reduction_equals_single_pass(discrete):
-    x, kern, model = _data(), MixedKernel(V, MASK, 0.1), Toy()
+    x, kern, model = _data(), MixedKernel(V, MASK, 0.1), Toy(V)
     mask = torch.arange(L)[None] < torch.randint(3, L + 1, (len(x), 1))
     kw = dict(discrete_steps=discrete, seed=3, t_samples=3)
     one = evaluate_rows(model, kern, SCHED, _batches(x, 12, mask), **kw)
@@ -60,7 +48,7 @@ def test_batched_sum_reduction_equals_single_pass(discrete):
 
 
 def test_se_shrinks_with_more_t_samples():
-    x, kern, model = _data(32), MixedKernel(V, MASK, 0.1), Toy()
+    x, kern, model = _data(32), MixedKernel(V, MASK, 0.1), Toy(V)
     se = [
         evaluate_rows(model, kern, SCHED, _batches(x, 16), t_samples=n).se_nats_per_token
         for n in (1, 16)
@@ -84,7 +72,7 @@ def test_uniform_denoiser_mdlm_reference(method):
 @pytest.mark.parametrize("k", [0.0, 0.1, 1.0])
 def test_discrete_bound_tightens_towards_continuous(k):
     kern = MixedKernel(V, None, 1.0) if k == 1.0 else MixedKernel(V, MASK, k)
-    x, model = _data(48), Toy()
+    x, model = _data(48), Toy(V)
     cont = evaluate_rows(model, kern, SCHED, _batches(x, 48), t_samples=16, method="midpoint")
     d2 = evaluate_rows(model, kern, SCHED, _batches(x, 48), discrete_steps=2)
     d64 = evaluate_rows(model, kern, SCHED, _batches(x, 48), discrete_steps=64)
@@ -138,7 +126,7 @@ def test_evaluate_split_on_prepared_pad_data(tmp_path):
     res = evaluate_split(Toy(man.vocab_size), kern, SCHED, tmp_path / "d", "valid", batch_size=3)
     assert res.tokens == man.splits["valid"].tokens and res.sequences == man.splits["valid"].rows
     with pytest.raises(ValueError, match="vocab_size"):
-        evaluate_split(Toy(), MixedKernel(V, MASK, 0.1), SCHED, tmp_path / "d", "valid")
+        evaluate_split(Toy(V), MixedKernel(V, MASK, 0.1), SCHED, tmp_path / "d", "valid")
 
 
 def test_zero_shot_two_corpora_with_rules(tmp_path):
@@ -157,4 +145,4 @@ def test_zero_shot_two_corpora_with_rules(tmp_path):
         assert res["tokens"] == 48 and res["tokens_available"] > 48  # ⌈40/16⌉ = 3 rows
         assert res["rules"]["mode"] == "wrap" and res["rules"]["bos_id"] == tok.bos_id
     with pytest.raises(ValueError, match="tokenizer has"):
-        zero_shot(Toy(), MixedKernel(V, MASK, 0.1), SCHED, tok, [a], seq_len=16)
+        zero_shot(Toy(V), MixedKernel(V, MASK, 0.1), SCHED, tok, [a], seq_len=16)

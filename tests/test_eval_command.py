@@ -1,0 +1,89 @@
+"""`xdlm eval` end to end with a monkeypatched checkpoint loader, and the sampling sweep."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from eval_toys import WORDS, Toy, tiny_scorer
+
+import xdlm
+from xdlm import MixedKernel, make_schedule
+from xdlm.cli import main
+from xdlm.data import prepare
+from xdlm.eval.sweep import SamplingSetting, plot_sweep, sweep
+
+TEXT = "\n\n".join(" ".join(WORDS[i % 5 :] + WORDS[: i % 5]) for i in range(40))
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    """A prepared dataset and a fake `load_model` returning a toy model on its tokenizer."""
+    (tmp_path / "c.txt").write_text(TEXT)
+    man = prepare([tmp_path / "c.txt"], tmp_path / "data", tokenizer="char", seq_len=16)
+    from xdlm.data import load_tokenizer_dir
+
+    tok = load_tokenizer_dir(tmp_path / "data" / "tokenizer")
+    loaded = SimpleNamespace(
+        model=Toy(man.vocab_size), kernel=MixedKernel(man.vocab_size, man.mask_id, 0.1),
+        schedule=make_schedule("loglinear"), tokenizer=tok, step=7,
+        config=SimpleNamespace(train=SimpleNamespace(t_min=1e-3), data=SimpleNamespace(seq_len=16)),
+        checkpoint=tmp_path / "run" / "checkpoints" / "step_0000007",
+    )  # fmt: skip
+    calls = []
+
+    def fake_load(path, device="cpu", use_ema=True):
+        calls.append(use_ema)
+        return loaded
+
+    monkeypatch.setattr("xdlm.train.checkpoint.load_model", fake_load)
+    monkeypatch.setattr("xdlm.eval.genquality.load_scorer", lambda name, device: tiny_scorer())
+    return tmp_path, calls
+
+
+def test_eval_likelihood_discrete_and_zero_shot(run_dir):
+    tmp, calls = run_dir
+    out = tmp / "e.json"
+    rc = main(["eval", "--ckpt", str(tmp / "run"), "--data", str(tmp / "data"),
+               "--t-samples", "2", "--quadrature", "--discrete-T", "2", "4",
+               "--zero-shot", str(tmp / "c.txt"), "--max-tokens", "32",
+               "--out", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert rc == 0 and calls == [True]
+    assert report["xdlm_version"] == xdlm.__version__ and report["seed"] == 0
+    lik = report["likelihood"]
+    assert lik["settings"]["method"] == "gauss-legendre" and lik["data"] == str(tmp / "data")
+    assert set(lik["discrete"]) == {"2", "4"} and lik["continuous"]["ppl"] > 1
+    corpus = report["zero_shot"]["corpora"][str(tmp / "c.txt")]
+    assert corpus["tokens"] == 32 and corpus["rules"]["mode"] == "wrap"
+
+
+def test_eval_gen_ppl_sweep_writes_table_and_plot(run_dir):
+    tmp, _ = run_dir
+    rc = main(["eval", "--ckpt", str(tmp / "run"), "--gen-ppl", "--steps", "2", "4",
+               "--top-p", "1.0", "0.9", "--num-samples", "3", "--batch-size", "2",
+               "--plot", str(tmp / "p.png"), "--no-ema"])  # fmt: skip
+    report = json.loads((tmp / "run" / "eval.json").read_text())
+    rows = report["generation"]["rows"]
+    assert rc == 0 and report["ema"] is False and len(rows) == 4
+    assert {(r["steps"], r["top_p"]) for r in rows} == {(2, None), (4, None), (2, 0.9), (4, 0.9)}
+    assert all(r["samples"] == 3 and r["nfe"] > 0 and r["gen_ppl"] > 1 for r in rows)
+    assert Path(report["generation"]["plot"]).stat().st_size > 1000
+
+
+def test_eval_without_a_task_is_a_user_error(run_dir, capsys):
+    tmp, _ = run_dir
+    assert main(["eval", "--ckpt", str(tmp / "run")]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
+def test_sweep_cells_are_paired_by_seed(tmp_path):
+    from xdlm.data import load_tokenizer
+
+    tok = load_tokenizer("char", corpus_texts=[TEXT])
+    kern, sched = MixedKernel(tok.vocab_size, tok.mask_id, 0.5), make_schedule("loglinear")
+    kw = dict(steps=[2], settings=[SamplingSetting(1.0, None)], num_samples=2, seq_len=8)
+    a = sweep(Toy(tok.vocab_size), kern, sched, tok, tiny_scorer(), seed=5, **kw)
+    b = sweep(Toy(tok.vocab_size), kern, sched, tok, tiny_scorer(), seed=5, **kw)
+    assert a[0]["gen_ppl"] == b[0]["gen_ppl"] and a[0]["unigram_entropy"] == b[0]["unigram_entropy"]
+    assert plot_sweep(a, tmp_path / "s.png").is_file()
