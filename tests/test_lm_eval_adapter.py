@@ -12,7 +12,7 @@ from hf_fixtures import tiny_config, tiny_tokenizer
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from xdlm.eval.lm_eval_adapter import XDLMHarnessLM, generate_confident  # noqa: E402
+from xdlm.eval.lm_eval_adapter import XDLMHarnessLM  # noqa: E402
 from xdlm.eval.sandbox import pass_at_k, run_sandboxed  # noqa: E402
 from xdlm.models.hf import HFDenoiser  # noqa: E402
 from xdlm.models.hf_data import prepare_tokenizer  # noqa: E402
@@ -57,11 +57,17 @@ def test_generate_until_returns_text_and_stops(harness):
     assert isinstance(text, str) and "\n" not in text
 
 
-def test_generate_confident_keeps_prompt_and_reveals_everything(harness):
-    prompt = torch.tensor([[5, 6, 7], [8, 9, 10]])
-    mask_id = harness.kernel.mask_id
-    out = generate_confident(harness.denoiser, prompt, 7, 3, mask_id, 0.5)
-    assert out.shape == (2, 7) and not (out == mask_id).any()
+@pytest.mark.parametrize("block_length", [None, 4])
+def test_generation_freezes_the_prompt_and_reveals_everything(harness, block_length):
+    prompt = harness._prefix() + harness._encode("It is a truth universally acknowledged")
+    harness.block_length = block_length
+    try:
+        ids = harness.generate_ids(prompt, 8)
+    finally:
+        harness.block_length = None
+    assert ids.shape == (1, len(prompt) + 8)
+    assert ids[0, : len(prompt)].tolist() == prompt
+    assert not (ids == harness.kernel.mask_id).any()
 
 
 def test_simple_evaluate_on_a_local_task(harness, tmp_path):

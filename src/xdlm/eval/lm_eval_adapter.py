@@ -16,13 +16,12 @@ Scores:
 - `loglikelihood_rolling(text)`: the text split into lm_eval's disjoint rolling windows (each
   token predicted once, with as much clean context as fits in `max_length`); the sum of the
   windows' bounds.
-- `generate_until`: `generate_confident` below (greedy confidence-ordered unmasking with the
-  XDLM edit budget, one block), cut at the first stop string.
+- `generate_until`: `xdlm.sampling.generate` with the "confidence" sampler (greedy
+  confidence-ordered unmasking plus the XDLM edit budget ⌊k/(1−k)·N⌋), the prompt fixed, one
+  block unless `block_length` is set (semi-AR), cut at the first stop string.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from lm_eval import utils as lm_utils
@@ -33,42 +32,7 @@ from torch import Tensor
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.objective import diffusion_loss
 from xdlm.core.schedules import make_schedule
-
-
-@torch.no_grad()
-def generate_confident(
-    denoiser, prompt: Tensor, gen_length: int, steps: int, mask_id: int, k: float
-) -> Tensor:
-    """Greedy confidence-ordered unmasking of `gen_length` tokens after prompt (B, P) -> (B, G).
-
-    Step i reveals the n_i masked positions with the highest max-probability (n_i spreads
-    gen_length evenly over `steps`), and revises up to ⌊k/(1−k)·n_i⌋ already-visible generated
-    tokens whose argmax differs, most confident first (the XDLM edit budget). Prompt tokens never
-    change. p_θ(mask) = 0.
-    """
-    B, P = prompt.shape
-    fill = torch.full((B, gen_length), mask_id, dtype=prompt.dtype, device=prompt.device)
-    x = torch.cat([prompt, fill], dim=1)
-    counts = [gen_length // steps + (i < gen_length % steps) for i in range(steps)]
-    rows = torch.arange(B, device=x.device)[:, None]
-    for n in counts:
-        logits = denoiser(x, None).float()
-        logits[..., mask_id] = float("-inf")
-        conf, pred = logits.softmax(-1).max(-1)
-        masked = x == mask_id
-        masked[:, :P] = False
-        if n > 0 and bool(masked.any()):
-            take = torch.where(masked, conf, float("-inf")).topk(n, dim=-1).indices
-            ok = masked[rows, take]
-            x[rows, take] = torch.where(ok, pred[rows, take], x[rows, take])
-        edits = min(math.floor(k / (1.0 - k) * n), gen_length) if k < 1.0 else 0
-        if edits > 0:
-            wrong = ~masked & (pred != x)
-            wrong[:, :P] = False
-            take = torch.where(wrong, conf, float("-inf")).topk(edits, dim=-1).indices
-            ok = wrong[rows, take]
-            x[rows, take] = torch.where(ok, pred[rows, take], x[rows, take])
-    return x[:, P:]
+from xdlm.sampling import fixed_from_template, generate
 
 
 @register_model("xdlm")
@@ -80,7 +44,8 @@ class XDLMHarnessLM(LM):
             None when `denoiser` and `tokenizer` objects are given.
         k: uniform share of the kernel; mask_id: defaults to the tokenizer's mask token.
         mc_samples: t samples per loglikelihood request; max_length: longest scored sequence.
-        gen_length, steps: generation length and number of unmasking steps (paper: 256, 32).
+        gen_length, steps: generation length and number of unmasking steps (paper: 256, 32);
+            block_length: semi-AR block size (None: one block, as in the paper).
         seed: seeds the generator used for the Monte-Carlo estimates.
     """
 
@@ -95,6 +60,7 @@ class XDLMHarnessLM(LM):
         max_length: int = 4096,
         gen_length: int = 256,
         steps: int = 32,
+        block_length: int | None = None,
         device: str = "cpu",
         dtype: str | None = None,
         trust_remote_code: bool = False,
@@ -123,6 +89,7 @@ class XDLMHarnessLM(LM):
         self.schedule = make_schedule("loglinear")
         self.mc_samples, self.max_length = int(mc_samples), int(max_length)
         self.gen_length, self.steps = int(gen_length), int(steps)
+        self.block_length = None if block_length is None else int(block_length)
         self.device_name, self.seed = device, int(seed)
 
     # ------------------------------------------------------------------ scoring
@@ -181,6 +148,19 @@ class XDLMHarnessLM(LM):
 
     # ------------------------------------------------------------------ generation
 
+    @torch.no_grad()
+    def generate_ids(self, prompt: list[int], length: int) -> Tensor:
+        """prompt ‖ `length` generated ids, (1, P + length); the prompt is never changed."""
+        seq_len = len(prompt) + length
+        out = generate(
+            self.denoiser, self.kernel, self.schedule, batch_size=1, seq_len=seq_len,
+            steps=min(self.steps, length), sampler="confidence",
+            generator=torch.Generator(self.device_name).manual_seed(self.seed),
+            fixed=fixed_from_template(prompt, 1, seq_len, self.device_name),
+            block_size=self.block_length, device=self.device_name,
+        )  # fmt: skip
+        return out.tokens
+
     def generate_until(self, requests) -> list[str]:
         """Instances with args (context, {"until": [...], "max_gen_toks": n}) -> texts."""
         results = []
@@ -191,12 +171,8 @@ class XDLMHarnessLM(LM):
             length = int(gen_kwargs.get("max_gen_toks", self.gen_length))
             prompt = self._prefix() + self._encode(context)
             prompt = prompt[-max(self.max_length - length, 1) :]
-            ids = torch.tensor(prompt, device=self.device_name)[None]
-            steps = min(self.steps, length)
-            out = generate_confident(
-                self.denoiser, ids, length, steps, self.kernel.mask_id, self.kernel.k
-            )
-            text = self.tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+            ids = self.generate_ids(prompt, length)[0, len(prompt) :]
+            text = self.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
             for stop in until:
                 text = text.split(stop)[0]
             results.append(text)
