@@ -1,6 +1,6 @@
 """Few-step quality sweep: generate at several step counts T and sampling settings, score each
 cell with `sample_quality`, and draw gen-PPL against unigram entropy (the paper's trade-off plot:
-lower gen-PPL is better only at an entropy close to that of real text, ≈ 5.6 nats for GPT-2
+lower gen-PPL is better only at an entropy close to that of real text, ≈ 5.4–5.6 nats for GPT-2
 tokens at L = 1024).
 
     rows = sweep(model, kernel, schedule, tokenizer, scorer, steps=[4, 8, 16, 32],
