@@ -21,6 +21,7 @@ from xdlm.sampling.steps import (
     final_step,
     time_grid,
 )
+from xdlm.sampling.trace_html import write_trace_html
 from xdlm.sampling.trajectory import Trajectory, TransitionCounts, classify
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "make_sampler",
     "parse_infill",
     "time_grid",
+    "write_trace_html",
 ]

@@ -48,11 +48,24 @@ def top_n(score: Tensor, n: Tensor) -> Tensor:
 class Confidence:
     """Greedy confidence-ordered unmasking with ⌊k/(1−k)·N⌋ argmax edits per step.
 
-    Deterministic (the generator is unused); it reveals every position within the T steps, so the
-    loop applies no final noise-removal step (`uses_final_step = False`).
+    Deterministic (the generator is unused). Like LLaDA it starts from all-[MASK] (not from the
+    XDLM prior, whose uniform-noise tokens a small edit budget could not clean up) and reveals
+    every position within the T steps, so the loop applies no final step.
     """
 
     uses_final_step: bool = False
+
+    def prior(
+        self,
+        kernel: MixedKernel,
+        shape: tuple[int, int],
+        generator: torch.Generator | None,
+        device: str | torch.device,
+    ) -> Tensor:
+        """z_1 = m everywhere."""
+        if kernel.mask_id is None:
+            raise ValueError("the confidence sampler needs a mask state; use 'ancestral' for UDLM")
+        return torch.full(shape, kernel.mask_id, dtype=torch.long, device=device)
 
     def step(
         self,
@@ -63,8 +76,6 @@ class Confidence:
         generator: torch.Generator | None,
         fixed: Fixed,
     ) -> StepOutput:
-        if kernel.mask_id is None:
-            raise ValueError("the confidence sampler needs a mask state; use 'ancestral' for UDLM")
         conf, x_hat = p_x0.max(-1)  # (B, L)
         free = ~fixed.mask.to(z_t.device)
         masked = (z_t == kernel.mask_id) & free

@@ -129,7 +129,7 @@ def generate(
         raise ValueError(f"final must be one of {FINAL_MODES}, got {final!r}")
     sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
     evaluate = _Evaluator(denoiser, class_labels, guidance, cache)
-    z = kernel.sample_prior((batch_size, seq_len), generator, device)
+    z = sampler.prior(kernel, (batch_size, seq_len), generator, device)
     fixed = fixed if fixed is not None else Fixed.none(z)
     z = fixed.pin(z)
     recorder = _Recorder(record, [z])

@@ -94,10 +94,19 @@ class StepOutput:
 class Sampler(Protocol):
     """`step(kernel, p_x0 (B, L, V), z_t (B, L), times, generator, fixed) -> StepOutput`.
 
-    `uses_final_step`: whether the loop applies `final_step` after the T steps.
+    `uses_final_step`: whether the loop applies `final_step` after the T steps;
+    `prior(kernel, shape, generator, device)` draws the starting state z_1 (B, L).
     """
 
     uses_final_step: bool
+
+    def prior(
+        self,
+        kernel: MixedKernel,
+        shape: tuple[int, int],
+        generator: torch.Generator | None,
+        device: str | torch.device,
+    ) -> Tensor: ...
 
     def step(
         self,
@@ -119,6 +128,16 @@ class Ancestral:
     """
 
     uses_final_step: bool = True
+
+    def prior(
+        self,
+        kernel: MixedKernel,
+        shape: tuple[int, int],
+        generator: torch.Generator | None,
+        device: str | torch.device,
+    ) -> Tensor:
+        """z_1 ~ r: the mask with probability 1 − k, else uniform over all V ids."""
+        return kernel.sample_prior(shape, generator, device)
 
     def step(
         self,
@@ -148,6 +167,7 @@ class ReMDM:
     eta: float = 0.01
     strategy: str = "cap"
     uses_final_step: bool = True
+    prior = Ancestral.prior  # z_1 ~ r (all [MASK] at k = 0)
 
     def __post_init__(self) -> None:
         if self.strategy not in ("cap", "rescale"):

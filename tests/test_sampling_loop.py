@@ -1,0 +1,278 @@
+"""`generate`: oracle denoisers, exact marginals, fixed tokens, caching, guidance, semi-AR."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import chi2
+
+from xdlm.core.kernel import MixedKernel
+from xdlm.core.schedules import LogLinear
+from xdlm.models.dit import DiT, DiTConfig
+from xdlm.sampling import ReMDM, edit_budget, fixed_from_template, generate
+
+V, M, L = 7, 6, 6
+SCHED = LogLinear()
+
+
+def _kernel(k: float) -> MixedKernel:
+    return MixedKernel(V - 1, None, 1.0) if k == 1.0 else MixedKernel(V, M, k)
+
+
+class Perfect:
+    """p_θ = one-hot x0 (finite logits), counting calls."""
+
+    def __init__(self, x0: torch.Tensor, vocab: int = V):
+        self.x0, self.vocab, self.calls = x0, vocab, 0
+
+    def __call__(self, z, t, attention_mask=None, cond=None):
+        self.calls += 1
+        return torch.nn.functional.one_hot(self.x0, self.vocab).float().mul(60.0)
+
+
+class Noisy:
+    """Fresh random logits each call (its own generator): tries to change every position."""
+
+    def __init__(self, v: int = V, seed: int = 1):
+        self.g, self.v = torch.Generator().manual_seed(seed), v
+
+    def __call__(self, z, t, attention_mask=None, cond=None):
+        return 3.0 * torch.randn(*z.shape, self.v, generator=self.g)
+
+
+class ProductOracle:
+    """p_θ = π_l (L, V) at every step, whatever z_t. For data x ~ Π_l π_l this makes each
+    reverse step exact: Σ_z f_{α_t}(π, z)·Q_{t|s}(z | e)·f_{α_s}(π, e)/f_{α_t}(π, z) = f_{α_s}(π, e)
+    because p_θ(z_s | z_t) plugs p_θ in for x (xdlm-math.md, "Reverse step")."""
+
+    def __init__(self, pi: torch.Tensor):
+        self.logits = torch.log(pi.clamp_min(1e-30))  # (L, V), π(m) = 0
+
+    def __call__(self, z, t, attention_mask=None, cond=None):
+        return self.logits.expand(z.shape[0], -1, -1)
+
+
+CASES = [  # (sampler, k, extra generate kwargs)
+    ("ancestral", 0.0, {}),
+    ("ancestral", 0.1, {}),
+    ("ancestral", 1.0, {}),
+    ("ancestral", 0.1, {"final": "greedy", "grid": "alpha"}),
+    (ReMDM(eta=0.5), 0.0, {}),
+    (ReMDM(eta=0.5, strategy="rescale"), 0.0, {}),
+    ("confidence", 0.0, {}),
+    ("confidence", 0.1, {}),
+]
+
+
+@pytest.mark.parametrize("sampler,k,kw", CASES)
+def test_perfect_denoiser_reproduces_data(sampler, k, kw):
+    kern = _kernel(k)
+    x0 = torch.randint(
+        kern.vocab_size - (k < 1), (3, L), generator=torch.Generator().manual_seed(5)
+    )
+    out = generate(
+        Perfect(x0, kern.vocab_size),
+        kern,
+        SCHED,
+        batch_size=3,
+        seq_len=L,
+        steps=4,
+        generator=torch.Generator().manual_seed(0),
+        sampler=sampler,
+        **kw,
+    )
+    assert torch.equal(out.tokens, x0)
+
+
+@pytest.mark.parametrize("sampler,k,kw", CASES)
+def test_fixed_tokens_never_change(sampler, k, kw):
+    kern = _kernel(k)
+    fixed = fixed_from_template([1, None, 2, 3, None, None, 4, None, None, None], 4, 10)
+    out = generate(
+        Noisy(kern.vocab_size),
+        kern,
+        SCHED,
+        batch_size=4,
+        seq_len=10,
+        steps=5,
+        generator=torch.Generator().manual_seed(0),
+        sampler=sampler,
+        fixed=fixed,
+        record=True,
+        block_size=4,
+        context_len=6,
+        **kw,
+    )
+    states = out.trajectory.states  # (S + 1, B, L)
+    assert bool((states[:, fixed.mask] == fixed.tokens[fixed.mask]).all())
+    assert bool((out.trajectory.transitions() != 0).any())  # the free positions did move
+
+
+@pytest.mark.parametrize(
+    "k,sampler", [(0.0, "ancestral"), (0.5, "ancestral"), (1.0, "ancestral"), (0.0, ReMDM(eta=0.3))]
+)
+def test_product_distribution_marginals_chi_square(k, sampler):
+    kern = _kernel(k)
+    n_data = kern.vocab_size - (k < 1)
+    g = torch.Generator().manual_seed(11)
+    pi = torch.zeros(4, kern.vocab_size)
+    pi[:, :n_data] = torch.rand(4, n_data, generator=g) + 0.2
+    pi /= pi.sum(-1, keepdim=True)
+    n = 3000
+    out = generate(
+        ProductOracle(pi),
+        kern,
+        SCHED,
+        batch_size=n,
+        seq_len=4,
+        steps=4,
+        generator=torch.Generator().manual_seed(2),
+        sampler=sampler,
+        cache=False,
+    )
+    counts = torch.nn.functional.one_hot(out.tokens, kern.vocab_size).sum(0).double()[:, :n_data]
+    expected = n * pi[:, :n_data].double()
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    assert int(counts.sum()) == 4 * n  # no mask left
+    assert stat < chi2.ppf(1 - 1e-4, 4 * (n_data - 1)), stat
+
+
+def test_edit_budget_respected_per_step():
+    k = 0.5
+    kern = _kernel(k)
+    out = generate(
+        Noisy(),
+        kern,
+        SCHED,
+        batch_size=8,
+        seq_len=24,
+        steps=6,
+        generator=torch.Generator(),
+        sampler="confidence",
+        record=True,
+    )
+    c = out.trajectory.counts()
+    assert bool((c.revised <= edit_budget(k, c.revealed)).all())
+    assert int(c.revised.sum()) > 0 and int(c.remasked.sum()) == 0
+    assert bool((out.tokens != M).all())  # all revealed after T steps
+    per_step = torch.ceil(torch.tensor(24.0) / torch.arange(6, 0, -1))
+    assert c.revealed[0].tolist() == [4] * 8 and int(per_step[0]) == 4
+
+
+@pytest.mark.parametrize("k", [0.0, 0.1])
+def test_cache_skips_calls_exactly_when_unchanged(k):
+    kern = _kernel(k)
+    x0 = torch.randint(V - 1, (2, L), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for cache in (True, False):
+        den = Perfect(x0)
+        runs[cache] = (
+            generate(
+                den,
+                kern,
+                SCHED,
+                batch_size=2,
+                seq_len=L,
+                steps=32,
+                cache=cache,
+                generator=torch.Generator().manual_seed(4),
+                record=True,
+            ),
+            den,
+        )
+    (hot, den_hot), (cold, den_cold) = runs[True], runs[False]
+    assert torch.equal(hot.trajectory.states, cold.trajectory.states)
+    states = hot.trajectory.states[:-1]  # the inputs of the 33 calls (32 steps + final)
+    changed = [not torch.equal(a, b) for a, b in zip(states[:-1], states[1:], strict=True)]
+    assert hot.nfe == den_hot.calls == 1 + sum(changed) < 33
+    assert cold.nfe == den_cold.calls == 33
+
+
+def test_guidance_zero_equals_unguided_and_counts_two_calls():
+    torch.manual_seed(0)
+    model = DiT(DiTConfig.from_preset("tiny", V, num_classes=3, n_layers=1, d_model=32)).eval()
+    labels = torch.tensor([0, 2])
+    common = dict(batch_size=2, seq_len=8, steps=4, sampler="ancestral")
+    guided = generate(
+        model,
+        _kernel(0.1),
+        SCHED,
+        generator=torch.Generator().manual_seed(9),
+        class_labels=labels,
+        guidance=0.0,
+        **common,
+    )
+
+    def conditional(z, t, attention_mask=None, cond=None):
+        return model(z, t, attention_mask, labels)
+
+    plain = generate(
+        conditional, _kernel(0.1), SCHED, generator=torch.Generator().manual_seed(9), **common
+    )
+    assert torch.equal(guided.tokens, plain.tokens) and guided.nfe == plain.nfe
+    cfg = generate(
+        model,
+        _kernel(0.1),
+        SCHED,
+        generator=torch.Generator().manual_seed(9),
+        class_labels=labels,
+        guidance=2.0,
+        cache=False,
+        **common,
+    )
+    assert cfg.nfe == 2 * 5
+
+
+def test_semi_ar_windows_and_finished_blocks_stay():
+    widths = []
+
+    class Spy(Noisy):
+        def __call__(self, z, t, attention_mask=None, cond=None):
+            widths.append(z.shape[1])
+            return super().__call__(z, t)
+
+    out = generate(
+        Spy(),
+        _kernel(0.1),
+        SCHED,
+        batch_size=2,
+        seq_len=20,
+        steps=3,
+        record=True,
+        generator=torch.Generator(),
+        block_size=8,
+        context_len=12,
+    )
+    assert max(widths) <= 12 and out.tokens.shape == (2, 20)
+    states, labels = out.trajectory.states, out.trajectory.labels
+    for b, end in enumerate((8, 16)):
+        last = max(i for i, lab in enumerate(labels) if lab.startswith(f"block {b} "))
+        assert bool((states[last + 1 :, :, :end] == states[last + 1, :, :end]).all())
+    assert math.isfinite(out.wall_time) and out.nfe == len(widths)
+
+
+def test_errors_name_the_fix():
+    with pytest.raises(ValueError, match="final"):
+        generate(
+            Noisy(),
+            _kernel(0.0),
+            SCHED,
+            batch_size=1,
+            seq_len=4,
+            steps=2,
+            generator=None,
+            final="best",
+        )
+    with pytest.raises(ValueError, match="sampler"):
+        generate(
+            Noisy(),
+            _kernel(0.0),
+            SCHED,
+            batch_size=1,
+            seq_len=4,
+            steps=2,
+            generator=None,
+            sampler="beam",
+        )

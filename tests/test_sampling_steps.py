@@ -1,0 +1,151 @@
+"""Step functions, grids, conditioning helpers and trajectory classification (unit level)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xdlm.core.kernel import MixedKernel
+from xdlm.core.schedules import Cosine, LogLinear
+from xdlm.sampling import (
+    Ancestral,
+    Confidence,
+    Fixed,
+    ReMDM,
+    StepTimes,
+    Trajectory,
+    block_windows,
+    edit_budget,
+    final_step,
+    fixed_from_template,
+    parse_infill,
+    time_grid,
+)
+
+V, M = 7, 6
+
+
+def _probs(b: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, n, V, generator=g)
+    logits[..., M] = float("-inf")
+    return logits.softmax(-1)
+
+
+def _times(b: int, at: float, as_: float, left: int = 4) -> StepTimes:
+    return StepTimes(torch.full((b,), at), torch.full((b,), as_), left)
+
+
+def test_remdm_eta0_equals_mdlm_posterior_and_rows_sum_to_one():
+    kern = MixedKernel.mdlm(V, M)
+    z = torch.tensor([[M, 0, M, 3, M]])
+    p = _probs(1, 5)
+    fixed = Fixed.none(z)
+    for eta, strategy in ((0.0, "cap"), (0.3, "cap"), (0.5, "rescale")):
+        out = ReMDM(eta=eta, strategy=strategy).step(kern, p, z, _times(1, 0.3, 0.6), None, fixed)
+        torch.testing.assert_close(out.probs.sum(-1), torch.ones(1, 5))
+        assert bool((out.probs >= 0).all())
+    ref = kern.posterior_probs(p, z, torch.tensor([0.3]), torch.tensor([0.6]))
+    got = ReMDM(eta=0.0).step(kern, p, z, _times(1, 0.3, 0.6), None, fixed).probs
+    torch.testing.assert_close(got, ref)
+
+
+def test_remdm_sigma_cap_and_rescale():
+    at, as_ = torch.tensor([0.5]), torch.tensor([0.8])  # σ_max = 0.2 / 0.5 = 0.4
+    torch.testing.assert_close(ReMDM(eta=0.1).sigma(at, as_), torch.tensor([0.1]))
+    torch.testing.assert_close(ReMDM(eta=0.9).sigma(at, as_), torch.tensor([0.4]))
+    torch.testing.assert_close(ReMDM(0.5, "rescale").sigma(at, as_), torch.tensor([0.2]))
+    with pytest.raises(ValueError, match="k=0"):
+        ReMDM().step(
+            MixedKernel(V, M, 0.1),
+            _probs(1, 2),
+            torch.tensor([[M, 1]]),
+            _times(1, 0.3, 0.6),
+            None,
+            Fixed.none(torch.tensor([[M, 1]])),
+        )
+
+
+def test_final_greedy_is_argmax_at_masks_and_keeps_visible_at_k0():
+    kern = MixedKernel.mdlm(V, M)
+    z = torch.tensor([[M, 2, M, 4]])
+    p = _probs(1, 4, seed=3)
+    out = final_step(kern, p, z, torch.tensor([0.9]), "greedy", None, Fixed.none(z))
+    expect = torch.where(z == M, p.argmax(-1), z)
+    assert torch.equal(out.z_s, expect)
+    anc = final_step(kern, p, z, torch.tensor([0.9]), "ancestral", torch.Generator(), Fixed.none(z))
+    assert bool((anc.z_s != M).all()) and torch.equal(anc.z_s[z != M], z[z != M])
+    assert final_step(kern, p, z, torch.tensor([0.9]), "none", None, Fixed.none(z)).z_s is z
+
+
+def test_ancestral_step_pins_fixed_positions():
+    kern = MixedKernel(V, M, 0.5)
+    z = torch.full((64, 5), M)
+    fixed = Fixed(
+        torch.tensor([True, False, True, False, False]).expand(64, 5), torch.full((64, 5), 2)
+    )
+    out = Ancestral().step(
+        kern, _probs(64, 5), fixed.pin(z), _times(64, 0.2, 0.9), torch.Generator(), fixed
+    )
+    assert bool((out.z_s[:, [0, 2]] == 2).all())
+
+
+def test_confidence_reveals_ceil_and_respects_edit_budget():
+    kern = MixedKernel(V, M, 0.5)  # budget = N
+    z = torch.tensor([[M, M, M, M, M, 0, 0, 0, 0, 0]])
+    p = torch.zeros(1, 10, V)
+    p[..., 1] = torch.linspace(0.9, 0.5, 10)  # argmax 1 everywhere, differs from visible 0
+    p[..., 0] = 1 - p[..., 1]
+    out = Confidence().step(kern, p, z, _times(1, 0.2, 0.5, left=3), None, Fixed.none(z))
+    changed = out.z_s != z
+    assert int(changed[0, :5].sum()) == 2  # ⌈5 / 3⌉ revealed: the two most confident
+    assert changed[0, :2].all() and int(changed[0, 5:].sum()) == 2  # edits: budget ⌊1·2⌋
+    assert changed[0, 5:7].all()  # largest margins p(1) − p(0) first
+
+
+def test_edit_budget_values():
+    n = torch.tensor([0, 1, 8, 9, 10])
+    assert edit_budget(0.0, n).tolist() == [0, 0, 0, 0, 0]
+    assert edit_budget(0.1, n).tolist() == [0, 0, 0, 1, 1]
+    assert edit_budget(0.5, n).tolist() == [0, 1, 8, 9, 10]
+    with pytest.raises(ValueError):
+        edit_budget(1.0, n)
+
+
+def test_time_grids():
+    ts = time_grid(LogLinear(), 4)
+    torch.testing.assert_close(ts, torch.linspace(1, 1e-5, 5, dtype=torch.float64))
+    torch.testing.assert_close(time_grid(LogLinear(), 4, "alpha"), ts)  # α linear in t
+    a = Cosine().alpha(time_grid(Cosine(), 5, "alpha"))
+    torch.testing.assert_close(a.diff(), a.diff()[:1].expand(5), rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match="grid"):
+        time_grid(LogLinear(), 4, "log")
+
+
+def test_templates_infill_and_windows():
+    fx = fixed_from_template([5, None, 7], 2, 5)
+    assert fx.mask.tolist() == [[True, False, True, False, False]] * 2
+    assert fx.tokens[0, 2] == 7
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    assert parse_infill("ab[BLANK]c[BLANK:1]", enc, 2) == [97, 98, None, None, 99, None]
+    with pytest.raises(ValueError, match="BLANK"):
+        parse_infill("no marker", enc, 2)
+    with pytest.raises(ValueError, match="seq_len"):
+        fixed_from_template([1] * 6, 1, 5)
+    wins = [(w.start, w.begin, w.end) for w in block_windows(20, 8, 12)]
+    assert wins == [(0, 0, 8), (4, 8, 16), (8, 16, 20)]
+    with pytest.raises(ValueError, match="block-size"):
+        block_windows(20, None, 12)
+
+
+def test_trajectory_classification_counts():
+    m = 9
+    states = torch.tensor([[m, m, m, m], [1, m, m, 2], [1, 3, 4, m], [5, 3, 4, 6]]).unsqueeze(1)
+    tr = Trajectory(states, ["a", "b", "c"], m)
+    c = tr.counts()
+    assert c.revealed[:, 0].tolist() == [2, 2, 1]
+    assert c.revised[:, 0].tolist() == [0, 0, 1]
+    assert c.remasked[:, 0].tolist() == [0, 1, 0]
+    assert tr.transitions()[2, 0].tolist() == [2, 0, 0, 1]
+    udlm = Trajectory(torch.tensor([[[1, 2]], [[1, 3]]]), ["x"], None)
+    assert udlm.counts().revised.tolist() == [[1]]
