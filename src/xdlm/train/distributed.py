@@ -1,22 +1,38 @@
 """Process-group setup and the one function that applies parallelism to a model.
 
 Nothing else in the library knows it is distributed: the loop asks this module for its rank,
-wraps the model here, and reduces (sum, count) pairs with `all_reduce_sum`.
+wraps the model here (`wrap_model`: DDP, or FSDP2 per transformer block + root, with optional
+activation checkpointing, bf16 mixed precision and CPU offload), reduces (sum, count) pairs with
+`all_reduce_sum`, and gathers per-rank rows (samples, per-sequence NELBOs) with `gather_rows`.
 
-    python -m xdlm train ...                                   # one process (strategy none)
+    python -m xdlm train ...                                           # one process
     torchrun --nproc_per_node 2 -m xdlm train ... --set dist.strategy=ddp
+    torchrun --nproc_per_node 8 -m xdlm train ... --set dist.strategy=fsdp \\
+        --set dist.activation_checkpointing=true --set dist.mixed_precision=true
+    torchrun --nnodes 2 --node_rank R --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        --nproc_per_node 8 -m xdlm train ...            # multi-node: docs/distributed.md
+
+A dead peer makes every collective fail after `XDLM_DIST_TIMEOUT_S` seconds (default 600) instead
+of hanging; torchrun then stops the other ranks and exits non-zero.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from xdlm.config import DistConfig
+
+TIMEOUT_ENV = "XDLM_DIST_TIMEOUT_S"
+STRATEGIES = ("none", "ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -42,7 +58,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def setup_distributed(cfg: DistConfig, device: str) -> DistContext:
-    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU).
+
+    Collectives time out after `XDLM_DIST_TIMEOUT_S` seconds (default 600), so a killed peer
+    ends the job with an error instead of a hang.
+    """
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"unknown dist.strategy {cfg.strategy!r}; choose one of {STRATEGIES}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and cfg.strategy == "none":
         raise ValueError(
@@ -56,12 +78,75 @@ def setup_distributed(cfg: DistConfig, device: str) -> DistContext:
     if not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timeout)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
+# ---------------------------------------------------------------------- wrapping (the one place)
+
+
+def _checkpoint_forward(block: torch.nn.Module) -> None:
+    """Recompute `block`'s activations in backward (non-reentrant `torch.utils.checkpoint`).
+
+    Patches the instance's `forward`, so parameter names (EMA, checkpoints) do not change."""
+    forward = block.forward
+
+    @functools.wraps(forward)
+    def checkpointed(*args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    block.forward = checkpointed
+
+
+def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise ValueError(
+            f"{type(model).__name__} has no `blocks` ModuleList; FSDP and activation "
+            "checkpointing wrap one transformer block at a time (DiT / HFDenoiser have it)"
+        )
+    return blocks
+
+
+def _fully_shard(model: torch.nn.Module, cfg: DistConfig) -> torch.nn.Module:
+    """FSDP2: `fully_shard` every block, then the root (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if cfg.mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    if cfg.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    blocks = _blocks(model)
+    for i, block in enumerate(blocks):
+        # the last block's parameters are needed first in backward: keep them unsharded
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
 def wrap_model(model: torch.nn.Module, cfg: DistConfig, ctx: DistContext) -> torch.nn.Module:
-    """Apply the configured parallelism (DDP for now) to a model already on `ctx.device`."""
+    """Apply the configured parallelism to a model already on `ctx.device`.
+
+    Returns the module to call in training: `model` itself (one process, or FSDP2, which
+    shards `model` in place: its parameters become DTensors, so build the optimizer and EMA
+    after this call), or a DDP wrapper around it. Activation checkpointing applies to every
+    strategy; mixed precision and CPU offload are FSDP2 policies.
+    """
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"unknown dist.strategy {cfg.strategy!r}; choose one of {STRATEGIES}")
+    if (cfg.mixed_precision or cfg.cpu_offload) and cfg.strategy != "fsdp":
+        raise ValueError(
+            "dist.mixed_precision / dist.cpu_offload are FSDP2 policies; set dist.strategy=fsdp "
+            "(for bf16 autocast without FSDP use train.precision=bf16)"
+        )
+    if cfg.activation_checkpointing:
+        for block in _blocks(model):
+            _checkpoint_forward(block)
     if ctx.world_size == 1 or cfg.strategy == "none":
         return model
     if cfg.strategy == "ddp":
@@ -69,23 +154,129 @@ def wrap_model(model: torch.nn.Module, cfg: DistConfig, ctx: DistContext) -> tor
 
         ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         return DDP(model, device_ids=ids)
-    raise ValueError(f"unknown dist.strategy {cfg.strategy!r}; choose none or ddp")
+    return _fully_shard(model, cfg)
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when `model` holds FSDP2-sharded (DTensor) parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
 def no_sync(wrapped: torch.nn.Module, skip: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch (DDP's `no_sync`)."""
-    if skip and hasattr(wrapped, "no_sync"):
-        return wrapped.no_sync()
-    return contextlib.nullcontext()
+    """Skip gradient synchronisation inside this block when `skip` (all micro-batches but the
+    last): DDP's `no_sync()`, FSDP2's `set_requires_gradient_sync(False)`. Put both the forward
+    and the backward inside it."""
+    if skip and is_sharded(wrapped):
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    elif skip and hasattr(wrapped, "no_sync"):
+        with wrapped.no_sync():
+            yield
+    else:
+        yield
 
 
-def all_reduce_sum(x: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> Tensor:
+    """Clip the global gradient norm to `max_norm`; returns the norm before clipping (a plain
+    0-dim tensor, also when the gradients are DTensor shards: their norm is reduced first)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+    return norm
+
+
+# ---------------------------------------------------------------------- collectives
+
+
+def all_reduce_sum(x: Tensor, ctx: DistContext) -> Tensor:
     """Σ over ranks (a new tensor; identity on one process)."""
     if ctx.world_size == 1:
         return x
     x = x.clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def rank_share(n: int, ctx: DistContext) -> int:
+    """This rank's share of `n` items split as evenly as possible (lower ranks get the extra)."""
+    return n // ctx.world_size + int(ctx.rank < n % ctx.world_size)
+
+
+def rank_items(items: Iterable, ctx: DistContext) -> Iterator:
+    """Every `world_size`-th item, starting at `rank` (ranks are disjoint and cover all items)."""
+    for i, item in enumerate(items):
+        if i % ctx.world_size == ctx.rank:
+            yield item
+
+
+def gather_rows(x: Tensor, ctx: DistContext) -> Tensor:
+    """Concatenate `x` (n_r, ...) of every rank along dim 0 in rank order -> (Σ n_r, ...).
+
+    The row counts n_r may differ between ranks; every rank gets the result."""
+    if ctx.world_size == 1:
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(n) for _ in range(ctx.world_size)]
+    dist.all_gather(counts, n)
+    top = int(max(c.item() for c in counts))
+    padded = torch.zeros((top, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts, strict=True)])
+
+
+def gather_samples(generate_fn, num_samples: int, ctx: DistContext) -> Tensor:
+    """Sample `num_samples` sequences split across ranks and gathered (rank order) on all ranks.
+
+    `generate_fn(batch_size) -> LongTensor (batch_size, L)` does the per-rank work, e.g.
+    `lambda b: xdlm.sampling.generate(model, kernel, schedule, batch_size=b, ...).z` with a
+    generator seeded by rank. Returns (num_samples, L)."""
+    return gather_rows(generate_fn(rank_share(num_samples, ctx)), ctx)
+
+
+def gather_objects(obj, ctx: DistContext) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects, e.g. RNG states)."""
+    if ctx.world_size == 1:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_state(states: list[dict], ctx: DistContext) -> dict:
+    """This rank's entry of `gather_objects` output saved by a run of `len(states)` ranks.
+
+    Same world size: the rank's own state (exact resume). Another world size (FSDP checkpoints
+    reshard): rank 0's loader state with its position rescaled so that the same number of rows
+    of the epoch's permutation has been consumed (exact when divisible), and no RNG states (each
+    rank keeps its freshly seeded noise / dropout streams)."""
+    if len(states) == ctx.world_size:
+        return states[ctx.rank]
+    loader = dict(states[0]["loader"])
+    loader["position"] = loader["position"] * len(states) // ctx.world_size
+    if ctx.is_main:
+        print(
+            f"resuming a {len(states)}-process checkpoint on {ctx.world_size} processes: "
+            "data order continues by rows consumed; noise RNG streams restart"
+        )
+    return {"loader": loader}
+
+
+def describe_batch(micro: int, accum: int, strategy: str, ctx: DistContext) -> str:
+    """One line: the global batch = micro × accumulation × world size."""
+    return (
+        f"global batch {micro * accum * ctx.world_size} sequences = micro {micro} x accum {accum} "
+        f"x world {ctx.world_size} (dist.strategy={strategy}, device {ctx.device})"
+    )
 
 
 def barrier(ctx: DistContext) -> None:

@@ -35,7 +35,14 @@ from xdlm.data.loader import ShardedLoader, TokenShards
 from xdlm.data.tokenizers import load_tokenizer_dir
 from xdlm.models.ema import EMA
 from xdlm.train import distributed as D
-from xdlm.train.checkpoint import find_checkpoint, load_train_state, read_meta, save_checkpoint
+from xdlm.train.checkpoint import (
+    find_checkpoint,
+    load_sharded_state,
+    load_train_state,
+    read_meta,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -93,6 +100,9 @@ class Trainer:
         self.kernel = build_kernel(cfg.kernel, self.manifest)
         self.schedule = build_schedule(cfg.kernel)
         self.model = build_model(cfg.model, self.manifest.vocab_size).to(self.ctx.device)
+        self.wrapped = D.wrap_model(self.model, cfg.dist, self.ctx)  # FSDP shards in place
+        if cfg.train.compile:
+            self.wrapped = torch.compile(self.wrapped)
         self.optimizer = build_optimizer(cfg.train, self.model)
         self.ema = EMA(self.model, cfg.train.ema_decay)
         shards = TokenShards(cfg.data.path, "train")
@@ -128,9 +138,6 @@ class Trainer:
             },
         }
         self._prepare_run_dir(resume)
-        self.wrapped = D.wrap_model(self.model, cfg.dist, self.ctx)
-        if cfg.train.compile:
-            self.wrapped = torch.compile(self.wrapped)
 
     # ------------------------------------------------------------------ setup / resume
 
@@ -158,39 +165,50 @@ class Trainer:
                 f"config and data give {self.kernel.spec()}; use the run's own "
                 "config.yaml and data, or start a new --out"
             )
-        state, ema = load_train_state(ckpt, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            self.ema.load_state_dict(ema)
-        self.loader.load_state_dict(state["loader"])
-        self.noise_gen.set_state(state["noise_rng"])
+        if meta.get("sharded"):
+            state = load_sharded_state(ckpt, self.model, self.optimizer, self.ema)
+        else:
+            state, ema = load_train_state(ckpt, self.model)
+            self.optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                self.ema.load_state_dict(ema)
+        mine = D.rank_state(state["ranks"], self.ctx)  # loader, noise and dropout RNG
+        self.loader.load_state_dict(mine["loader"])
+        if "noise_rng" in mine:
+            self.noise_gen.set_state(mine["noise_rng"])
+            torch.set_rng_state(mine["torch_rng"])
         self.time_gen.set_state(state["time_rng"])
-        torch.set_rng_state(state["torch_rng"])
         self.state = _State(**state["progress"])
 
     def save(self) -> Path | None:
-        """Checkpoint the current step (rank 0 writes; the others wait)."""
+        """Checkpoint the current step: rank 0 writes (FSDP: every rank writes its DCP shards);
+        every rank's loader and RNG states are gathered into the one `state.pt`."""
+        mine = {
+            "loader": self.loader.state_dict(),
+            "noise_rng": self.noise_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        train_state = {
+            "ranks": D.gather_objects(mine, self.ctx),
+            "time_rng": self.time_gen.get_state(),
+            "progress": vars(self.state).copy(),
+        }
+        kwargs = dict(
+            ema_state=self.ema.state_dict(), meta=self.meta, keep_last=self.cfg.train.keep_last
+        )
         path = None
-        if self.ctx.is_main:
-            train_state = {
-                "optimizer": self.optimizer.state_dict(),
-                "loader": self.loader.state_dict(),
-                "noise_rng": self.noise_gen.get_state(),
-                "time_rng": self.time_gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "progress": vars(self.state).copy(),
-            }
+        if D.is_sharded(self.model):
+            path = save_sharded_checkpoint(
+                self.run_dir, self.state.step, model=self.model, optimizer=self.optimizer,
+                train_state=train_state, **kwargs,
+            )  # fmt: skip
+        elif self.ctx.is_main:
+            train_state["optimizer"] = self.optimizer.state_dict()
             path = save_checkpoint(
-                self.run_dir,
-                self.state.step,
-                model=self.model,
-                ema_state=self.ema.state_dict(),
-                train_state=train_state,
-                meta=self.meta,
-                keep_last=self.cfg.train.keep_last,
+                self.run_dir, self.state.step, model=self.model, train_state=train_state, **kwargs
             )
         D.barrier(self.ctx)
-        return path
+        return path if self.ctx.is_main else None
 
     # ------------------------------------------------------------------ one step
 
@@ -224,24 +242,22 @@ class Trainer:
                 world_size=cfg.grad_accum * ctx.world_size,
                 generator=self.time_gen,
             )
-            with (
-                D.no_sync(self.wrapped, a < len(batches) - 1),
-                _autocast(cfg.precision, ctx.device),
-            ):
-                out = diffusion_loss(
-                    self.wrapped,
-                    self.kernel,
-                    self.schedule,
-                    x0,
-                    attention_mask=mask,
-                    t=t,
-                    generator=self.noise_gen,
-                    weighting=cfg.weighting,
-                )
-            (out.nats * (ctx.world_size / total_tokens)).backward()
+            with D.no_sync(self.wrapped, a < len(batches) - 1):  # forward and backward
+                with _autocast(cfg.precision, ctx.device):
+                    out = diffusion_loss(
+                        self.wrapped,
+                        self.kernel,
+                        self.schedule,
+                        x0,
+                        attention_mask=mask,
+                        t=t,
+                        generator=self.noise_gen,
+                        weighting=cfg.weighting,
+                    )
+                (out.nats * (ctx.world_size / total_tokens)).backward()
             nats += out.nats.detach()
         mean = (D.all_reduce_sum(nats, ctx) / total_tokens).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        grad_norm = D.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.state.tokens_seen += int(total_tokens.item())
         if not (math.isfinite(mean) and torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -320,6 +336,12 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
+        if self.ctx.is_main:
+            bar.write(
+                D.describe_batch(
+                    self.cfg.data.batch_size, cfg.grad_accum, self.cfg.dist.strategy, self.ctx
+                )
+            )
         t0, tokens0 = time.perf_counter(), self.state.tokens_seen
         elapsed0 = self.state.elapsed
         try:
