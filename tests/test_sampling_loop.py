@@ -86,8 +86,10 @@ def test_perfect_denoiser_reproduces_data(sampler, k, kw):
     assert torch.equal(out.tokens, x0)
 
 
+@pytest.mark.parametrize("block_size", [None, 4])
 @pytest.mark.parametrize("sampler,k,kw", CASES)
-def test_fixed_tokens_never_change(sampler, k, kw):
+def test_fixed_tokens_never_change(sampler, k, kw, block_size):
+    """Infilling template (prefix + inner fixed tokens), with and without semi-AR blocks."""
     kern = _kernel(k)
     fixed = fixed_from_template([1, None, 2, 3, None, None, 4, None, None, None], 4, 10)
     out = generate(
@@ -101,8 +103,8 @@ def test_fixed_tokens_never_change(sampler, k, kw):
         sampler=sampler,
         fixed=fixed,
         record=True,
-        block_size=4,
-        context_len=6,
+        block_size=block_size,
+        context_len=6 if block_size else None,
         **kw,
     )
     states = out.trajectory.states  # (S + 1, B, L)
