@@ -51,7 +51,7 @@ def test_shards_rows(prepared):
     assert rows.tokens[1].tolist() == raw[:32].tolist() and torch.equal(rows[0][0], rows[0][2])
     pad = TokenShards(prepared / "pad", "valid")
     lengths = np.load(prepared / "pad" / "valid.lengths.npy")
-    tokens, mask = pad.rows(torch.arange(len(pad)))
+    tokens, mask, _ = pad.rows(torch.arange(len(pad)))
     assert mask.dtype == torch.bool and mask.sum(1).tolist() == lengths.tolist()
     assert (tokens[~mask] == pad.manifest.pad_id).all()
     assert (tokens[mask] != pad.manifest.pad_id).all()

@@ -92,6 +92,7 @@ class TrainConfig:
     keep_last: int = 2
     max_nan_steps: int = 10
     tensorboard: bool = False
+    cond_drop: float = 0.1  # share of labelled rows trained with the null class (CFG)
 
 
 @dataclass

@@ -11,6 +11,7 @@ Example:
     shards = TokenShards("runs/data/austen-char", "train")
     loader = ShardedLoader(shards, batch_size=32, seed=0, rank=rank, world_size=world)
     batch = loader.next_batch()   # batch.tokens (B, L) int64, batch.attention_mask (B, L) | None
+                                  # batch.labels (B,) int64 | None (labelled data, e.g. images)
 """
 
 from __future__ import annotations
@@ -29,25 +30,29 @@ from xdlm.data.tokenizers import TextTokenizer, load_tokenizer_dir
 
 class Rows(NamedTuple):
     """Rows of a split: tokens LongTensor (n, L); attention_mask BoolTensor (n, L) or None
-    (None in wrap mode, where every position is a real token; True = real token)."""
+    (None in wrap mode, where every position is a real token; True = real token); labels
+    LongTensor (n,) or None (the class of each row when the split has a labels file)."""
 
     tokens: torch.Tensor
     attention_mask: torch.Tensor | None
+    labels: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """One batch: tokens (B, L) int64, attention_mask (B, L) bool or None, its epoch and step
-    (index of the batch within the epoch)."""
+    (index of the batch within the epoch), labels (B,) int64 or None (class of each row)."""
 
     tokens: torch.Tensor
     attention_mask: torch.Tensor | None
     epoch: int
     step: int
+    labels: torch.Tensor | None = None
 
 
 class TokenShards:
-    """Memmap view of `{dir}/{split}.bin`, shape (N, L), plus lengths in pad mode."""
+    """Memmap view of `{dir}/{split}.bin`, shape (N, L), plus lengths in pad mode and labels
+    (N,) when the split has a labels file."""
 
     def __init__(self, directory: str | Path, split: str = "train"):
         self.directory = Path(directory)
@@ -66,6 +71,9 @@ class TokenShards:
         self._lengths = None
         if info.lengths_file is not None:
             self._lengths = np.load(self.directory / info.lengths_file)
+        self._labels = None
+        if info.labels_file is not None:
+            self._labels = np.load(self.directory / info.labels_file)
 
     @property
     def seq_len(self) -> int:
@@ -83,16 +91,20 @@ class TokenShards:
         return load_tokenizer_dir(self.directory / "tokenizer")
 
     def rows(self, idx: Sequence[int] | np.ndarray | torch.Tensor) -> Rows:
-        """Gather rows `idx` (n,) -> Rows(tokens (n, L) int64, attention_mask (n, L) | None)."""
+        """Gather rows `idx` (n,) -> Rows(tokens (n, L) int64, attention_mask (n, L) | None,
+        labels (n,) int64 | None)."""
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"row index out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
         tokens = torch.from_numpy(self._tokens[idx].astype(np.int64))
+        labels = None
+        if self._labels is not None:
+            labels = torch.from_numpy(self._labels[idx].astype(np.int64))
         if self._lengths is None:
-            return Rows(tokens, None)
+            return Rows(tokens, None, labels)
         lengths = torch.from_numpy(self._lengths[idx])
         mask = torch.arange(self.seq_len)[None, :] < lengths[:, None]
-        return Rows(tokens, mask)
+        return Rows(tokens, mask, labels)
 
 
 class ShardedLoader:
@@ -150,7 +162,7 @@ class ShardedLoader:
         start = self.position * self.batch_size
         idx = self._rank_order()[start : start + self.batch_size]
         rows = self.shards.rows(idx)
-        batch = Batch(rows.tokens, rows.attention_mask, self.epoch, self.position)
+        batch = Batch(rows.tokens, rows.attention_mask, self.epoch, self.position, rows.labels)
         self.position += 1
         return batch
 

@@ -5,6 +5,9 @@ A prepared directory holds:
   tokenizer/           the saved `TextTokenizer` (`load_tokenizer_dir`)
   {split}.bin          raw row-major memmap, shape (rows, seq_len), dtype `manifest.dtype`
   {split}.lengths.npy  (pad mode only) int64 (rows,), real tokens per row; the rest is pad_id
+  {split}.labels.npy   (labelled data, e.g. images) int64 (rows,), the class of each row
+Image-token datasets (`xdlm.data.images`) have no tokenizer/ directory, `pad_id`, `bos_id` and
+`eos_id` None, and `image` = {"kind", "height", "width", "levels", "num_classes"}.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class SplitInfo:
     documents: int
     sha256: str
     lengths_file: str | None = None
+    labels_file: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +43,9 @@ class Manifest:
     tokenizer: dict
     vocab_size: int
     mask_id: int
-    pad_id: int
-    bos_id: int
-    eos_id: int
+    pad_id: int | None
+    bos_id: int | None
+    eos_id: int | None
     seq_len: int
     mode: str
     dtype: str
@@ -50,6 +54,7 @@ class Manifest:
     seed: int
     library_version: str
     format_version: int = FORMAT_VERSION
+    image: dict | None = None
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

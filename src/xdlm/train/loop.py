@@ -7,6 +7,10 @@
 Per optimizer step: `grad_accum` micro-batches per process; t is stratified over the global batch
 (micro × accum × world); each micro-batch's loss is Σ nats / (global real tokens), so the gradient
 is that of the global mean NELBO per token however the batch is split.
+
+Labelled data (e.g. image tokens, `xdlm.data.images`) with `model.num_classes > 0` trains a
+class-conditional denoiser: each row's label is replaced by the null class `num_classes` with
+probability `train.cond_drop` (classifier-free guidance needs the unconditional model too).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from xdlm.builders import (
     lr_at,
 )
 from xdlm.config import XDLMConfig, save_config
+from xdlm.core.fused import fused_diffusion_loss
 from xdlm.core.objective import diffusion_loss, sample_times
 from xdlm.core.schedules import schedule_spec
 from xdlm.data.loader import ShardedLoader, TokenShards
@@ -99,6 +104,7 @@ class Trainer:
             )
         self.kernel = build_kernel(cfg.kernel, self.manifest)
         self.schedule = build_schedule(cfg.kernel)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and run
         self.model = build_model(cfg.model, self.manifest.vocab_size).to(self.ctx.device)
         self.wrapped = D.wrap_model(self.model, cfg.dist, self.ctx)  # FSDP shards in place
         if cfg.train.compile:
@@ -125,7 +131,7 @@ class Trainer:
         dev = self.ctx.device
         self.noise_gen = torch.Generator(dev).manual_seed(cfg.train.seed * 7919 + self.ctx.rank)
         self.time_gen = torch.Generator(dev).manual_seed(cfg.train.seed)  # same on every rank
-        torch.manual_seed(cfg.train.seed + self.ctx.rank)  # dropout
+        torch.manual_seed(cfg.train.seed + 1 + self.ctx.rank)  # dropout differs across ranks
         self.state = _State()
         self.meta = {
             "kernel": self.kernel.spec(),
@@ -138,6 +144,14 @@ class Trainer:
             },
         }
         self._prepare_run_dir(resume)
+        self.loss_fn = diffusion_loss
+        if cfg.train.fused_loss:  # the loss fused into the output head: no (B, L, V) logits
+            if self.wrapped is not self.model or D.is_sharded(self.model):
+                raise ValueError(
+                    "train.fused_loss needs dist.strategy=none and compile=false "
+                    "(it calls model.hidden, bypassing the wrapper's forward)"
+                )
+            self.loss_fn = fused_diffusion_loss
 
     # ------------------------------------------------------------------ setup / resume
 
@@ -153,9 +167,9 @@ class Trainer:
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
-            tok = self.run_dir / "tokenizer"
-            if not tok.is_dir():
-                load_tokenizer_dir(Path(self.cfg.data.path) / "tokenizer").save(tok)
+            tok, data_tok = self.run_dir / "tokenizer", Path(self.cfg.data.path) / "tokenizer"
+            if not tok.is_dir() and data_tok.is_dir():  # image-token data has no tokenizer
+                load_tokenizer_dir(data_tok).save(tok)
 
     def _resume(self, ckpt: Path) -> None:
         meta = read_meta(ckpt)
@@ -212,6 +226,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
+    def _cond(self, labels: torch.Tensor | None, drop: float) -> torch.Tensor | None:
+        """Class ids (B,) for the denoiser, each replaced by the null class with prob. `drop`;
+        None for an unconditional model."""
+        n = self.cfg.model.num_classes
+        if n == 0:
+            return None
+        if labels is None:
+            raise ValueError(
+                f"model.num_classes={n} but {self.cfg.data.path} has no labels; prepare "
+                "labelled data (xdlm images prepare) or set model.num_classes=0"
+            )
+        labels = labels.to(self.ctx.device)
+        if int(labels.max()) >= n or int(labels.min()) < 0:
+            raise ValueError(f"labels must be in [0, model.num_classes={n}), got {labels.max()}")
+        if drop <= 0:
+            return labels
+        null = torch.rand(labels.shape, generator=self.noise_gen, device=labels.device) < drop
+        return torch.where(null, torch.full_like(labels, n), labels)
+
     def _micro_batches(self):
         batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
         count = sum(
@@ -244,7 +277,7 @@ class Trainer:
             )
             with D.no_sync(self.wrapped, a < len(batches) - 1):  # forward and backward
                 with _autocast(cfg.precision, ctx.device):
-                    out = diffusion_loss(
+                    out = self.loss_fn(
                         self.wrapped,
                         self.kernel,
                         self.schedule,
@@ -253,6 +286,7 @@ class Trainer:
                         t=t,
                         generator=self.noise_gen,
                         weighting=cfg.weighting,
+                        cond=self._cond(batch.labels, cfg.cond_drop),
                     )
                 (out.nats * (ctx.world_size / total_tokens)).backward()
             nats += out.nats.detach()
@@ -306,6 +340,7 @@ class Trainer:
                     generator=gen,
                     attention_mask=None if mask is None else mask.to(nats.device),
                     t_min=self.cfg.train.t_min,
+                    cond=self._cond(batch.labels, 0.0),
                 )
                 nats += out.nats
                 tokens += out.tokens
