@@ -28,7 +28,7 @@ from xdlm.core.kernel import MixedKernel
 from xdlm.core.objective import LossOutput, corrupt_batch, reduce_loss
 from xdlm.core.schedules import Schedule
 
-CHUNK_ELEMENTS = 1 << 24  # default chunk: about 16M logits (64 MB in float32) per chunk
+CHUNK_ELEMENTS = 1 << 22  # default chunk: about 4M logits (16 MB in float32) per chunk
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -72,7 +72,7 @@ class _FusedNelbo(torch.autograd.Function):
             if need_h:
                 grad_h[s:e] = g @ weight.to(g.dtype)
             if need_w:
-                grad_w.add_(g.mT @ h[s:e].to(g.dtype))
+                grad_w.addmm_(g.mT.to(grad_w.dtype), h[s:e].to(grad_w.dtype))
             if need_b:
                 grad_b.add_(g.sum(0))
         return grad_h, grad_w, grad_b, None, None, None, None, None, None

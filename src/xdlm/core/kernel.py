@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xdlm.core.logit_stats import logit_stats
+
 
 @dataclass(frozen=True)
 class PosteriorCoefficients:
@@ -120,7 +122,9 @@ class MixedKernel:
     def posterior_probs(
         self, x0_probs: Tensor, z_t: Tensor, alpha_t: Tensor, alpha_s: Tensor
     ) -> Tensor:
-        """p_θ(z_s | z_t) = Σ_x q(z_s | z_t, x) with x ~ p_θ, closed form. (B, L, V) -> (B, L, V).
+        """p_θ(z_s = e | z_t) ∝ Q_{t|s}(z_t | e)·f_{α_s}(p_θ, e): Bayes with x replaced by p_θ.
+
+        Closed form, (B, L, V) -> (B, L, V); the normaliser is f_{α_t}(p_θ, z_t) (docs/math.md §3).
 
         `x0_probs` is p_θ (B, L, V) with p_θ(m) = 0; α_s ≥ α_t, both (B,). α_s = 1 is the
         final noise-removal step. Masked z = m:
@@ -220,13 +224,13 @@ class MixedKernel:
 
     def _nelbo(self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha: Tensor, dalpha: Tensor):
         """ℓ for logits (..., V), x0, z_t (...) and α, α' broadcastable to x0."""
-        logp = self.log_probs(logits)
-        lp_x = logp.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
-        a, w = alpha.to(lp_x), -dalpha.to(lp_x)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        a, w = alpha.to(dtype).expand(x0.shape), -dalpha.to(dtype).expand(x0.shape)
+        c = _Gterms.offset(self, a) if self.k > 0 else None
+        lp_x, lp_z, sp = logit_stats(logits, x0, z_t, c, self.mask_id)
         if self.k == 0.0:
             return torch.where(self._is_mask(z_t), w / (1.0 - a) * -lp_x, torch.zeros_like(lp_x))
-        lp_z = logp.gather(-1, z_t.unsqueeze(-1)).squeeze(-1)
-        g = _Gterms(self, logp, lp_x, lp_z, x0, z_t, a)
+        g = _Gterms(self, sp, lp_x, lp_z, x0, z_t, a)
         t1 = (g.is_x.to(lp_x) - lp_z.exp()) * torch.exp(-g.log_fp_z)
         inner = t1 - (g.log_fx_z - g.log_fp_z) / a + (g.log_fx_x - g.log_fp_x)
         inner = inner + self.k * (1.0 - a) / a * g.gbar
@@ -253,8 +257,10 @@ class MixedKernel:
         final = as_ >= 1.0
         as_safe = torch.where(final, torch.full_like(as_, 0.5), as_)
         delta = as_safe - at
-        t = _Gterms(self, logp, lp_x, lp_z, x0, z_t, at)
-        s = _Gterms(self, logp, lp_x, lp_z, x0, z_t, as_safe)
+        t, s = (
+            _Gterms(self, _softplus_sum(self, logp, a), lp_x, lp_z, x0, z_t, a)
+            for a in (at, as_safe)
+        )
         r_z = t.log_r_z.exp()
         dg = torch.log1p(delta * (t.is_x.to(lp_x) - r_z) * torch.exp(-t.log_fx_z)) - torch.log1p(
             delta * (lp_z.exp() - r_z) * torch.exp(-t.log_fp_z)
@@ -343,14 +349,14 @@ class _Gterms:
     """The gathered log-quantities of the KL/NELBO at one α (all (B, L)).
 
     log f_α(x, z), log f_α(p_θ, z), log f_α(x, x), log f_α(p_θ, x), log r(z), ρ_α(z) and
-    ḡ_α = (1/V)·[softplus(c) − Σ_e softplus(log p_θ(e) + c)], c = log(V·α/(k·β)), which is
-    (1/V)·Σ_{e≠m} g_α(e) written without cancelling V large logs.
+    ḡ_α = (1/V)·[softplus(c) − S], S = Σ_e softplus(log p_θ(e) + c), c = log(V·α/(k·β)), which
+    is (1/V)·Σ_{e≠m} g_α(e) written without cancelling V large logs. `sp` is S (None if k = 0).
     """
 
     def __init__(
         self,
         kern: MixedKernel,
-        logp: Tensor,
+        sp: Tensor | None,
         lp_x: Tensor,
         lp_z: Tensor,
         x0: Tensor,
@@ -368,8 +374,17 @@ class _Gterms:
         self.log_fp_x = torch.logaddexp(torch.log(a) + lp_x, torch.log(b * k / V))
         self.rho = torch.exp(self.log_r_z - self.log_fx_z)
         if k > 0:
-            c = torch.log(V * a) - torch.log(k * b)  # (B, 1)
-            self.gbar = (F.softplus(c) - F.softplus(logp + c.unsqueeze(-1)).sum(-1)) / V
+            self.gbar = (F.softplus(self.offset(kern, a)) - sp) / V
+
+    @staticmethod
+    def offset(kern: MixedKernel, a: Tensor) -> Tensor:
+        """c = log(V·α) − log(k·β), the softplus offset of ḡ_α."""
+        return torch.log(kern.vocab_size * a) - torch.log(kern.k * (1.0 - a))
+
+
+def _softplus_sum(kern: MixedKernel, logp: Tensor, a: Tensor) -> Tensor | None:
+    """S = Σ_e softplus(log p_θ(e) + c) for log p_θ (B, L, V), α (B, 1); None when k = 0."""
+    return F.softplus(logp + _Gterms.offset(kern, a).unsqueeze(-1)).sum(-1) if kern.k > 0 else None
 
 
 def _expand(alpha: Tensor, ndim: int) -> Tensor:

@@ -1,0 +1,55 @@
+"""Timing, matmul peak and result-file helpers shared by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Minimum wall time (s) of `repeats` calls: the least-disturbed run on a shared machine."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def interleaved_times(cases: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best time per case, with the cases interleaved so that load changes hit all alike."""
+    best = {name: float("inf") for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            best[name] = min(best[name], best_time(fn, 1))
+    return best
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+    """Measured GFLOP/s of an n×n×n matmul in `dtype` (2·n³ FLOPs): the MFU denominator."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm up
+    return 2 * n**3 / best_time(lambda: a @ b, repeats) / 1e9
+
+
+def machine() -> dict:
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def save(name: str, data: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1))
+    return path
