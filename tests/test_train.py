@@ -190,3 +190,14 @@ def test_cli_prepare_and_train(corpus, tmp_path, capsys):
     assert rc == 0 and (tmp_path / "run" / "config.yaml").is_file()
     assert cli_main(["train", "--out", str(tmp_path / "x"), "--set", "bogus.key=1"]) == 2
     assert "unknown config key 'bogus'" in capsys.readouterr().err
+
+
+def test_fused_loss_trains_like_the_unfused_loss(corpus, tmp_path):
+    plain = train(tiny_cfg(corpus, tmp_path / "data", "train.steps=3"), tmp_path / "plain")
+    fused = train(
+        tiny_cfg(corpus, tmp_path / "data", "train.steps=3", "train.fused_loss=true"),
+        tmp_path / "fused",
+    )
+    la, lb = losses(tmp_path / "plain"), losses(tmp_path / "fused")
+    assert [la[s] for s in (1, 2, 3)] == pytest.approx([lb[s] for s in (1, 2, 3)], rel=1e-5)
+    assert plain.step == fused.step == 3
