@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from xdlm.core.categorical import denoiser_probs, sample_categorical
+from xdlm.core.fused import sample_posterior
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Schedule
 
@@ -121,10 +122,11 @@ class Sampler(Protocol):
 
 @dataclass(frozen=True)
 class Ancestral:
-    """z_s ~ p_θ(z_s | z_t) = Σ_x q(z_s | z_t, x)·p_θ(x | z_t): reveal, revise and re-mask.
+    """z_s ~ p_θ(z_s | z_t) ∝ Q_{t|s}(z_t | z_s)·f_{α_s}(p_θ, z_s): reveal, revise and re-mask.
 
-    The closed form is in `MixedKernel.posterior_probs`; the draw is an inverse-CDF in float64
-    (`sample_categorical`), so no zero-probability state (e.g. m when α_s = 1) is ever drawn.
+    The closed form is `MixedKernel.posterior_probs`; the draw is the lean exact sampler
+    `xdlm.core.fused.sample_posterior` (route per position, float64 inverse CDF only on the rows
+    that draw from p_θ, no (B, L, V) temporaries), so no zero-probability state is ever drawn.
     """
 
     uses_final_step: bool = True
@@ -148,8 +150,8 @@ class Ancestral:
         generator: torch.Generator | None,
         fixed: Fixed,
     ) -> StepOutput:
-        probs = kernel.posterior_probs(p_x0, z_t, times.alpha_t, times.alpha_s)
-        return StepOutput(fixed.pin(sample_categorical(probs, generator)), probs)
+        z_s = sample_posterior(kernel, p_x0, z_t, times.alpha_t, times.alpha_s, generator)
+        return StepOutput(fixed.pin(z_s), None)
 
 
 @dataclass(frozen=True)
