@@ -1,4 +1,5 @@
 import gzip
+import json
 
 import pytest
 
@@ -133,3 +134,19 @@ def test_errors_name_the_problem(tmp_path):
         load_tokenizer("bert-base-uncased", tmp_path)
     with pytest.raises(FileNotFoundError, match="TextTokenizer.save"):
         load_tokenizer_dir(tmp_path)
+
+
+def test_hf_kind_keeps_distinct_specials(shared_data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    g = shared_data / "tokenizers" / "gpt2"
+    merges = (g / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
+    vocab = json.loads((g / "encoder.json").read_text(encoding="utf-8"))
+    hf = transformers.GPT2TokenizerFast(vocab=vocab, merges=[tuple(m.split()) for m in merges if m])
+    hf.save_pretrained(tmp_path / "hf")
+    tok = load_tokenizer("hf", tmp_path / "hf")
+    assert tok.encode("Hello world") == [15496, 995]
+    ids = tok.special_ids
+    assert len(set(ids.values())) == 4 and ids["eos"] == 50256  # <|endoftext|> is EOS only
+    assert tok.decode(tok.encode("Hello world") + [tok.mask_id]) == "Hello world"
+    with pytest.raises(ValueError, match="needs source"):
+        load_tokenizer("hf")

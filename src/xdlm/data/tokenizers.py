@@ -14,6 +14,9 @@ Builders (`load_tokenizer(kind, ...)`):
     BERT lowercasing, or a hub name. [CLS] is BOS, [SEP] is EOS, [PAD], [MASK] as in BERT.
   - `char`: one id per character of the corpus (sorted, deterministic) + [UNK] and specials.
   - `bpe`: byte-level BPE trained on the corpus with `vocab_size` total ids (specials included).
+  - `hf`: any fast tokenizer `transformers.AutoTokenizer` loads (local dir or hub name, e.g.
+    GSAI-ML/LLaDA-8B-Base); its own mask/pad/bos/eos tokens are kept where they exist and are
+    distinct (LLaDA's mask is `<|mdm_mask|>`), the missing ones are appended.
 
 `TextTokenizer.save(dir)` writes `tokenizer.json` + `xdlm_tokenizer.json`; `load_tokenizer_dir`
 rebuilds it from that directory alone.
@@ -28,7 +31,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.trainers import BpeTrainer
 
-KINDS = ("gpt2", "bert-base-uncased", "wordpiece", "char", "bpe")
+KINDS = ("gpt2", "bert-base-uncased", "wordpiece", "char", "bpe", "hf")
 _ROLES = ("bos", "eos", "pad", "mask")
 _META_FILE = "xdlm_tokenizer.json"
 _HF_FILE = "tokenizer.json"
@@ -134,6 +137,10 @@ def load_tokenizer(
         if kind == "wordpiece" and source is None:
             raise ValueError("kind 'wordpiece' needs source=<vocab.txt or its dir or hub name>")
         return _wordpiece(kind, source or "bert-base-uncased")
+    if kind == "hf":
+        if source is None:
+            raise ValueError("tokenizer kind 'hf' needs source=<local dir or hub name>")
+        return _hf(source)
     if kind in ("char", "bpe"):
         if not corpus_texts:
             raise ValueError(f"tokenizer kind {kind!r} needs corpus_texts to build its vocabulary")
@@ -179,6 +186,32 @@ def _wordpiece(kind: str, source: str | Path) -> TextTokenizer:
     specials = {"bos": "[CLS]", "eos": "[SEP]", "pad": "[PAD]", "mask": "[MASK]"}
     _add_specials(tok, specials)
     return TextTokenizer(tok, specials, {"kind": kind, "source": str(source)})
+
+
+_HF_MASK_NAMES = ("<|mdm_mask|>", "[MASK]", "<mask>")
+
+
+def _hf(source: str | Path) -> TextTokenizer:
+    """A transformers fast tokenizer's backend with four distinct special tokens."""
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(str(source))
+    except Exception as err:  # network / missing files come in many types
+        raise ValueError(
+            f"could not load tokenizer {str(source)!r} with AutoTokenizer ({err}); "
+            "pass a local directory saved with save_pretrained"
+        ) from err
+    if not getattr(hf, "is_fast", False):
+        raise ValueError(f"tokenizer {source!r} has no fast (tokenizers) backend; convert it first")
+    tok = hf.backend_tokenizer
+    vocab = tok.get_vocab(with_added_tokens=True)
+    mask = hf.mask_token or next((t for t in _HF_MASK_NAMES if t in vocab), "[MASK]")
+    specials = {"mask": mask, "eos": hf.eos_token or "[EOS]"}
+    specials["bos"] = hf.bos_token if hf.bos_token not in (None, *specials.values()) else "[BOS]"
+    specials["pad"] = hf.pad_token if hf.pad_token not in (None, *specials.values()) else "[PAD]"
+    _add_specials(tok, specials)
+    return TextTokenizer(tok, specials, {"kind": "hf", "source": str(source)})
 
 
 def _from_hub(name: str, kind: str) -> Tokenizer:
