@@ -279,6 +279,31 @@ def describe_batch(micro: int, accum: int, strategy: str, ctx: DistContext) -> s
     )
 
 
+def evaluate_rows_distributed(denoiser, kernel, schedule, batches, ctx: DistContext, **kwargs):
+    """`xdlm.eval.likelihood.evaluate_rows` with the batches split across ranks (batch i on rank
+    i mod W) and the per-sequence bounds gathered before `summarize`: the same result, error
+    bars included, as one process (each sequence's noise is seeded by its row id). `kwargs` as
+    in `evaluate_rows` (discrete_steps, seed, t_samples, method, t_min)."""
+    from xdlm.eval import likelihood as lk
+
+    steps = kwargs.pop("discrete_steps", None)
+    device = next(iter(denoiser.parameters())).device
+    nats, tokens = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.int64)]
+    for row_ids, rows in rank_items(batches, ctx):
+        x0 = rows.tokens.to(device)
+        mask = None if rows.attention_mask is None else rows.attention_mask.to(device)
+        args = (denoiser, kernel, schedule, x0, mask, row_ids)
+        seq = (
+            lk.sequence_nelbo(*args, **kwargs)
+            if steps is None
+            else lk.sequence_discrete_nelbo(*args, steps=steps, seed=kwargs.get("seed", 0))
+        )
+        nats.append(seq.nats)
+        tokens.append(seq.tokens)
+    nats = gather_rows(torch.cat(nats).to(device), ctx).cpu()
+    return lk.summarize(nats, gather_rows(torch.cat(tokens).to(device), ctx).cpu())
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.world_size > 1:
         dist.barrier()
