@@ -201,3 +201,12 @@ def test_fused_loss_trains_like_the_unfused_loss(corpus, tmp_path):
     la, lb = losses(tmp_path / "plain"), losses(tmp_path / "fused")
     assert [la[s] for s in (1, 2, 3)] == pytest.approx([lb[s] for s in (1, 2, 3)], rel=1e-5)
     assert plain.step == fused.step == 3
+
+
+def test_ema_can_be_turned_off(corpus, tmp_path):
+    result = train(
+        tiny_cfg(corpus, tmp_path / "data", "train.ema_decay=0", "train.steps=3"), tmp_path / "run"
+    )
+    assert result.step == 3 and result.valid is not None
+    assert not (find_checkpoint(tmp_path / "run") / "ema.safetensors").exists()
+    assert load_model(tmp_path / "run").step == 3

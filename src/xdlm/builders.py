@@ -50,13 +50,26 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
     raise ValueError(f"unknown model.backbone {cfg.backbone!r}; choose 'dit' or 'hf'")
 
 
-def build_kernel(cfg: KernelConfig, manifest: Manifest) -> MixedKernel:
-    """MixedKernel over the dataset's vocabulary (mask id from the manifest)."""
+def output_size(model: torch.nn.Module) -> int:
+    """V: the number of logits the denoiser outputs per position (its output head's rows)."""
+    return int(model.output_head.weight.shape[0])
+
+
+def build_kernel(
+    cfg: KernelConfig, manifest: Manifest, vocab_size: int | None = None
+) -> MixedKernel:
+    """MixedKernel over V = `vocab_size` (default: the dataset's), mask id from the manifest."""
+    V = vocab_size or manifest.vocab_size
+    if V < manifest.vocab_size:
+        raise ValueError(
+            f"the model outputs {V} logits but the data has vocab_size="
+            f"{manifest.vocab_size}; build the model for the data's vocabulary"
+        )
     if not cfg.use_mask:
         if cfg.k != 1.0:
             raise ValueError(f"kernel.use_mask=false needs kernel.k=1 (pure UDLM), got k={cfg.k}")
-        return MixedKernel.udlm(manifest.vocab_size)
-    return MixedKernel(manifest.vocab_size, manifest.mask_id, float(cfg.k))
+        return MixedKernel.udlm(V)
+    return MixedKernel(V, manifest.mask_id, float(cfg.k))
 
 
 def build_schedule(cfg: KernelConfig) -> Schedule:

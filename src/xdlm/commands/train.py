@@ -52,7 +52,7 @@ def run(args) -> int:
         )
     if result.interrupted:
         return 130
-    if not args.no_samples and cfg.sample.num_samples > 0 and _is_main():
+    if not args.no_samples and cfg.sample.num_samples > 0:
         _print_samples(args.out, cfg)
     return 0
 

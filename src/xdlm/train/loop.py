@@ -15,6 +15,7 @@ probability `train.cond_drop` (classifier-free guidance needs the unconditional 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -31,6 +32,7 @@ from xdlm.builders import (
     build_schedule,
     ensure_dataset,
     lr_at,
+    output_size,
 )
 from xdlm.config import XDLMConfig, save_config
 from xdlm.core.fused import fused_diffusion_loss
@@ -102,15 +104,17 @@ class Trainer:
                 f"with seq_len={self.manifest.seq_len}; set data.seq_len="
                 f"{self.manifest.seq_len} or prepare the data again"
             )
-        self.kernel = build_kernel(cfg.kernel, self.manifest)
-        self.schedule = build_schedule(cfg.kernel)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and run
         self.model = build_model(cfg.model, self.manifest.vocab_size).to(self.ctx.device)
+        # V is the model's output size: an HF head (LLaDA: 126,464) may exceed the tokenizer.
+        self.kernel = build_kernel(cfg.kernel, self.manifest, output_size(self.model))
+        self.schedule = build_schedule(cfg.kernel)
         self.wrapped = D.wrap_model(self.model, cfg.dist, self.ctx)  # FSDP shards in place
         if cfg.train.compile:
             self.wrapped = torch.compile(self.wrapped)
         self.optimizer = build_optimizer(cfg.train, self.model)
-        self.ema = EMA(self.model, cfg.train.ema_decay)
+        # EMA weights (used for validation and sampling); ema_decay=0 turns them off (8B models).
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
         shards = TokenShards(cfg.data.path, "train")
         if len(shards) < cfg.data.batch_size * self.ctx.world_size:
             raise ValueError(
@@ -184,7 +188,7 @@ class Trainer:
         else:
             state, ema = load_train_state(ckpt, self.model)
             self.optimizer.load_state_dict(state["optimizer"])
-            if ema is not None:
+            if ema is not None and self.ema is not None:
                 self.ema.load_state_dict(ema)
         mine = D.rank_state(state["ranks"], self.ctx)  # loader, noise and dropout RNG
         self.loader.load_state_dict(mine["loader"])
@@ -208,7 +212,9 @@ class Trainer:
             "progress": vars(self.state).copy(),
         }
         kwargs = dict(
-            ema_state=self.ema.state_dict(), meta=self.meta, keep_last=self.cfg.train.keep_last
+            ema_state=self.ema.state_dict() if self.ema else None,
+            meta=self.meta,
+            keep_last=self.cfg.train.keep_last,
         )
         path = None
         if D.is_sharded(self.model):
@@ -306,7 +312,8 @@ class Trainer:
             return None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.state.step += 1
         self.last_grad_norm = float(grad_norm)
         return mean
@@ -329,7 +336,7 @@ class Trainer:
         nats = torch.zeros((), device=self.ctx.device)
         tokens = torch.zeros((), device=self.ctx.device)
         self.model.eval()
-        with self.ema.swapped(self.model):
+        with self.ema.swapped(self.model) if self.ema else contextlib.nullcontext():
             for _, batch in zip(range(self.cfg.train.eval_batches), loader, strict=False):
                 mask = batch.attention_mask
                 out = diffusion_loss(
