@@ -210,3 +210,11 @@ def test_ema_can_be_turned_off(corpus, tmp_path):
     assert result.step == 3 and result.valid is not None
     assert not (find_checkpoint(tmp_path / "run") / "ema.safetensors").exists()
     assert load_model(tmp_path / "run").step == 3
+
+
+@pytest.mark.parametrize(
+    "name", ["quickstart", "cpu_wiki", "owt_small", "lm1b_small", "mnist", "hf_tiny", "llada_xdlm"]
+)
+def test_shipped_configs_load(name):
+    cfg = load_config(f"configs/{name}.yaml")
+    assert 0.0 <= cfg.kernel.k <= 1.0 and cfg.train.steps > 0
