@@ -5,6 +5,7 @@ Modes:
   step-ddp / step-fsdp  one optimizer step (2 accumulated micro-batches per rank, gradient
                         clipping, AdamW) of a float64 DiT on 2 ranks vs one process on the
                         concatenated batch; writes the max parameter difference.
+  step-fsdp-hf          the same with a tiny float64 Llama `HFDenoiser` (tests/hf_fixtures.py).
   eval                  likelihood NELBO split across ranks (`evaluate_rows_distributed`) vs one
                         process, and `gather_samples`; writes both results.
   kill                  rank 1 is SIGKILLed after two all-reduces (torchrun must fail the job).
@@ -18,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -36,6 +38,16 @@ def tiny_dit() -> DiT:
         "tiny", V, n_layers=2, d_model=32, n_heads=2, time_conditioning=True
     )
     return DiT(cfg)
+
+
+def tiny_hf() -> torch.nn.Module:
+    sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/, for hf_fixtures
+    from hf_fixtures import tiny_config
+
+    from xdlm.models.hf import HFDenoiser
+
+    torch.manual_seed(0)
+    return HFDenoiser.from_config(tiny_config("llama", vocab_size=V), kind="decoder")
 
 
 def data(world: int, accum: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,21 +76,24 @@ def full(p: torch.Tensor) -> torch.Tensor:
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
-def step_mode(strategy: str, ctx: D.DistContext) -> dict:
+def step_mode(strategy: str, ctx: D.DistContext, build=tiny_dit) -> dict:
     accum = 2
     x0, z, t = data(ctx.world_size, accum)
     total = float(x0[0].numel() * accum)
-    ref = tiny_dit()
+    ref = build()
     one_step(ref, ref, x0, z, t, total, 1)
-    model = tiny_dit()
+    model = build()
     wrapped = D.wrap_model(model, DistConfig(strategy=strategy, activation_checkpointing=True), ctx)
     rows = slice(ctx.rank * B, (ctx.rank + 1) * B)
     one_step(model, wrapped, x0[:, rows], z[:, rows], t[:, rows], total, ctx.world_size)
     ref_params = dict(ref.named_parameters())
     diff = max(float((full(p) - ref_params[n]).abs().max()) for n, p in model.named_parameters())
     moved = max(float((full(p) - q).abs().max()) for (n, p), q in zip(
-        model.named_parameters(), tiny_dit().parameters(), strict=True))  # fmt: skip
-    return {"max_diff": diff, "moved": moved, "sharded": D.is_sharded(model)}
+        model.named_parameters(), build().parameters(), strict=True))  # fmt: skip
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    blocks_sharded = all(D.is_sharded(b) for b in model.blocks)
+    return {"max_diff": diff, "moved": moved, "sharded": D.is_sharded(model),
+            "blocks_sharded": blocks_sharded, "dtypes": dtypes}  # fmt: skip
 
 
 def eval_mode(ctx: D.DistContext) -> dict:
@@ -121,7 +136,7 @@ def main() -> None:
     ctx = D.setup_distributed(DistConfig(strategy=strategy), "cpu")
     if mode.startswith("step-"):
         torch.set_default_dtype(torch.float64)
-        result = step_mode(strategy, ctx)
+        result = step_mode(strategy, ctx, tiny_hf if mode.endswith("-hf") else tiny_dit)
     elif mode == "eval":
         result = eval_mode(ctx)
     else:

@@ -185,17 +185,19 @@ def sequence_discrete_nelbo(
     return SequenceNats(nats.cpu(), _tokens(x0, attention_mask))
 
 
-def evaluate_rows(
+def sequence_bounds(
     denoiser, kernel: MixedKernel, schedule: Schedule, batches: Iterable[tuple[Tensor, Rows]],
     *, discrete_steps: int | None = None, **kwargs,
-) -> LikelihoodResult:  # fmt: skip
-    """Reduce per-sequence bounds over `batches` of (row_ids (B,), Rows) and summarize.
+) -> SequenceNats:  # fmt: skip
+    """Per-sequence bounds of every batch of (row_ids (B,), Rows), concatenated in batch order.
 
-    `discrete_steps` = T selects the discrete-T bound; otherwise `kwargs` go to `sequence_nelbo`
-    (seed, t_samples, method, t_min). Sums are carried over batches and divided once.
+    `discrete_steps` = T selects the discrete-T bound (`sequence_discrete_nelbo`, which uses only
+    `seed` of `kwargs`); otherwise `kwargs` go to `sequence_nelbo` (seed, t_samples, method,
+    t_min). No batches give empty (0,) tensors. The one loop behind `evaluate_rows` and
+    `xdlm.train.distributed.evaluate_rows_distributed`.
     """
     device = next(iter(denoiser.parameters()), torch.empty(0)).device
-    nats, tokens = [], []
+    nats, tokens = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.int64)]
     for row_ids, rows in batches:
         x0 = rows.tokens.to(device)
         mask = None if rows.attention_mask is None else rows.attention_mask.to(device)
@@ -208,9 +210,24 @@ def evaluate_rows(
             seq = sequence_nelbo(denoiser, kernel, schedule, x0, mask, row_ids, **kwargs)
         nats.append(seq.nats)
         tokens.append(seq.tokens)
-    if not nats:
+    return SequenceNats(torch.cat(nats), torch.cat(tokens))
+
+
+def evaluate_rows(
+    denoiser, kernel: MixedKernel, schedule: Schedule, batches: Iterable[tuple[Tensor, Rows]],
+    *, discrete_steps: int | None = None, **kwargs,
+) -> LikelihoodResult:  # fmt: skip
+    """Reduce per-sequence bounds over `batches` of (row_ids (B,), Rows) and summarize.
+
+    `discrete_steps` = T selects the discrete-T bound; otherwise `kwargs` go to `sequence_nelbo`
+    (seed, t_samples, method, t_min). Sums are carried over batches and divided once.
+    """
+    seq = sequence_bounds(
+        denoiser, kernel, schedule, batches, discrete_steps=discrete_steps, **kwargs
+    )
+    if seq.nats.numel() == 0:
         raise ValueError("no batch was evaluated; the split is empty or max_batches is 0")
-    return summarize(torch.cat(nats), torch.cat(tokens))
+    return summarize(seq.nats, seq.tokens)
 
 
 def shard_batches(

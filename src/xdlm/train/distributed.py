@@ -286,22 +286,10 @@ def evaluate_rows_distributed(denoiser, kernel, schedule, batches, ctx: DistCont
     in `evaluate_rows` (discrete_steps, seed, t_samples, method, t_min)."""
     from xdlm.eval import likelihood as lk
 
-    steps = kwargs.pop("discrete_steps", None)
+    seq = lk.sequence_bounds(denoiser, kernel, schedule, rank_items(batches, ctx), **kwargs)
     device = next(iter(denoiser.parameters())).device
-    nats, tokens = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.int64)]
-    for row_ids, rows in rank_items(batches, ctx):
-        x0 = rows.tokens.to(device)
-        mask = None if rows.attention_mask is None else rows.attention_mask.to(device)
-        args = (denoiser, kernel, schedule, x0, mask, row_ids)
-        seq = (
-            lk.sequence_nelbo(*args, **kwargs)
-            if steps is None
-            else lk.sequence_discrete_nelbo(*args, steps=steps, seed=kwargs.get("seed", 0))
-        )
-        nats.append(seq.nats)
-        tokens.append(seq.tokens)
-    nats = gather_rows(torch.cat(nats).to(device), ctx).cpu()
-    return lk.summarize(nats, gather_rows(torch.cat(tokens).to(device), ctx).cpu())
+    nats = gather_rows(seq.nats.to(device), ctx).cpu()
+    return lk.summarize(nats, gather_rows(seq.tokens.to(device), ctx).cpu())
 
 
 def barrier(ctx: DistContext) -> None:
