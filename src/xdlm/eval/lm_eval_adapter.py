@@ -1,10 +1,11 @@
 """EleutherAI lm-evaluation-harness model interface for xdlm denoisers (registered as "xdlm").
 
-    lm_eval --model xdlm \
-        --model_args pretrained=GSAI-ML/LLaDA-8B-Base,trust_remote_code=True,k=0.1,dtype=bfloat16 \
-        --tasks mbpp --confirm_run_unsafe_code
+    python -c "import sys, xdlm.eval.lm_eval_adapter; from lm_eval.__main__ import cli_evaluate; \
+        sys.exit(cli_evaluate())" --model xdlm --device cuda --tasks mbpp --confirm_run_unsafe_code \
+        --model_args pretrained=GSAI-ML/LLaDA-8B-Base,trust_remote_code=True,k=0.1,dtype=bfloat16
 
-(`import xdlm.eval.lm_eval_adapter` registers the model; the `xdlm eval` CLI does this.)
+(Importing this module registers the model; the plain `lm_eval` command does not import it.
+`device` goes to `--device`, not `--model_args`.)
 
 Scores:
 - `loglikelihood(context, continuation)` is a Monte-Carlo estimate of −NELBO of the continuation
