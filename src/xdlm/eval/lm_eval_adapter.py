@@ -1,7 +1,8 @@
 """EleutherAI lm-evaluation-harness model interface for xdlm denoisers (registered as "xdlm").
 
     python -c "import sys, xdlm.eval.lm_eval_adapter; from lm_eval.__main__ import cli_evaluate; \
-        sys.exit(cli_evaluate())" --model xdlm --device cuda --tasks mbpp --confirm_run_unsafe_code \
+        sys.exit(cli_evaluate())" --model xdlm --device cuda --tasks mbpp \
+        --confirm_run_unsafe_code \
         --model_args pretrained=GSAI-ML/LLaDA-8B-Base,trust_remote_code=True,k=0.1,dtype=bfloat16
 
 (Importing this module registers the model; the plain `lm_eval` command does not import it.
