@@ -287,7 +287,7 @@ def test_bad_call_arguments_name_the_value():
 
 
 def _toy(kern, seed=9):
-    """All S = V² states, the clean ones, and a fixed denoiser table: logits depend on all of z_t."""
+    """All S = V² states, the clean ones, and a fixed denoiser table (logits depend on all z_t)."""
     V = kern.vocab_size
     states = torch.tensor(list(itertools.product(range(V), repeat=2)))
     clean = states[(states != kern.mask_id).all(-1)] if kern.mask_id is not None else states

@@ -177,7 +177,7 @@ class MixedKernel:
     # ------------------------------------------------------------------ losses
 
     def log_probs(self, logits: Tensor) -> Tensor:
-        """log p_θ = log_softmax with the mask logit at −inf (float32+, input untouched). (B, L, V)."""
+        """log p_θ (B, L, V): log_softmax, mask logit at −inf (float32+, input untouched)."""
         self._check_vocab(logits.shape[-1], "logits")
         dtype = torch.promote_types(logits.dtype, torch.float32)
         if self.mask_id is not None:
@@ -191,7 +191,8 @@ class MixedKernel:
     ) -> Tensor:
         """Continuous-time NELBO integrand ℓ_t(x, z) in nats, (B, L, V) logits -> (B, L).
 
-            ℓ = (−α')·ρ_t(z)·{ ([z = x] − p_θ(z))/f_α(p_θ, z) − (1/α)·[log f_α(x, z) − log f_α(p_θ, z)]
+            ℓ = (−α')·ρ_t(z)·{ ([z = x] − p_θ(z))/f_α(p_θ, z)
+                               − (1/α)·[log f_α(x, z) − log f_α(p_θ, z)]
                                + [log f_α(x, x) − log f_α(p_θ, x)] + (k·β/α)·ḡ }
 
         with ρ_t(z) = r(z)/f_α(x, z) and ḡ = (1/V)·Σ_{e≠m} [log f_α(x, e) − log f_α(p_θ, e)].
