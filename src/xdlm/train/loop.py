@@ -8,6 +8,9 @@ Per optimizer step: `grad_accum` micro-batches per process; t is stratified over
 (micro × accum × world); each micro-batch's loss is Σ nats / (global real tokens), so the gradient
 is that of the global mean NELBO per token however the batch is split.
 
+(One file over the usual 400 lines on purpose: setup, resume, save, the step and validation of
+the single loop read top to bottom in one class.)
+
 Labelled data (e.g. image tokens, `xdlm.data.images`) with `model.num_classes > 0` trains a
 class-conditional denoiser: each row's label is replaced by the null class `num_classes` with
 probability `train.cond_drop` (classifier-free guidance needs the unconditional model too).
