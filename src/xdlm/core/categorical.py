@@ -59,6 +59,15 @@ def filter_logits(
     return out
 
 
+def without_mask(logits: Tensor, mask_id: int | None) -> Tensor:
+    """A copy of logits (…, V) with the mask logit at −inf, so p_θ(m) = 0 (unchanged if None)."""
+    if mask_id is None:
+        return logits
+    col = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    col[mask_id] = True
+    return logits.masked_fill(col, float("-inf"))
+
+
 def denoiser_probs(
     logits: Tensor,
     mask_id: int | None,
@@ -67,9 +76,5 @@ def denoiser_probs(
     top_p: float | None = None,
 ) -> Tensor:
     """p_θ (…, V) in float32+: mask logit forced to −inf (p_θ(m) = 0), then the filters."""
-    if mask_id is not None:
-        col = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        col[mask_id] = True
-        logits = logits.masked_fill(col, float("-inf"))
-    logits = filter_logits(logits, temperature, top_k, top_p)
+    logits = filter_logits(without_mask(logits, mask_id), temperature, top_k, top_p)
     return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from xdlm.core.categorical import without_mask
 from xdlm.core.logit_stats import logit_stats
 
 
@@ -180,11 +181,7 @@ class MixedKernel:
         """log p_θ (B, L, V): log_softmax, mask logit at −inf (float32+, input untouched)."""
         self._check_vocab(logits.shape[-1], "logits")
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        if self.mask_id is not None:
-            col = torch.zeros(self.vocab_size, dtype=torch.bool, device=logits.device)
-            col[self.mask_id] = True
-            logits = logits.masked_fill(col, float("-inf"))
-        return torch.log_softmax(logits, dim=-1, dtype=dtype)
+        return torch.log_softmax(without_mask(logits, self.mask_id), dim=-1, dtype=dtype)
 
     def nelbo(
         self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha: Tensor, dalpha: Tensor
