@@ -255,26 +255,11 @@ def test_semi_ar_windows_and_finished_blocks_stay():
     assert math.isfinite(out.wall_time) and out.nfe == len(widths)
 
 
-def test_errors_name_the_fix():
-    with pytest.raises(ValueError, match="final"):
+@pytest.mark.parametrize(
+    "bad,match", [({"final": "best"}, "final"), ({"sampler": "beam"}, "sampler")]
+)
+def test_errors_name_the_fix(bad, match):
+    with pytest.raises(ValueError, match=match):
         generate(
-            Noisy(),
-            _kernel(0.0),
-            SCHED,
-            batch_size=1,
-            seq_len=4,
-            steps=2,
-            generator=None,
-            final="best",
-        )
-    with pytest.raises(ValueError, match="sampler"):
-        generate(
-            Noisy(),
-            _kernel(0.0),
-            SCHED,
-            batch_size=1,
-            seq_len=4,
-            steps=2,
-            generator=None,
-            sampler="beam",
+            Noisy(), _kernel(0.0), SCHED, batch_size=1, seq_len=4, steps=2, generator=None, **bad
         )
