@@ -45,7 +45,7 @@ def _model(ppls: dict, se: float) -> dict:
             "train": {"wall_s": 1.0}, "eval_wall_s": {"total": 2.0}}  # fmt: skip
 
 
-def test_report_keeps_other_sections(tradeoff, tmp_path):
+def test_report_keeps_other_sections_and_budgets(tradeoff, tmp_path):
     from report import SECTION, summary_rows, write_section, zero_shot_mean
 
     mean, se = zero_shot_mean({"a": {"ppl": 10.0, "se_nats_per_token": 0.1},
@@ -57,17 +57,25 @@ def test_report_keeps_other_sections(tradeoff, tmp_path):
                "models": {"k0.1": _model({"a": 10.0, "b": 20.0}, 0.05)}}  # fmt: skip
     doc = tmp_path / "docs" / "results.md"
     doc.parent.mkdir()
-    doc.write_text("# Results\n\n## Other\nkeep me\n")
+    doc.write_text(f"# Results\n\n{SECTION}\n\nintro\n\n### Budget smoke-x: old\nkeep x\n\n"
+                   "## Other\nkeep me\n")  # fmt: skip
     tradeoff.report(results, "smoke", "cmd", tmp_path)
     tradeoff.report(results, "smoke", "cmd", tmp_path)  # replaces, does not duplicate
     text = doc.read_text()
     assert "## Other\nkeep me" in text and text.count(SECTION) == 1
+    assert text.count("### Budget smoke:") == 1 and "### Budget smoke-x: old\nkeep x" in text
+    assert text.index("intro") < text.index("### Budget smoke:") < text.index("smoke-x")
+    assert "1 × 64 DiT, 6 steps × 8 × 128" in text
     assert (tmp_path / "docs" / "img" / "tradeoff_smoke.png").stat().st_size > 0
     raw = json.loads((tmp_path / "experiments/tradeoff/results/smoke.json").read_text())
     assert raw["summary"][0]["zero_shot_mean_ppl"] == 15.0
     assert summary_rows(results)[0]["gen_ppl"][32] == pytest.approx(100 / 32)
-    write_section(doc, SECTION + "\nnew\n")
-    assert "new" in doc.read_text() and "keep me" in doc.read_text()
+    write_section(doc, "smoke-x", "### Budget smoke-x: new\n")
+    text = doc.read_text()
+    assert "smoke-x: new" in text and "keep x" not in text and "### Budget smoke:" in text
+    fresh = tmp_path / "fresh.md"
+    write_section(fresh, "b", "### Budget b: only\n")
+    assert fresh.read_text().startswith("# Results\n\n" + SECTION)
 
 
 @pytest.mark.slow

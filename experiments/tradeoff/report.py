@@ -1,5 +1,6 @@
 """Reporting for the k trade-off: per-model summary rows, the Pareto plot and the markdown table
-(the `## Text: the k trade-off` section of docs/results.md; other sections are left untouched)."""
+(one `### Budget <name>` subsection of the `## Text: the k trade-off` section of docs/results.md;
+everything else in that file is left untouched)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import re
 from pathlib import Path
 
 SECTION = "## Text: the k trade-off"
+BUDGET_HEADING = "### Budget "
+INTRO = (
+    "Settings, seeds and budgets: experiments/tradeoff/README.md and tradeoff.yaml, all fixed "
+    "before the corresponding results were seen. One subsection per budget run."
+)
 PLOT_STEPS = 32
 
 
@@ -64,8 +70,11 @@ def plot_pareto(rows: list[dict], reference: dict, path: Path, title: str) -> Pa
     return path
 
 
-def markdown_section(results: dict, rows: list[dict], command: str, plot: str, note: str) -> str:
-    """The section text: command, wall times, the table and a note written by hand."""
+def markdown_section(
+    results: dict, rows: list[dict], command: str, setup: str, plot: str, note: str
+) -> str:
+    """One budget's subsection: `### Budget <name>: <setup>`, command, wall time, the table, the
+    plot and the analysis written by hand (results/<budget>.notes.md)."""
     steps = sorted(rows[0]["gen_ppl"]) if rows else []
     corpora = list(rows[0]["zero_shot_ppl"]) if rows else []
     ref = results["reference"]
@@ -81,27 +90,36 @@ def markdown_section(results: dict, rows: list[dict], command: str, plot: str, n
         cells += [f"{r['train_wall_s']:.0f}", f"{r['eval_wall_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([
-        SECTION, "",
-        f"Command: `{command}` (settings: experiments/tradeoff/README.md, tradeoff.yaml; raw "
-        f"numbers: experiments/tradeoff/results/{results['budget']}.json). Total wall time "
-        f"{results['wall_s'] / 60:.1f} min on {results['machine']}.", "",
+        f"{BUDGET_HEADING}{results['budget']}: {setup}", "",
+        f"Command: `{command}` (raw numbers: experiments/tradeoff/results/"
+        f"{results['budget']}.json). Total wall time {results['wall_s'] / 60:.1f} min on "
+        f"{results['machine']}.", "",
         *lines, "",
         f"Real validation text (same {ref['samples']} rows × 128 tokens): gen-PPL "
         f"{ref['gen_ppl']:.0f}, unigram entropy {ref['unigram_entropy']:.2f} nats. gen-PPL by "
         f"{ref['scorer']} (SmolLM2-135M-Instruct Q4_1); H = mean per-sample unigram entropy "
         "(nats); PPLs are NELBO bounds (lower is better).", "",
-        f"![trade-off]({plot})", "",
+        f"![trade-off, {results['budget']}]({plot})", "",
         note.strip(), "",
     ])  # fmt: skip
 
 
-def write_section(doc: Path, section: str) -> None:
-    """Replace (or append) the `## Text: the k trade-off` section of `doc`, nothing else."""
+def write_section(doc: Path, budget: str, subsection: str) -> None:
+    """Put `subsection` in place of `### Budget <budget>` inside the `## Text: the k trade-off`
+    section of `doc` (first among the budgets if new); every other part of `doc` is kept."""
     text = doc.read_text() if doc.is_file() else "# Results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
+    section = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if not section.search(text):
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{INTRO}\n"
+    match = section.search(text)
+    body = match.group(0)
+    own = re.compile(rf"^{re.escape(BUDGET_HEADING + budget)}(?=[:\n]).*?(?=^### |\Z)", re.S | re.M)
+    if own.search(body):
+        body = own.sub(lambda _: subsection.rstrip("\n") + "\n\n", body, count=1)
     else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
+        first = re.search(rf"^{re.escape(BUDGET_HEADING)}", body, re.M)
+        cut = first.start() if first else len(body)
+        body = body[:cut].rstrip("\n") + "\n\n" + subsection.rstrip("\n") + "\n\n" + body[cut:]
+    text = text[: match.start()] + body.rstrip("\n") + "\n\n" + text[match.end() :]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text.rstrip("\n") + "\n")

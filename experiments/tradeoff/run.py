@@ -208,9 +208,20 @@ def evaluate_all(
     return results
 
 
+def setup_line(settings: dict, budget: str) -> str:
+    """'4 × 256 DiT, 2000 steps × 32 × 128 = 8.2 M tokens per model' for a budget."""
+    cfg = model_config(settings, budget, 0.0, Path("."))
+    m, d, t = cfg.model, cfg.data, cfg.train
+    tokens = t.steps * d.batch_size * d.seq_len
+    return (
+        f"{m.n_layers} × {m.d_model} DiT, {t.steps} steps × {d.batch_size} × {d.seq_len} = "
+        f"{tokens / 1e6:.1f} M tokens per model"
+    )
+
+
 def report(results: dict, budget: str, command: str, root: Path = REPO) -> None:
-    """Raw JSON, the plot and the docs/results.md section (with results/<budget>.notes.md),
-    written under the repository `root` (a temporary directory in tests)."""
+    """Raw JSON, the plot and the budget's subsection of docs/results.md (with the analysis in
+    results/<budget>.notes.md), written under the repository `root` (a temporary dir in tests)."""
     rows = summary_rows(results)
     results["summary"] = rows
     raw = root / "experiments" / "tradeoff" / "results" / f"{budget}.json"
@@ -220,8 +231,9 @@ def report(results: dict, budget: str, command: str, root: Path = REPO) -> None:
     plot_pareto(rows, results["reference"], plot, f"k trade-off, budget {budget}")
     notes = HERE / "results" / f"{budget}.notes.md"
     note = notes.read_text() if notes.is_file() else "(no analysis written yet)"
-    section = markdown_section(results, rows, command, f"img/{plot.name}", note)
-    write_section(root / "docs" / "results.md", section)
+    setup = setup_line(load_settings(), budget)
+    section = markdown_section(results, rows, command, setup, f"img/{plot.name}", note)
+    write_section(root / "docs" / "results.md", budget, section)
     print(f"wrote {raw}, {plot} and docs/results.md", flush=True)
 
 
