@@ -141,3 +141,38 @@ def test_divergences():
     assert d["kl_nats"] == pytest.approx(
         0.5 * (torch.tensor(2 / 3).log() + torch.tensor(2.0).log())
     )
+
+
+def _expected_step_kl(data, kern, probs_of, a_t: float, a_s: float) -> float:
+    """E_{x ~ p, z_t ~ q(·|x)} Σ_l KL(q(z_s^l | z_t^l, x^l) ‖ p_θ(z_s^l | z_t)), by enumeration."""
+    states = all_sequences(kern.vocab_size, data.sequences.shape[1])
+    s, n = states.shape[0], data.sequences.shape[0]
+    z = states.repeat_interleave(n, 0)
+    x = data.sequences.repeat(s, 1)
+    q = kern.marginal_probs(torch.eye(D, kern.vocab_size, dtype=torch.float64), torch.tensor([a_t]))
+    weight = data.probs.repeat(s) * q[x, z].prod(-1)
+    alpha = torch.full((s,), a_t, dtype=torch.float64)
+    logits = probs_of(states, alpha).clamp_min(1e-300).log().repeat_interleave(n, 0)
+    kl = kern.step_kl(logits, x, z, torch.full((s * n,), a_t), torch.full((s * n,), a_s))
+    return float((weight * kl.sum(-1).double()).sum())
+
+
+@pytest.mark.parametrize("k", [0.1, 0.6, 1.0])
+def test_leave_one_out_oracle_minimises_the_expected_step_kl(k):
+    """The NELBO's per-step term is smallest at p(x^l | z_t^{−l}): lower than at the posterior
+    mean and than at random perturbations of it (math §6.4)."""
+    data, kern = _data(), _kernel(k)
+    star = OracleDenoiser(data, kern, SCHED)
+    mean = OracleDenoiser(data, kern, SCHED, leave_one_out=False)
+    best = _expected_step_kl(data, kern, star.probs, 0.3, 0.6)
+    assert best < _expected_step_kl(data, kern, mean.probs, 0.3, 0.6) - 1e-4
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+
+        def perturbed(z, alpha):
+            p = star.probs(z, alpha)
+            noise = torch.exp(0.3 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+            p = p * noise * (p > 0)
+            return p / p.sum(-1, keepdim=True)
+
+        assert best < _expected_step_kl(data, kern, perturbed, 0.3, 0.6)
