@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if "report" in stages:
         results = json.loads((out / "results.json").read_text())
         command = f"python experiments/tradeoff/run.py --budget {args.budget}"
+        command += f" --ks {args.ks}" if args.ks is not None else ""
         report(results, args.budget, command, Path(args.publish))
     return 0
 
