@@ -59,8 +59,9 @@ def test_report_keeps_other_sections_and_budgets(tradeoff, tmp_path):
     doc.parent.mkdir()
     doc.write_text(f"# Results\n\n{SECTION}\n\nintro\n\n### Budget smoke-x: old\nkeep x\n\n"
                    "## Other\nkeep me\n")  # fmt: skip
-    tradeoff.report(results, "smoke", "cmd", tmp_path)
-    tradeoff.report(results, "smoke", "cmd", tmp_path)  # replaces, does not duplicate
+    settings = tradeoff.load_settings()
+    tradeoff.report(results, settings, "smoke", "cmd", tmp_path)
+    tradeoff.report(results, settings, "smoke", "cmd", tmp_path)  # replaces, does not duplicate
     text = doc.read_text()
     assert "## Other\nkeep me" in text and text.count(SECTION) == 1
     assert text.count("### Budget smoke:") == 1 and "### Budget smoke-x: old\nkeep x" in text

@@ -109,14 +109,13 @@ def write_section(doc: Path, budget: str, subsection: str) -> None:
     section of `doc` (first among the budgets if new); every other part of `doc` is kept."""
     text = doc.read_text() if doc.is_file() else "# Results\n"
     section = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if not section.search(text):
+    if (match := section.search(text)) is None:
         text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{INTRO}\n"
-    match = section.search(text)
+        match = section.search(text)
     body = match.group(0)
     own = re.compile(rf"^{re.escape(BUDGET_HEADING + budget)}(?=[:\n]).*?(?=^### |\Z)", re.S | re.M)
-    if own.search(body):
-        body = own.sub(lambda _: subsection.rstrip("\n") + "\n\n", body, count=1)
-    else:
+    body, replaced = own.subn(lambda _: subsection.rstrip("\n") + "\n\n", body, count=1)
+    if not replaced:
         first = re.search(rf"^{re.escape(BUDGET_HEADING)}", body, re.M)
         cut = first.start() if first else len(body)
         body = body[:cut].rstrip("\n") + "\n\n" + subsection.rstrip("\n") + "\n\n" + body[cut:]

@@ -219,7 +219,7 @@ def setup_line(settings: dict, budget: str) -> str:
     )
 
 
-def report(results: dict, budget: str, command: str, root: Path = REPO) -> None:
+def report(results: dict, settings: dict, budget: str, command: str, root: Path = REPO) -> None:
     """Raw JSON, the plot and the budget's subsection of docs/results.md (with the analysis in
     results/<budget>.notes.md), written under the repository `root` (a temporary dir in tests)."""
     rows = summary_rows(results)
@@ -231,7 +231,7 @@ def report(results: dict, budget: str, command: str, root: Path = REPO) -> None:
     plot_pareto(rows, results["reference"], plot, f"k trade-off, budget {budget}")
     notes = HERE / "results" / f"{budget}.notes.md"
     note = notes.read_text() if notes.is_file() else "(no analysis written yet)"
-    setup = setup_line(load_settings(), budget)
+    setup = setup_line(settings, budget)
     section = markdown_section(results, rows, command, setup, f"img/{plot.name}", note)
     write_section(root / "docs" / "results.md", budget, section)
     print(f"wrote {raw}, {plot} and docs/results.md", flush=True)
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads((out / "results.json").read_text())
         command = f"python experiments/tradeoff/run.py --budget {args.budget}"
         command += f" --ks {args.ks}" if args.ks is not None else ""
-        report(results, args.budget, command, Path(args.publish))
+        report(results, settings, args.budget, command, Path(args.publish))
     return 0
 
 
