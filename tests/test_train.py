@@ -116,6 +116,32 @@ def test_nan_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
         train(cfg, tmp_path / "run")
 
 
+@pytest.mark.parametrize("speedup, expected", [(0.02, "fp32"), (3.0, "bf16")])
+def test_auto_precision_follows_the_probe_and_is_logged_first(
+    corpus, tmp_path, monkeypatch, capsys, speedup, expected
+):
+    from xdlm import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda width: speedup)
+    used = []
+    real_step = loop_mod.Trainer.train_step
+
+    def spy(self):
+        used.append(self.precision.name)
+        return real_step(self)
+
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", spy)
+    cfg = tiny_cfg(corpus, tmp_path / "data", "train.steps=1", "train.eval_batches=0")
+    capsys.readouterr()
+    train(cfg, tmp_path / "run")
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"precision {expected} (bf16 matmul") and used == [expected]
+    explicit = tiny_cfg(
+        corpus, tmp_path / "data", "train.steps=2", "train.eval_batches=0", "train.precision=fp32"
+    )
+    assert train(explicit, tmp_path / "run", resume=True).step == 2 and used[-1] == "fp32"
+
+
 def test_ctrl_c_saves_and_resumes(corpus, tmp_path, monkeypatch):
     real = loop_mod.Trainer.train_step
 

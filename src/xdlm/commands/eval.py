@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from xdlm.precision import add_precision_argument, inference_precision
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -30,6 +32,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw (non-EMA) weights")
+    add_precision_argument(p)
     g = p.add_argument_group("likelihood")
     g.add_argument("--data", default=None, help="prepared dataset directory (xdlm prepare)")
     g.add_argument("--split", default="valid")
@@ -72,12 +75,15 @@ def run(args) -> int:
         "ema": not args.no_ema,
         "kernel": loaded.kernel.spec(),
     }
-    if args.data:
-        report["likelihood"] = _likelihood(args, loaded)
-    if args.zero_shot:
-        report["zero_shot"] = _zero_shot(args, loaded)
-    if args.gen_ppl:
-        report["generation"] = _generation(args, loaded)
+    precision = inference_precision(args.precision, args.device, loaded.model)
+    report["precision"] = precision.name
+    with precision.autocast(args.device):
+        if args.data:
+            report["likelihood"] = _likelihood(args, loaded)
+        if args.zero_shot:
+            report["zero_shot"] = _zero_shot(args, loaded)
+        if args.gen_ppl:
+            report["generation"] = _generation(args, loaded)
     out = Path(args.out) if args.out else Path(args.ckpt) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xdlm.precision import add_precision_argument, inference_precision
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -47,6 +49,7 @@ def register(sub) -> None:
         q.add_argument("--sampler", default="ancestral")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--out", default=None, help="grid PNG (sample) / JSON (eval)")
+        add_precision_argument(q)
     actions.choices["sample"].add_argument("--strip", default=None, help="trajectory PNG / GIF")
     actions.choices["eval"].add_argument(
         "--inception", choices=["torch-fidelity", "pytorch-fid"], default=None,
@@ -76,10 +79,11 @@ def _load(args):
 
     loaded = load_model(args.ckpt)
     info = image_info(loaded.config.data.path)
-    samples = sample_classes(
-        loaded, info, steps=args.steps, per_class=args.per_class, guidance=args.guidance,
-        seed=args.seed, sampler=args.sampler, record=bool(getattr(args, "strip", None)),
-    )  # fmt: skip
+    with inference_precision(args.precision, "cpu", loaded.model).autocast("cpu"):
+        samples = sample_classes(
+            loaded, info, steps=args.steps, per_class=args.per_class, guidance=args.guidance,
+            seed=args.seed, sampler=args.sampler, record=bool(getattr(args, "strip", None)),
+        )  # fmt: skip
     return loaded, info, samples
 
 

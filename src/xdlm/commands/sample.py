@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from xdlm.precision import add_precision_argument, inference_precision
 from xdlm.sampling import (
     SAMPLERS,
     LogitFilter,
@@ -61,6 +62,7 @@ class SampleRequest:
     batch_size: int | None = None  # default: num_samples
     use_ema: bool = True
     device: str = "cpu"
+    precision: str = "auto"
 
 
 def register(sub) -> None:
@@ -94,6 +96,7 @@ def register(sub) -> None:
     p.add_argument("--trace", default=None, metavar="FILE.html", help="trajectory of sample 0")
     p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
+    add_precision_argument(p)
     p.set_defaults(func=run)
 
 
@@ -124,16 +127,11 @@ def sample_from_run(
     batch = req.batch_size or req.num_samples
     gen = torch.Generator(req.device).manual_seed(req.seed)
     sampler, records, first = _sampler(req), [], None
+    precision = inference_precision(req.precision, req.device, loaded.model)
     for start in range(0, req.num_samples, batch):
         n = min(batch, req.num_samples - start)
-        result = generate(
-            loaded.model, loaded.kernel, loaded.schedule, batch_size=n, seq_len=seq_len,
-            steps=req.steps, generator=gen, sampler=sampler, filter=_filter(req),
-            final=req.final, grid=req.grid, fixed=_fixed(req, loaded.tokenizer, n, seq_len),
-            block_size=req.block_size, context_len=loaded.config.data.seq_len,
-            class_labels=_labels(req, n), guidance=req.guidance, record=trace is not None,
-            cache=not loaded.config.model.time_conditioning, device=req.device,
-        )  # fmt: skip
+        with precision.autocast(req.device):
+            result = _generate_batch(req, loaded, sampler, n, seq_len, gen, trace is not None)
         first = result if first is None else first
         records += [_record(req, loaded, result, i, start) for i in range(n)]
     _report(records, req, final=req.final if sampler.uses_final_step else "none")
@@ -144,6 +142,18 @@ def sample_from_run(
         write_trace_html(first.trajectory, _token_text(loaded.tokenizer), trace)
         print(f"trace of sample 0 written to {trace}")
     return records
+
+
+def _generate_batch(req: SampleRequest, loaded, sampler, n: int, seq_len: int, gen, record: bool):
+    """One batch of `n` samples of length `seq_len`."""
+    return generate(
+        loaded.model, loaded.kernel, loaded.schedule, batch_size=n, seq_len=seq_len,
+        steps=req.steps, generator=gen, sampler=sampler, filter=_filter(req),
+        final=req.final, grid=req.grid, fixed=_fixed(req, loaded.tokenizer, n, seq_len),
+        block_size=req.block_size, context_len=loaded.config.data.seq_len,
+        class_labels=_labels(req, n), guidance=req.guidance, record=record,
+        cache=not loaded.config.model.time_conditioning, device=req.device,
+    )  # fmt: skip
 
 
 def _sampler(req: SampleRequest):

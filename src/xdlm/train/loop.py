@@ -44,6 +44,7 @@ from xdlm.core.schedules import schedule_spec
 from xdlm.data.loader import ShardedLoader, TokenShards
 from xdlm.data.tokenizers import load_tokenizer_dir
 from xdlm.models.ema import EMA
+from xdlm.precision import model_width, resolve_precision
 from xdlm.train import distributed as D
 from xdlm.train.checkpoint import (
     find_checkpoint,
@@ -79,31 +80,6 @@ class _State:
     elapsed: float = 0.0
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto` -> bf16 autocast where the device supports it (CPU, Ampere+ GPUs), else fp32.
-
-    bf16 is the faster default on both (benchmarks/, docs/performance.md: 1.2-2.5x on this CPU).
-    """
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if device.type == "cpu" else "fp32"
-
-
-def _autocast(precision: str, device: torch.device):
-    precision = resolve_precision(precision, device)
-    if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("train.precision=fp16 is not supported on CPU; use bf16 or fp32")
-    if precision == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    raise ValueError(f"unknown train.precision {precision!r}; choose fp32, bf16 or fp16")
-
-
 class Trainer:
     """Holds the objects of one run; `run()` is the loop."""
 
@@ -125,6 +101,9 @@ class Trainer:
         # V is the model's output size: an HF head (LLaDA: 126,464) may exceed the tokenizer.
         self.kernel = build_kernel(cfg.kernel, self.manifest, output_size(self.model))
         self.schedule = build_schedule(cfg.kernel)
+        self.precision = resolve_precision(
+            cfg.train.precision, self.ctx.device, model_width(self.model), key="train.precision"
+        )
         self.wrapped = D.wrap_model(self.model, cfg.dist, self.ctx)  # FSDP shards in place
         if cfg.train.compile:
             self.wrapped = torch.compile(self.wrapped)
@@ -298,7 +277,7 @@ class Trainer:
                 generator=self.time_gen,
             )
             with D.no_sync(self.wrapped, a < len(batches) - 1):  # forward and backward
-                with _autocast(cfg.precision, ctx.device):
+                with self.precision.autocast(ctx.device):
                     out = self.loss_fn(
                         self.wrapped,
                         self.kernel,
@@ -395,11 +374,11 @@ class Trainer:
             desc="train",
         )
         if self.ctx.is_main:
+            bar.write(self.precision.describe())
             bar.write(
                 D.describe_batch(
                     self.cfg.data.batch_size, cfg.grad_accum, self.cfg.dist.strategy, self.ctx
                 )
-                + f", precision {resolve_precision(cfg.precision, self.ctx.device)}"
             )
         t0, tokens0 = time.perf_counter(), self.state.tokens_seen
         elapsed0 = self.state.elapsed

@@ -1,0 +1,149 @@
+"""Autocast precision, chosen on the machine that runs the job.
+
+`precision="auto"` picks bf16 autocast only where bf16 matmuls are fast:
+
+- CUDA: when `torch.cuda.is_bf16_supported()` (Ampere and newer), else fp32;
+- CPU: by a measured probe (`cpu_bf16_speedup`): square fp32 and bf16 matmuls at the model's
+  width are timed for a few milliseconds each (once per process and width); bf16 is chosen when
+  it is at least `BF16_MIN_SPEEDUP` times as fast as fp32. CPUs with AMX / AVX512-BF16 pass;
+  AVX2-only CPUs (where a bf16 matmul has been measured 50x slower than fp32) fall back to fp32;
+- any other device: fp32.
+
+An explicit `fp32`, `bf16` or `fp16` is always obeyed (fp16 is refused on CPU). Every command
+that runs a model (train, sample, eval, images, experiments, benchmarks) resolves its precision
+here and prints `Precision.describe()` first, e.g. "precision fp32 (bf16 matmul 48.1x slower on
+this CPU, AVX2)".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BF16_MIN_SPEEDUP = 1.0  # bf16 / fp32 throughput ratio above which `auto` picks bf16 on CPU
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision: `name` in {fp32, bf16, fp16} and why it was chosen."""
+
+    name: str
+    reason: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The autocast dtype (float32 for fp32, i.e. autocast off)."""
+        return _DTYPES.get(self.name, torch.float32)
+
+    def autocast(self, device: torch.device | str):
+        """A context manager running the model under this precision on `device`."""
+        device_type = torch.device(device).type
+        if self.name == "fp32":
+            return torch.autocast(device_type, enabled=False)
+        if device_type not in ("cpu", "cuda", "mps", "xpu"):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        return f"precision {self.name} ({self.reason})"
+
+
+def _time_matmul(dtype: torch.dtype, width: int, budget_s: float, max_reps: int) -> float:
+    """Seconds per (256, width) @ (width, width) matmul in `dtype`, after one warm-up.
+
+    The shape of a linear layer on a batch of 256 token vectors of size d = width.
+    """
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(256, width, generator=gen).to(dtype)
+    b = torch.randn(width, width, generator=gen).to(dtype)
+    a @ b
+    reps, start = 0, time.perf_counter()
+    while reps < max_reps:
+        a @ b
+        reps += 1
+        if time.perf_counter() - start >= budget_s:
+            break
+    return (time.perf_counter() - start) / reps
+
+
+@functools.cache
+def cpu_bf16_speedup(width: int = 256) -> float:
+    """Measured fp32 time / bf16 time of a linear layer of width d on this CPU (cached).
+
+    > 1 means bf16 is faster. About 20 ms of fp32 matmuls, then bf16 ones until 20 ms or 4
+    repetitions, so the probe costs well under a second even where bf16 is 50x slower. The width
+    is clamped to [128, 1024]: the probe should see the model's matmul shape but stay cheap.
+    """
+    width = int(min(max(width, 128), 1024))
+    fp32 = _time_matmul(torch.float32, width, budget_s=0.02, max_reps=200)
+    bf16 = _time_matmul(torch.bfloat16, width, budget_s=0.02, max_reps=4)
+    return fp32 / bf16
+
+
+def _cpu_name() -> str:
+    return f"this CPU, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _auto(device: torch.device, width: int) -> Precision:
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return Precision("bf16", f"{torch.cuda.get_device_name(device)} supports bf16")
+        return Precision("fp32", f"{torch.cuda.get_device_name(device)} lacks fast bf16")
+    if device.type != "cpu":
+        return Precision("fp32", f"auto uses fp32 on {device.type}")
+    speedup = cpu_bf16_speedup(width)
+    if speedup >= BF16_MIN_SPEEDUP:
+        return Precision("bf16", f"bf16 matmul {speedup:.1f}x faster on {_cpu_name()}")
+    return Precision("fp32", f"bf16 matmul {1 / speedup:.1f}x slower on {_cpu_name()}")
+
+
+def resolve_precision(
+    precision: str, device: torch.device | str, width: int = 256, *, key: str = "precision"
+) -> Precision:
+    """`precision` in PRECISIONS on `device` -> the `Precision` to run (see the module doc).
+
+    width: the model's hidden size d, the shape the CPU probe times. key: the setting's name,
+        used in error messages (e.g. "train.precision").
+    """
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown {key} {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return _auto(device, width)
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError(f"{key}=fp16 is not supported on CPU; use bf16, fp32 or auto")
+    return Precision(precision, "set explicitly")
+
+
+def model_width(model: torch.nn.Module) -> int:
+    """The model's hidden size d: the most common last dimension of its 2-D weights.
+
+    Embeddings (V, d), attention and MLP-in projections (·, d) and the head (V, d) all end in d.
+    """
+    dims = Counter(p.shape[-1] for p in model.parameters() if p.dim() == 2)
+    if not dims:
+        raise ValueError(f"{type(model).__name__} has no 2-D weights to read its width from")
+    return dims.most_common(1)[0][0]
+
+
+def add_precision_argument(parser) -> None:
+    """`--precision {auto,fp32,bf16,fp16}` for the inference commands (sample, eval, images)."""
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="autocast precision; auto = bf16 only where measured faster (xdlm.precision)",
+    )  # fmt: skip
+
+
+def inference_precision(precision: str, device, model: torch.nn.Module) -> Precision:
+    """Resolve `--precision` for `model` on `device` and say the choice on stderr."""
+    chosen = resolve_precision(precision, device, model_width(model), key="--precision")
+    print(chosen.describe(), file=sys.stderr)
+    return chosen
