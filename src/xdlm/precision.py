@@ -3,10 +3,11 @@
 `precision="auto"` picks bf16 autocast only where bf16 matmuls are fast:
 
 - CUDA: when `torch.cuda.is_bf16_supported()` (Ampere and newer), else fp32;
-- CPU: by a measured probe (`cpu_bf16_speedup`): square fp32 and bf16 matmuls at the model's
-  width are timed for a few milliseconds each (once per process and width); bf16 is chosen when
-  it is at least `BF16_MIN_SPEEDUP` times as fast as fp32. CPUs with AMX / AVX512-BF16 pass;
-  AVX2-only CPUs (where a bf16 matmul has been measured 50x slower than fp32) fall back to fp32;
+- CPU: by a measured probe (`cpu_bf16_speedup`): fp32 and bf16 matmuls at the model's width
+  are timed, alternating, for a fraction of a second (once per process and width); bf16 is
+  chosen when it is at least `BF16_MIN_SPEEDUP` times as fast as fp32. CPUs with AMX /
+  AVX512-BF16 pass; AVX2-only CPUs (where a bf16 matmul has been measured 5-50x slower than
+  fp32) fall back to fp32;
 - any other device: fp32.
 
 An explicit `fp32`, `bf16` or `fp16` is always obeyed (fp16 is refused on CPU). Every command
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BF16_MIN_SPEEDUP = 1.0  # bf16 / fp32 throughput ratio above which `auto` picks bf16 on CPU
+BF16_MIN_SPEEDUP = 1.25  # bf16 / fp32 throughput ratio from which `auto` picks bf16 on CPU
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -56,36 +57,38 @@ class Precision:
         return f"precision {self.name} ({self.reason})"
 
 
-def _time_matmul(dtype: torch.dtype, width: int, budget_s: float, max_reps: int) -> float:
-    """Seconds per (256, width) @ (width, width) matmul in `dtype`, after one warm-up.
+def _matmul_seconds(dtype: torch.dtype, width: int) -> float:
+    """Wall seconds of one (512, width) @ (width, width) matmul in `dtype`.
 
-    The shape of a linear layer on a batch of 256 token vectors of size d = width.
+    The shape of a linear layer applied to 512 token vectors of size d = width.
     """
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(256, width, generator=gen).to(dtype)
+    a = torch.randn(512, width, generator=gen).to(dtype)
     b = torch.randn(width, width, generator=gen).to(dtype)
+    start = time.perf_counter()
     a @ b
-    reps, start = 0, time.perf_counter()
-    while reps < max_reps:
-        a @ b
-        reps += 1
-        if time.perf_counter() - start >= budget_s:
-            break
-    return (time.perf_counter() - start) / reps
+    return time.perf_counter() - start
 
 
 @functools.cache
 def cpu_bf16_speedup(width: int = 256) -> float:
     """Measured fp32 time / bf16 time of a linear layer of width d on this CPU (cached).
 
-    > 1 means bf16 is faster. About 20 ms of fp32 matmuls, then bf16 ones until 20 ms or 4
-    repetitions, so the probe costs well under a second even where bf16 is 50x slower. The width
-    is clamped to [128, 1024]: the probe should see the model's matmul shape but stay cheap.
+    > 1 means bf16 is faster. After one warm-up each, fp32 and bf16 matmuls alternate (so that
+    other load on the machine hits both alike) for at least 2 and at most 20 rounds, or until
+    0.25 s have passed; the fastest time of each is compared (the minimum is robust to the
+    process being preempted). Costs 0.1-1.5 s on an AVX2 CPU where bf16 is 5-50x slower. The
+    width is clamped to [256, 512]: below 256 the matmul is too small to show the kernels' speed
+    (an AVX2 CPU measured bf16 only 1.2x slower at 128 but 5-15x at 256-768), above 512 the probe
+    would cost seconds.
     """
-    width = int(min(max(width, 128), 1024))
-    fp32 = _time_matmul(torch.float32, width, budget_s=0.02, max_reps=200)
-    bf16 = _time_matmul(torch.bfloat16, width, budget_s=0.02, max_reps=4)
-    return fp32 / bf16
+    width = int(min(max(width, 256), 512))
+    _matmul_seconds(torch.float32, width), _matmul_seconds(torch.bfloat16, width)
+    fp32, bf16, start = [], [], time.perf_counter()
+    while len(fp32) < 2 or (len(fp32) < 20 and time.perf_counter() - start < 0.25):
+        fp32.append(_matmul_seconds(torch.float32, width))
+        bf16.append(_matmul_seconds(torch.bfloat16, width))
+    return min(fp32) / min(bf16)
 
 
 def _cpu_name() -> str:
