@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from xdlm.precision import cpu_description, resolve_precision
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -40,10 +41,11 @@ def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> f
 
 
 def machine() -> dict:
+    """CPU model, ISA capability, threads, what `precision=auto` picks here, torch, date."""
     return {
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        **cpu_description(),
+        "auto_precision": resolve_precision("auto", "cpu", width=768).describe(),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 

@@ -82,7 +82,9 @@ def render(data: dict) -> str:
     m = data["machine"]
     lines = [
         BEGIN,
-        f"Run: {data['mode']}, {m['date']}, torch {m['torch']}, {m['threads']} threads; "
+        f"Run: {data['mode']}, {m['date']}, {m.get('cpu', 'CPU not recorded')} "
+        f"({m.get('capability', '?')}), torch {m['torch']}, {m['threads']} threads, "
+        f"auto: {m.get('auto_precision', 'not recorded')}; "
         f"measured matmul peak fp32 {data['peak_gflops']['fp32']:.0f} GFLOP/s, "
         f"bf16 {data['peak_gflops']['bf16']:.0f} GFLOP/s.",
         "",

@@ -77,7 +77,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: float = 0.9999
-    precision: str = "auto"  # auto (bf16 only where measured faster: xdlm.precision) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 only where measured faster) | fp32 | bf16 | fp16
     compile: bool = False
     t_min: float = 1e-3
     antithetic: bool = True

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -150,3 +152,18 @@ def inference_precision(precision: str, device, model: torch.nn.Module) -> Preci
     chosen = resolve_precision(precision, device, model_width(model), key="--precision")
     print(chosen.describe(), file=sys.stderr)
     return chosen
+
+
+def cpu_description() -> dict:
+    """This CPU as recorded beside measured figures: model name, ISA capability, threads."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        model = names[0] if names else model
+    return {
+        "cpu": model,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
