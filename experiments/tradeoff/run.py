@@ -36,6 +36,7 @@ from xdlm.eval.genquality import load_scorer, sample_quality
 from xdlm.eval.likelihood import evaluate_split
 from xdlm.eval.sweep import SamplingSetting, sweep
 from xdlm.eval.zeroshot import zero_shot
+from xdlm.precision import cpu_description
 from xdlm.train.checkpoint import find_checkpoint, load_model, read_meta
 from xdlm.train.loop import train
 
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ks", default=None, help="comma-separated subset of k (default: all)")
-    parser.add_argument("--machine", default="2 shared CPU cores (nice -n 10)")
+    parser.add_argument("--machine", default="2 shared CPU cores (nice -n 10)", help="load")
     parser.add_argument("--publish", default=str(REPO), help="root for results/, docs/ output")
     args = parser.parse_args(argv)
     stages = args.stages.split(",")
@@ -265,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             results["models"][name]["train"] = run
         wall = sum(r["wall_s"] for r in runs.values())
         wall += sum(m["eval_wall_s"]["total"] for m in results["models"].values())
-        results.update(budget=args.budget, machine=args.machine, wall_s=wall)
+        cpu = cpu_description()
+        machine = f"{args.machine}; {cpu['cpu']} ({cpu['capability']}, {cpu['threads']} threads)"
+        results.update(budget=args.budget, machine=machine, wall_s=wall)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     if "report" in stages:
         results = json.loads((out / "results.json").read_text())

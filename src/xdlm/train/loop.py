@@ -136,6 +136,7 @@ class Trainer:
             "kernel": self.kernel.spec(),
             "schedule": schedule_spec(self.schedule),
             "config": cfg.to_dict(),
+            "precision": {"name": self.precision.name, "reason": self.precision.reason},
             "data": {
                 "path": cfg.data.path,
                 "vocab_size": self.manifest.vocab_size,
