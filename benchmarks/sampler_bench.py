@@ -1,7 +1,7 @@
 """Per-step sampler overhead outside the network vs one forward of the `small` DiT.
 
 reference: `kernel.posterior_probs` (B, L, V) + `sample_categorical` over every row;
-lean: `xdlm.core.fused.sample_posterior` (route per position, p_θ rows only where needed).
+lean: `xdlm.sampling.steps.sample_posterior` (route per position, p_θ rows only where needed).
 Both at k = 0.1 and k = 0 (MDLM), α_t = 0.5 → α_s = 0.55, about half of the positions masked.
 """
 
@@ -11,9 +11,9 @@ import torch
 
 from benchmarks.common import interleaved_times
 from xdlm.core.categorical import sample_categorical
-from xdlm.core.fused import sample_posterior
 from xdlm.core.kernel import MixedKernel
 from xdlm.models.dit import DiT, DiTConfig
+from xdlm.sampling.steps import sample_posterior
 
 
 def _cases(V: int, B: int, L: int) -> dict:

@@ -20,7 +20,7 @@ import torch
 
 from xdlm.core.objective import sample_times
 from xdlm.data.corpora import embedded_corpus_path
-from xdlm.train.checkpoint import load_model
+from xdlm.runs import load_run
 
 WORKER = Path(__file__).parent / "dist_scripts" / "worker.py"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "XDLM_DIST_TIMEOUT_S": "10"}
@@ -149,15 +149,15 @@ def test_resume_on_two_ranks_continues_exactly(runs, strategy):
 def test_consolidated_fsdp_checkpoint_loads_like_a_ddp_one(runs, tmp_path):
     runs, _ = runs
     with pytest.raises(ValueError, match="xdlm consolidate"):
-        load_model(runs["fsdp"])
+        load_run(runs["fsdp"])
     proc = subprocess.run(
         [sys.executable, "-m", "xdlm", "consolidate", runs["fsdp"], "--out", tmp_path / "c"],
         capture_output=True, text=True, env=ENV,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     for use_ema in (True, False):
-        a = load_model(tmp_path / "c", use_ema=use_ema)
-        b = load_model(runs["ddp"], use_ema=use_ema)
+        a = load_run(tmp_path / "c", use_ema=use_ema)
+        b = load_run(runs["ddp"], use_ema=use_ema)
         assert a.step == b.step == 6 and a.tokenizer is not None
         sb = b.model.state_dict()
         for name, value in a.model.state_dict().items():

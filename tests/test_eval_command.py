@@ -18,7 +18,7 @@ TEXT = "\n\n".join(" ".join(WORDS[i % 5 :] + WORDS[: i % 5]) for i in range(40))
 
 @pytest.fixture
 def run_dir(tmp_path, monkeypatch):
-    """A prepared dataset and a fake `load_model` returning a toy model on its tokenizer."""
+    """A prepared dataset and a fake `load_run` returning a toy model on its tokenizer."""
     (tmp_path / "c.txt").write_text(TEXT)
     man = prepare([tmp_path / "c.txt"], tmp_path / "data", tokenizer="char", seq_len=16)
     from xdlm.data import load_tokenizer_dir
@@ -36,7 +36,7 @@ def run_dir(tmp_path, monkeypatch):
         calls.append(use_ema)
         return loaded
 
-    monkeypatch.setattr("xdlm.train.checkpoint.load_model", fake_load)
+    monkeypatch.setattr("xdlm.runs.load_run", fake_load)
     monkeypatch.setattr("xdlm.eval.genquality.load_scorer", lambda name, device: tiny_scorer())
     return tmp_path, calls
 

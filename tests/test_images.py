@@ -13,8 +13,8 @@ from xdlm.config import load_config
 from xdlm.data.images import dequantize, image_info, prepare_images, quantize, tokens_to_images
 from xdlm.data.loader import ShardedLoader, TokenShards
 from xdlm.eval.images import class_diversity, frechet_distance, sample_classes
+from xdlm.runs import load_run
 from xdlm.sampling import generate
-from xdlm.train.checkpoint import load_model
 from xdlm.train.loop import train
 
 
@@ -107,7 +107,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_conditioning_changes_outputs_and_guidance_zero_is_unguided(tiny_run):
-    loaded = load_model(tiny_run / "run")
+    loaded = load_run(tiny_run / "run")
     z = torch.zeros(2, 36, dtype=torch.long)
     t = torch.full((2,), 0.5)
     a = loaded.model(z, t, None, torch.tensor([0, 0]))
@@ -140,7 +140,7 @@ def test_cli_sample_grid_strip_and_eval(tiny_run, tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["num_fake"] == 6 and 0 <= metrics["accuracy"] <= 1 and metrics["fid"] >= 0
-    loaded = load_model(run)
+    loaded = load_run(run)
     info = image_info(tiny_run / "data")
     s = sample_classes(loaded, info, steps=2, per_class=2, record=True)
     assert s.states.shape == (4, 4, 36)  # z_1, 2 steps, the final noise removal

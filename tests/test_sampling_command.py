@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import xdlm.runs as runs
 import xdlm.train.checkpoint as checkpoint
 from xdlm.builders import build_model
 from xdlm.cli import main
@@ -29,7 +30,7 @@ def _config(seq_len: int = 24, num_classes: int = 0) -> XDLMConfig:
 
 @pytest.fixture
 def fake_run(monkeypatch):
-    """A tiny untrained char-level DiT behind `load_model` (k = 0.1)."""
+    """A tiny untrained char-level DiT behind `load_run` (k = 0.1)."""
     tok = load_tokenizer("char", corpus_texts=[TEXT])
     cfg = _config(num_classes=2)
     torch.manual_seed(0)
@@ -39,7 +40,7 @@ def fake_run(monkeypatch):
         tokenizer=tok, config=cfg, step=7,
     )  # fmt: skip
     calls = []
-    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **kw: calls.append(kw) or loaded)
+    monkeypatch.setattr(runs, "load_run", lambda *a, **kw: calls.append(kw) or loaded)
     return SimpleNamespace(tok=tok, calls=calls)
 
 
@@ -126,7 +127,7 @@ def test_user_errors(fake_run, capsys):
 
 
 def test_real_checkpoint_round_trip(tmp_path):
-    """The `load_model` contract: a saved run directory samples end to end."""
+    """The `load_run` contract: a saved run directory samples end to end."""
     tok = load_tokenizer("char", corpus_texts=[TEXT])
     cfg = _config(seq_len=16)
     kern = MixedKernel(tok.vocab_size, tok.mask_id, 0.1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from scipy.stats import chisquare
 
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Cosine, LogLinear
@@ -21,6 +22,7 @@ from xdlm.sampling import (
     parse_infill,
     time_grid,
 )
+from xdlm.sampling.steps import sample_posterior
 
 V, M = 7, 6
 
@@ -149,3 +151,49 @@ def test_trajectory_classification_counts():
     assert tr.transitions()[2, 0].tolist() == [2, 0, 0, 1]
     udlm = Trajectory(torch.tensor([[[1, 2]], [[1, 3]]]), ["x"], None)
     assert udlm.counts().revised.tolist() == [[1]]
+
+
+@pytest.mark.parametrize("k,mask_id", [(0.0, 6), (0.1, 6), (1.0, 6), (1.0, None)])
+@pytest.mark.parametrize("alpha_s", [0.6, 1.0])
+def test_sample_posterior_is_exact_in_distribution(k, mask_id, alpha_s):
+    """Chi-square of lean draws against `posterior_probs` for masked, clean and noisy z_t."""
+    V, n = 7, 20_000
+    kern = MixedKernel(V, mask_id, k)
+    g = torch.Generator().manual_seed(int(10 * k) + int(10 * alpha_s))
+    logits = torch.randn(V, generator=g, dtype=torch.float64) * 1.5
+    if mask_id is not None:
+        logits[mask_id] = float("-inf")
+    p = torch.softmax(logits, -1)
+    states = [0, 3] + ([mask_id] if mask_id is not None else [])
+    probs = p.expand(1, n * len(states), V)
+    z_t = torch.tensor(states).repeat_interleave(n)[None]
+    at, as_ = torch.tensor([0.3]), torch.tensor([alpha_s])
+    z_s = sample_posterior(kern, probs, z_t, at, as_, generator=g)
+    ref = kern.posterior_probs(probs[:, ::n], z_t[:, ::n], at, as_)[0]
+    for i in range(len(states)):
+        counts = torch.bincount(z_s[0, i * n : (i + 1) * n], minlength=V).double()
+        expected = ref[i] * n
+        assert (counts[expected == 0] == 0).all()
+        keep = expected > 0
+        if keep.sum() > 1:
+            assert (
+                chisquare(counts[keep], expected[keep] * counts.sum() / expected.sum()).pvalue
+                > 1e-3
+            )
+
+
+def test_sample_posterior_k0_keeps_visible_and_is_reproducible():
+    V = 50
+    kern = MixedKernel.mdlm(V, V - 1)
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(
+        torch.randn(2, 64, V, generator=g).index_fill(-1, torch.tensor([V - 1]), -1e9), -1
+    )
+    z_t = torch.randint(V, (2, 64), generator=g)
+    at, as_ = torch.tensor([0.2, 0.5]), torch.tensor([0.4, 1.0])
+    a = sample_posterior(kern, probs, z_t, at, as_, torch.Generator().manual_seed(3))
+    b = sample_posterior(kern, probs, z_t, at, as_, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    visible = z_t != V - 1
+    assert torch.equal(a[visible], z_t[visible])
+    assert not (a[1] == V - 1).any()  # α_s = 1: no mask survives the final step

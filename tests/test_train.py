@@ -12,8 +12,8 @@ import torch
 from xdlm.cli import main as cli_main
 from xdlm.config import load_config
 from xdlm.data.corpora import embedded_corpus_path
+from xdlm.runs import find_checkpoint, load_run
 from xdlm.train import loop as loop_mod
-from xdlm.train.checkpoint import find_checkpoint, load_model
 from xdlm.train.loop import NonFiniteLossError, train
 
 
@@ -65,7 +65,7 @@ def test_loss_falls_on_real_text(corpus, tmp_path):
     last = sum(curve[s] for s in range(56, 61)) / 5
     assert last < first - 0.5, (first, last)
     assert result.valid["valid_nats_per_token"] < first
-    loaded = load_model(tmp_path / "run")
+    loaded = load_run(tmp_path / "run")
     assert loaded.step == 60 and loaded.kernel.k == 0.1 and loaded.tokenizer is not None
 
 
@@ -77,8 +77,8 @@ def test_resume_equals_uninterrupted(corpus, tmp_path):
     assert straight.step == resumed.step == 6
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert [la[s] for s in (4, 5, 6)] == [lb[s] for s in (4, 5, 6)]
-    wa = load_model(tmp_path / "a", use_ema=False).model.state_dict()
-    wb = load_model(tmp_path / "b", use_ema=False).model.state_dict()
+    wa = load_run(tmp_path / "a", use_ema=False).model.state_dict()
+    wb = load_run(tmp_path / "b", use_ema=False).model.state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -176,7 +176,7 @@ def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert find_checkpoint(tmp_path / "run").name == "step_0000003"
-    assert load_model(tmp_path / "run").step == 3
+    assert load_run(tmp_path / "run").step == 3
     assert train(tiny_cfg(corpus, tmp_path / "data"), tmp_path / "run", resume=True).step == 6
 
 
@@ -236,7 +236,7 @@ def test_ema_can_be_turned_off(corpus, tmp_path):
     )
     assert result.step == 3 and result.valid is not None
     assert not (find_checkpoint(tmp_path / "run") / "ema.safetensors").exists()
-    assert load_model(tmp_path / "run").step == 3
+    assert load_run(tmp_path / "run").step == 3
 
 
 @pytest.mark.parametrize(

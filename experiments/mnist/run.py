@@ -27,7 +27,7 @@ from xdlm.commands.images import reference_classifier, save_grid
 from xdlm.config import load_config
 from xdlm.data.images import image_info, prepare_images
 from xdlm.eval.images import classifier_accuracy, image_metrics, sample_classes
-from xdlm.train.checkpoint import load_model
+from xdlm.runs import load_run
 from xdlm.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,7 +51,7 @@ def _train(k: float, run_dir: Path, overrides: list[str]) -> float | None:
 
 def evaluate(k: float, run_dir: Path, data_dir: str, tag: str = "") -> dict:
     """Metrics at every (steps, guidance) of the grid for one trained model."""
-    loaded = load_model(run_dir)
+    loaded = load_run(run_dir)
     info = image_info(data_dir)
     clf, real = reference_classifier(data_dir, SEED)
     rows = []

@@ -37,7 +37,7 @@ from xdlm.eval.likelihood import evaluate_split
 from xdlm.eval.sweep import SamplingSetting, sweep
 from xdlm.eval.zeroshot import zero_shot
 from xdlm.precision import cpu_description
-from xdlm.train.checkpoint import find_checkpoint, load_model, read_meta
+from xdlm.runs import find_checkpoint, load_run, read_meta
 from xdlm.train.loop import train
 
 HERE = Path(__file__).resolve().parent
@@ -150,7 +150,7 @@ SAMPLER = {"sampler": "ancestral", "final": "ancestral", "grid": "t", "t_end": 1
 
 def evaluate_model(run_dir: Path, data_dir: Path, spec: dict, scorer, device: str) -> dict:
     """Validation NELBO, zero-shot NELBO per corpus and the few-step sample sweep of one model."""
-    loaded = load_model(run_dir, device=device)
+    loaded = load_run(run_dir, device=device)
     model, kernel, schedule, tok = loaded.model, loaded.kernel, loaded.schedule, loaded.tokenizer
     seq_len, bound = (
         loaded.config.data.seq_len,

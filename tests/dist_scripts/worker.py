@@ -26,6 +26,7 @@ import torch
 from xdlm.config import DistConfig
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import make_schedule
+from xdlm.eval.distributed import evaluate_rows_distributed, gather_samples
 from xdlm.models.dit import DiT, DiTConfig
 from xdlm.train import distributed as D
 
@@ -110,12 +111,12 @@ def eval_mode(ctx: D.DistContext) -> dict:
             yield ids, type("R", (), {"tokens": rows[ids], "attention_mask": None})()
 
     one = evaluate_rows(model, kernel, schedule, batches(), t_samples=2)
-    dist = D.evaluate_rows_distributed(model, kernel, schedule, batches(), ctx, t_samples=2)
+    dist = evaluate_rows_distributed(model, kernel, schedule, batches(), ctx, t_samples=2)
 
     def gen(n: int) -> torch.Tensor:
         return torch.full((n, 3), ctx.rank)
 
-    samples = D.gather_samples(gen, 5, ctx)
+    samples = gather_samples(gen, 5, ctx)
     return {"one": one.to_dict(), "dist": dist.to_dict(), "samples": samples.tolist()}
 
 

@@ -5,7 +5,7 @@
 
 `--out` becomes a run directory with the layout of a one-process run (config.yaml, tokenizer/,
 checkpoints/step_N/{model,ema}.safetensors + state.pt + meta.json, checkpoints/latest), so
-`load_model`, `xdlm sample` and `xdlm eval` take it as they take any run. One process, no
+`xdlm.runs.load_run`, `xdlm sample` and `xdlm eval` take it as they take any run. One process, no
 process group: DCP reshards the saved shards onto the full model. The optimizer state is not
 carried over (resume the original run to keep training).
 """
@@ -35,12 +35,8 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
     from xdlm.builders import build_model
     from xdlm.config import config_from_dict
     from xdlm.models.ema import EMA
-    from xdlm.train.checkpoint import (
-        find_checkpoint,
-        load_sharded_state,
-        read_meta,
-        save_checkpoint,
-    )
+    from xdlm.runs import find_checkpoint, read_meta
+    from xdlm.train.checkpoint import load_sharded_state, save_checkpoint
 
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
@@ -74,5 +70,5 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
 
 def run(args) -> int:
     final = consolidate(args.path, args.out)
-    print(f"wrote {final}; load it with load_model({str(Path(args.out))!r}) or xdlm sample")
+    print(f"wrote {final}; load it with load_run({str(Path(args.out))!r}) or xdlm sample")
     return 0

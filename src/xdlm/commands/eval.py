@@ -62,11 +62,11 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import xdlm
-    from xdlm.train.checkpoint import load_model
+    from xdlm.runs import load_run
 
     if not (args.data or args.zero_shot or args.gen_ppl):
         raise ValueError("nothing to evaluate: pass --data, --zero-shot and/or --gen-ppl")
-    loaded = load_model(args.ckpt, device=args.device, use_ema=not args.no_ema)
+    loaded = load_run(args.ckpt, device=args.device, use_ema=not args.no_ema)
     report = {
         "xdlm_version": xdlm.__version__,
         "checkpoint": str(loaded.checkpoint),

@@ -75,9 +75,9 @@ def run(args) -> int:
 def _load(args):
     from xdlm.data.images import image_info
     from xdlm.eval.images import sample_classes
-    from xdlm.train.checkpoint import load_model
+    from xdlm.runs import load_run
 
-    loaded = load_model(args.ckpt)
+    loaded = load_run(args.ckpt)
     info = image_info(loaded.config.data.path)
     with inference_precision(args.precision, "cpu", loaded.model).autocast("cpu"):
         samples = sample_classes(

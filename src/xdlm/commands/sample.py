@@ -119,10 +119,10 @@ def sample_from_run(
 
     `settings` override fields of `request` (e.g. `sample_from_run(run, steps=8, num_samples=2)`).
     """
-    from xdlm.train.checkpoint import load_model
+    from xdlm.runs import load_run
 
     req = dataclasses.replace(request or SampleRequest(), **settings)
-    loaded = load_model(run_dir, device=req.device, use_ema=req.use_ema)
+    loaded = load_run(run_dir, device=req.device, use_ema=req.use_ema)
     seq_len = req.seq_len or loaded.config.data.seq_len
     batch = req.batch_size or req.num_samples
     gen = torch.Generator(req.device).manual_seed(req.seed)

@@ -41,6 +41,8 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, args.out, resume=args.resume)
+    if not _is_main():  # under torchrun only rank 0 reports and samples
+        return 130 if result.interrupted else 0
     print(
         f"trained to step {result.step} at {result.tokens_per_s:,.0f} tokens/s; "
         f"last loss {result.last_loss}; run dir {result.run_dir}"
@@ -58,6 +60,7 @@ def run(args) -> int:
 
 
 def _is_main() -> bool:
+    """Rank 0 of a torchrun job, or a plain single process."""
     import os
 
     return os.environ.get("RANK", "0") == "0"

@@ -24,15 +24,6 @@ def sample_categorical(
     return idx.clamp_max(probs.shape[-1] - 1)
 
 
-def gumbel_argmax(
-    logits: Tensor, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64
-) -> Tensor:
-    """argmax(logits + Gumbel noise) in `dtype`: a draw from softmax(logits). (…, V) -> (…)."""
-    u = torch.rand(logits.shape, generator=generator, dtype=dtype, device=logits.device)
-    gumbel = -torch.log(-torch.log(u.clamp_min(torch.finfo(dtype).tiny)))
-    return (logits.to(dtype) + gumbel).argmax(-1)
-
-
 def filter_logits(
     logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> Tensor:

@@ -1,4 +1,4 @@
-"""Memory-light XDLM training loss and sampler step.
+"""Memory-light XDLM training loss: the NELBO fused into the output head.
 
 `fused_nelbo` computes the NELBO integrand ℓ_t(x, z) (see `MixedKernel.nelbo`) straight from the
 final hidden states h (B, L, D) and the output projection W (V, D): logits = h·Wᵀ + b are built
@@ -10,11 +10,6 @@ per-row formula (`MixedKernel.nelbo_rows`) and accumulates
 
 Peak extra memory is O(chunk_size·V + V·D) instead of a handful of B·L·V tensors; the cost is one
 more h·Wᵀ matmul per chunk in backward.
-
-`sample_posterior` draws z_s ~ p_θ(z_s | z_t) without (B, L, V) temporaries, using the
-decomposition of `MixedKernel.posterior_coefficients`: each position first picks a route
-(p_θ-part, uniform part, stay at z_t, re-mask) from four per-position masses, and only positions
-on the p_θ route draw from p_θ (float64 inverse CDF on those rows only).
 """
 
 from __future__ import annotations
@@ -23,12 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from xdlm.core.categorical import sample_categorical
 from xdlm.core.kernel import MixedKernel
+from xdlm.core.logit_stats import CHUNK_ELEMENTS
 from xdlm.core.objective import LossOutput, corrupt_batch, reduce_loss
 from xdlm.core.schedules import Schedule
-
-CHUNK_ELEMENTS = 1 << 22  # default chunk: about 4M logits (16 MB in float32) per chunk
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -98,7 +91,7 @@ def fused_nelbo(
         kernel: the MixedKernel (its V must equal weight.shape[0]).
         x0, z_t: LongTensor (B, L) clean and noisy ids.
         alpha, dalpha: α_t, α'_t (B,). No gradient flows to them (times are not learned).
-        chunk_size: tokens per chunk (default `default_chunk_size(V)`, ~64 MB of float32 logits).
+        chunk_size: tokens per chunk (default `default_chunk_size(V)`, ~16 MB of float32 logits).
         bias: b (V,) or None.
 
     Gradients flow to hidden, weight and bias; autocast (e.g. bf16) applies to the chunk matmuls
@@ -167,39 +160,3 @@ def fused_diffusion_loss(
         bias=head.bias,
     )
     return reduce_loss(per_token, batch, loss_mask if loss_mask is not None else attention_mask)
-
-
-def sample_posterior(
-    kernel: MixedKernel,
-    probs: Tensor,
-    z_t: Tensor,
-    alpha_t: Tensor,
-    alpha_s: Tensor,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """One ancestral step z_s ~ p_θ(z_s | z_t) (B, L), exact, without (B, L, V) temporaries.
-
-    With p_θ = probs (B, L, V) (p_θ(m) = 0, rows summing to 1; filters already applied) and the
-    per-position masses of `kernel.posterior_coefficients`,
-
-        p(e) = scale·p_θ(e) + shift + stay·[e = z_t] + remask·[e = m],
-
-    a position takes route R ∈ {p_θ, uniform, stay, re-mask} with probability ∝ (scale,
-    V·shift, stay, remask), then emits a draw from p_θ, a uniform id in [0, V), z_t, or m. Only
-    the p_θ-route rows are read in full (float64 inverse CDF); at k = 0 visible positions always
-    stay and are never read. α_t, α_s (B,) with α_s ≥ α_t; α_s = 1 is the final step.
-    """
-    kernel._check_step(probs, z_t, alpha_t, alpha_s)
-    p_z = probs.gather(-1, z_t.unsqueeze(-1)).squeeze(-1).to(torch.float64)
-    c = kernel.posterior_coefficients(p_z, z_t, alpha_t.double(), alpha_s.double())
-    cum = torch.stack([c.scale, kernel.vocab_size * c.shift, c.stay, c.remask], -1).cumsum(-1)
-    u = torch.rand(z_t.shape, generator=generator, dtype=torch.float64, device=z_t.device)
-    route = (u.unsqueeze(-1) * cum[..., -1:] >= cum).sum(-1)  # 0 p_θ, 1 uniform, 2 stay, 3 mask
-    uniform = torch.randint(kernel.vocab_size, z_t.shape, generator=generator, device=z_t.device)
-    z_s = torch.where(route == 1, uniform, z_t)
-    if kernel.mask_id is not None:
-        z_s = z_s.masked_fill(route == 3, kernel.mask_id)
-    rows = (route == 0).nonzero(as_tuple=True)
-    if rows[0].numel():
-        z_s[rows] = sample_categorical(probs[rows], generator)
-    return z_s

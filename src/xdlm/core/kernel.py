@@ -140,7 +140,7 @@ class MixedKernel:
 
         Written as  a·p_θ + c  plus a "stay" mass at z and a "re-mask" mass at m.
         """
-        self._check_step(x0_probs, z_t, alpha_t, alpha_s)
+        self.check_posterior_args(x0_probs, z_t, alpha_t, alpha_s)
         p = x0_probs.to(torch.promote_types(x0_probs.dtype, torch.float32))
         c = self.posterior_coefficients(
             p.gather(-1, z_t.unsqueeze(-1)).squeeze(-1), z_t, alpha_t, alpha_s
@@ -329,7 +329,10 @@ class MixedKernel:
                 f"={bad:.3g}; swap the two times"
             )
 
-    def _check_step(self, x0_probs: Tensor, z_t: Tensor, alpha_t: Tensor, alpha_s: Tensor) -> None:
+    def check_posterior_args(
+        self, x0_probs: Tensor, z_t: Tensor, alpha_t: Tensor, alpha_s: Tensor
+    ) -> None:
+        """ValueError unless p_θ (B, L, V), z_t (B, L), α_t, α_s (B,) with α_s ≥ α_t fit."""
         self._check_vocab(x0_probs.shape[-1], "x0_probs")
         if x0_probs.shape[:-1] != z_t.shape:
             raise ValueError(

@@ -191,7 +191,7 @@ def sample_classes(
     loaded, info: ImageInfo, *, steps: int, per_class: int, guidance: float = 0.0,
     seed: int = 0, sampler: str = "ancestral", record: bool = False, conditional: bool = True,
 ) -> ClassSamples:  # fmt: skip
-    """`per_class` samples of every class from a `load_model` result (null class when
+    """`per_class` samples of every class from a `load_run` result (null class when
     `conditional` is False). The cache is off: image models are time-conditioned."""
     labels = torch.arange(info.num_classes).repeat_interleave(per_class)
     out = generate(

@@ -194,7 +194,7 @@ def sequence_bounds(
     `discrete_steps` = T selects the discrete-T bound (`sequence_discrete_nelbo`, which uses only
     `seed` of `kwargs`); otherwise `kwargs` go to `sequence_nelbo` (seed, t_samples, method,
     t_min). No batches give empty (0,) tensors. The one loop behind `evaluate_rows` and
-    `xdlm.train.distributed.evaluate_rows_distributed`.
+    `xdlm.eval.distributed.evaluate_rows_distributed`.
     """
     device = next(iter(denoiser.parameters()), torch.empty(0)).device
     nats, tokens = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.int64)]

@@ -10,7 +10,10 @@ fixed position (prompt, infilling context, earlier semi-AR block) never changes.
 Samplers (frozen dataclasses with a `step` method):
 
 - `Ancestral`: the exact XDLM posterior p_θ(z_s | z_t) for any k (`MixedKernel.posterior_probs`)
-  with p_θ = softmax(filtered logits), then a float64 categorical draw.
+  with p_θ = softmax(filtered logits), drawn by `sample_posterior`: each position first picks
+  a route (p_θ-part, uniform part, stay at z_t, re-mask) from the four per-position masses of
+  `MixedKernel.posterior_coefficients`, and only positions on the p_θ route draw from p_θ
+  (float64 inverse CDF on those rows only), so no (B, L, V) temporaries exist.
 - `ReMDM` (k = 0 only): MDLM's posterior with remasking of a fraction σ_t of visible tokens.
 - `Confidence` (in `xdlm.sampling.confidence`): LLaDA-style greedy unmasking + edit budget.
 
@@ -26,7 +29,6 @@ import torch
 from torch import Tensor
 
 from xdlm.core.categorical import denoiser_probs, sample_categorical
-from xdlm.core.fused import sample_posterior
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Schedule
 
@@ -69,10 +71,6 @@ class Fixed:
     def pin(self, z: Tensor) -> Tensor:
         """z with every fixed position set to its fixed token (a new tensor)."""
         return torch.where(self.mask, self.tokens.to(z.device), z)
-
-    def window(self, start: int, end: int) -> Fixed:
-        """The columns [start, end)."""
-        return Fixed(self.mask[:, start:end], self.tokens[:, start:end])
 
 
 @dataclass(frozen=True)
@@ -120,13 +118,49 @@ class Sampler(Protocol):
     ) -> StepOutput: ...
 
 
+def sample_posterior(
+    kernel: MixedKernel,
+    probs: Tensor,
+    z_t: Tensor,
+    alpha_t: Tensor,
+    alpha_s: Tensor,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One ancestral step z_s ~ p_θ(z_s | z_t) (B, L), exact, without (B, L, V) temporaries.
+
+    With p_θ = probs (B, L, V) (p_θ(m) = 0, rows summing to 1; filters already applied) and the
+    per-position masses of `kernel.posterior_coefficients`,
+
+        p(e) = scale·p_θ(e) + shift + stay·[e = z_t] + remask·[e = m],
+
+    a position takes route R ∈ {p_θ, uniform, stay, re-mask} with probability ∝ (scale,
+    V·shift, stay, remask), then emits a draw from p_θ, a uniform id in [0, V), z_t, or m. Only
+    the p_θ-route rows are read in full (float64 inverse CDF); at k = 0 visible positions always
+    stay and are never read. α_t, α_s (B,) with α_s ≥ α_t; α_s = 1 is the final step.
+    """
+    kernel.check_posterior_args(probs, z_t, alpha_t, alpha_s)
+    p_z = probs.gather(-1, z_t.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+    c = kernel.posterior_coefficients(p_z, z_t, alpha_t.double(), alpha_s.double())
+    cum = torch.stack([c.scale, kernel.vocab_size * c.shift, c.stay, c.remask], -1).cumsum(-1)
+    u = torch.rand(z_t.shape, generator=generator, dtype=torch.float64, device=z_t.device)
+    route = (u.unsqueeze(-1) * cum[..., -1:] >= cum).sum(-1)  # 0 p_θ, 1 uniform, 2 stay, 3 mask
+    uniform = torch.randint(kernel.vocab_size, z_t.shape, generator=generator, device=z_t.device)
+    z_s = torch.where(route == 1, uniform, z_t)
+    if kernel.mask_id is not None:
+        z_s = z_s.masked_fill(route == 3, kernel.mask_id)
+    rows = (route == 0).nonzero(as_tuple=True)
+    if rows[0].numel():
+        z_s[rows] = sample_categorical(probs[rows], generator)
+    return z_s
+
+
 @dataclass(frozen=True)
 class Ancestral:
     """z_s ~ p_θ(z_s | z_t) ∝ Q_{t|s}(z_t | z_s)·f_{α_s}(p_θ, z_s): reveal, revise and re-mask.
 
     The closed form is `MixedKernel.posterior_probs`; the draw is the lean exact sampler
-    `xdlm.core.fused.sample_posterior` (route per position, float64 inverse CDF only on the rows
-    that draw from p_θ, no (B, L, V) temporaries), so no zero-probability state is ever drawn.
+    `sample_posterior` (route per position, float64 inverse CDF only on the rows that draw
+    from p_θ, no (B, L, V) temporaries), so no zero-probability state is ever drawn.
     """
 
     uses_final_step: bool = True

@@ -38,11 +38,6 @@ class TransitionCounts:
     revised: Tensor
     remasked: Tensor
 
-    def totals(self) -> dict[str, list[int]]:
-        """Per step counts summed over the batch: name -> list of S ints."""
-        names = ("revealed", "revised", "remasked")
-        return {n: getattr(self, n).sum(-1).tolist() for n in names}
-
 
 @dataclass(frozen=True)
 class Trajectory:

@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints and loading a trained model for sampling / evaluation.
+"""Atomic, resumable checkpoints (writing, and reading back for `--resume`).
 
 Layout of a run directory:
 
@@ -14,7 +14,8 @@ Layout of a run directory:
 A checkpoint is written into `step_N.tmp-PID`, fsynced, renamed into place, and only then
 `latest` is replaced (os.replace): a crash or `kill -9` at any moment leaves the previous
 checkpoint loadable. `meta.json` records the kernel (V, mask id, k), the schedule, the data
-manifest ids and the config, so `sample`/`eval` need nothing else.
+manifest ids and the config, so `sample`/`eval` need nothing else: they load a run with
+`xdlm.runs.load_run`, which never imports this package.
 """
 
 from __future__ import annotations
@@ -22,20 +23,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from xdlm.config import XDLMConfig, config_from_dict
-from xdlm.core.kernel import MixedKernel
-from xdlm.core.schedules import Schedule, make_schedule
 from xdlm.models.ema import EMA
-
-LATEST = "latest"
+from xdlm.runs import LATEST, load_weights
 
 
 def _fsync_dir(path: Path) -> None:
@@ -154,38 +149,9 @@ def _prune(ckpt_root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
 
 
-def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a run directory (via `latest`) or a checkpoint path."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path
-    pointer = path / "checkpoints" / LATEST
-    if pointer.is_file():
-        ckpt = path / "checkpoints" / pointer.read_text().strip()
-        if (ckpt / "meta.json").is_file():
-            return ckpt
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no run or checkpoint at {path}; pass the --out dir of `xdlm train`"
-        )
-    raise FileNotFoundError(
-        f"{path} holds no complete checkpoint (no checkpoints/latest or "
-        "meta.json); train longer than one save interval or pass a step dir"
-    )
-
-
-def read_meta(ckpt: Path) -> dict:
-    return json.loads((ckpt / "meta.json").read_text())
-
-
 def load_train_state(ckpt: Path, model: torch.nn.Module) -> tuple[dict, dict | None]:
     """Load weights into `model`; return (train_state, ema_state or None)."""
-    missing, unexpected = st_load_model(model, str(ckpt / "model.safetensors"), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {ckpt} does not fit the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; use the config the run was trained with"
-        )
+    load_weights(ckpt, model)
     state = torch.load(ckpt / "state.pt", weights_only=False)
     ema = None
     if (ckpt / "ema.safetensors").is_file():
@@ -218,53 +184,3 @@ def load_sharded_state(
     if ema is not None:
         ema.load_state_dict({"shadow": ema.shadow, **train_state.get("ema_meta", {})})
     return train_state
-
-
-def kernel_from_meta(meta: dict) -> MixedKernel:
-    return MixedKernel(**meta["kernel"])
-
-
-def schedule_from_meta(meta: dict) -> Schedule:
-    return make_schedule(**meta["schedule"])
-
-
-@dataclass
-class Loaded:
-    """A trained model ready for sampling / evaluation (eval mode, EMA weights by default)."""
-
-    model: torch.nn.Module
-    kernel: MixedKernel
-    schedule: Schedule
-    tokenizer: object | None
-    config: XDLMConfig
-    step: int
-    checkpoint: Path
-
-
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
-) -> Loaded:
-    """Load RUN_DIR (its latest checkpoint) or a checkpoint dir for inference."""
-    from xdlm.builders import build_model
-    from xdlm.data.tokenizers import load_tokenizer_dir
-
-    ckpt = find_checkpoint(path)
-    meta = read_meta(ckpt)
-    if meta.get("sharded"):
-        raise ValueError(
-            f"{ckpt} is a sharded (FSDP) checkpoint; turn it into a single-file one first: "
-            f"xdlm consolidate {ckpt} --out DIR"
-        )
-    cfg = config_from_dict(meta["config"])
-    model = build_model(cfg.model, meta["kernel"]["vocab_size"])
-    _, ema = load_train_state(ckpt, model)
-    if use_ema and ema is not None:
-        averaged = EMA(model)
-        averaged.load_state_dict(ema)
-        averaged.copy_to(model)
-    tok_dir = ckpt.parent.parent / "tokenizer"
-    tokenizer = load_tokenizer_dir(tok_dir) if tok_dir.is_dir() else None
-    model.to(device).eval()
-    return Loaded(
-        model, kernel_from_meta(meta), schedule_from_meta(meta), tokenizer, cfg, meta["step"], ckpt
-    )

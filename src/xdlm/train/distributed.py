@@ -3,7 +3,8 @@
 Nothing else in the library knows it is distributed: the loop asks this module for its rank,
 wraps the model here (`wrap_model`: DDP, or FSDP2 per transformer block + root, with optional
 activation checkpointing, bf16 mixed precision and CPU offload), reduces (sum, count) pairs with
-`all_reduce_sum`, and gathers per-rank rows (samples, per-sequence NELBOs) with `gather_rows`.
+`all_reduce_sum` and gathers per-rank state with `gather_objects` (the collectives live in
+`xdlm.collectives`, shared with `xdlm.eval.distributed`).
 
     python -m xdlm train ...                                           # one process
     torchrun --nproc_per_node 2 -m xdlm train ... --set dist.strategy=ddp
@@ -21,30 +22,24 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from xdlm.collectives import (  # noqa: F401  (re-exported: the loop's one distributed module)
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    gather_objects,
+    gather_rows,
+)
 from xdlm.config import DistConfig
 
 TIMEOUT_ENV = "XDLM_DIST_TIMEOUT_S"
 STRATEGIES = ("none", "ddp", "fsdp")
-
-
-@dataclass(frozen=True)
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -196,62 +191,6 @@ def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> Te
 # ---------------------------------------------------------------------- collectives
 
 
-def all_reduce_sum(x: Tensor, ctx: DistContext) -> Tensor:
-    """Σ over ranks (a new tensor; identity on one process)."""
-    if ctx.world_size == 1:
-        return x
-    x = x.clone()
-    dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
-
-
-def rank_share(n: int, ctx: DistContext) -> int:
-    """This rank's share of `n` items split as evenly as possible (lower ranks get the extra)."""
-    return n // ctx.world_size + int(ctx.rank < n % ctx.world_size)
-
-
-def rank_items(items: Iterable, ctx: DistContext) -> Iterator:
-    """Every `world_size`-th item, starting at `rank` (ranks are disjoint and cover all items)."""
-    for i, item in enumerate(items):
-        if i % ctx.world_size == ctx.rank:
-            yield item
-
-
-def gather_rows(x: Tensor, ctx: DistContext) -> Tensor:
-    """Concatenate `x` (n_r, ...) of every rank along dim 0 in rank order -> (Σ n_r, ...).
-
-    The row counts n_r may differ between ranks; every rank gets the result."""
-    if ctx.world_size == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.zeros_like(n) for _ in range(ctx.world_size)]
-    dist.all_gather(counts, n)
-    top = int(max(c.item() for c in counts))
-    padded = torch.zeros((top, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(ctx.world_size)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts, strict=True)])
-
-
-def gather_samples(generate_fn, num_samples: int, ctx: DistContext) -> Tensor:
-    """Sample `num_samples` sequences split across ranks and gathered (rank order) on all ranks.
-
-    `generate_fn(batch_size) -> LongTensor (batch_size, L)` does the per-rank work, e.g.
-    `lambda b: xdlm.sampling.generate(model, kernel, schedule, batch_size=b, ...).z` with a
-    generator seeded by rank. Returns (num_samples, L)."""
-    return gather_rows(generate_fn(rank_share(num_samples, ctx)), ctx)
-
-
-def gather_objects(obj, ctx: DistContext) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects, e.g. RNG states)."""
-    if ctx.world_size == 1:
-        return [obj]
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def rank_state(states: list[dict], ctx: DistContext) -> dict:
     """This rank's entry of `gather_objects` output saved by a run of `len(states)` ranks.
 
@@ -277,24 +216,6 @@ def describe_batch(micro: int, accum: int, strategy: str, ctx: DistContext) -> s
         f"global batch {micro * accum * ctx.world_size} sequences = micro {micro} x accum {accum} "
         f"x world {ctx.world_size} (dist.strategy={strategy}, device {ctx.device})"
     )
-
-
-def evaluate_rows_distributed(denoiser, kernel, schedule, batches, ctx: DistContext, **kwargs):
-    """`xdlm.eval.likelihood.evaluate_rows` with the batches split across ranks (batch i on rank
-    i mod W) and the per-sequence bounds gathered before `summarize`: the same result, error
-    bars included, as one process (each sequence's noise is seeded by its row id). `kwargs` as
-    in `evaluate_rows` (discrete_steps, seed, t_samples, method, t_min)."""
-    from xdlm.eval import likelihood as lk
-
-    seq = lk.sequence_bounds(denoiser, kernel, schedule, rank_items(batches, ctx), **kwargs)
-    device = next(iter(denoiser.parameters())).device
-    nats = gather_rows(seq.nats.to(device), ctx).cpu()
-    return lk.summarize(nats, gather_rows(seq.tokens.to(device), ctx).cpu())
-
-
-def barrier(ctx: DistContext) -> None:
-    if ctx.world_size > 1:
-        dist.barrier()
 
 
 def cleanup(ctx: DistContext) -> None:

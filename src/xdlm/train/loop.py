@@ -45,12 +45,11 @@ from xdlm.data.loader import ShardedLoader, TokenShards
 from xdlm.data.tokenizers import load_tokenizer_dir
 from xdlm.models.ema import EMA
 from xdlm.precision import model_width, resolve_precision
+from xdlm.runs import find_checkpoint, read_meta
 from xdlm.train import distributed as D
 from xdlm.train.checkpoint import (
-    find_checkpoint,
     load_sharded_state,
     load_train_state,
-    read_meta,
     save_checkpoint,
     save_sharded_checkpoint,
 )

@@ -1,0 +1,99 @@
+"""The import direction of docs/CONVENTIONS.md, read from the source with `ast`.
+
+core <- sampling <- eval; core/models/data <- train; everything <- builders/runs <- commands.
+Function-level (lazy) imports count like top-level ones.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "xdlm"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every `xdlm...` module `path` imports (absolute or relative, at any depth)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = _module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else None
+    package = package or _module_name(path)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}  # `from xdlm import train`
+    return {m for m in found if m == "xdlm" or m.startswith("xdlm.")}
+
+
+GRAPH = {_module_name(p): _imports(p) for p in sorted(SRC.rglob("*.py"))}
+
+
+def _within(name: str, *packages: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def _violations(importer: str, allowed) -> list[str]:
+    return [
+        f"{src} imports {dst}"
+        for src, deps in GRAPH.items()
+        if _within(src, importer)
+        for dst in deps
+        if dst in GRAPH and not allowed(dst)
+    ]
+
+
+def test_graph_is_read():
+    assert "xdlm.core.kernel" in GRAPH["xdlm.core.fused"]
+    assert "xdlm.runs" in GRAPH["xdlm.commands.sample"]
+
+
+def test_core_imports_nothing_of_ours_but_core():
+    assert _violations("xdlm.core", lambda d: _within(d, "xdlm.core")) == []
+
+
+def test_sampling_imports_only_core_and_the_model_protocol():
+    allowed = ("xdlm.core", "xdlm.sampling", "xdlm.models.protocol")
+    assert _violations("xdlm.sampling", lambda d: _within(d, *allowed)) == []
+
+
+@pytest.mark.parametrize("package", ["xdlm.eval", "xdlm.data", "xdlm.models", "xdlm.sampling"])
+def test_inference_packages_never_import_train(package):
+    assert _violations(package, lambda d: not _within(d, "xdlm.train")) == []
+
+
+def test_only_commands_import_train():
+    importers = {
+        src
+        for src, deps in GRAPH.items()
+        if any(_within(d, "xdlm.train") for d in deps) and not _within(src, "xdlm.train")
+    }
+    assert importers and all(_within(src, "xdlm.commands") for src in importers), importers
+
+
+def test_builders_and_runs_never_import_commands_or_train():
+    for name in ("xdlm.builders", "xdlm.runs", "xdlm.config"):
+        bad = [d for d in GRAPH[name] if _within(d, "xdlm.train", "xdlm.commands")]
+        assert bad == [], f"{name} imports {bad}"
+
+
+def test_only_the_cli_imports_commands():
+    bad = [
+        src
+        for src, deps in GRAPH.items()
+        if any(_within(d, "xdlm.commands") for d in deps)
+        and not _within(src, "xdlm.commands", "xdlm.cli")
+    ]
+    assert bad == []
