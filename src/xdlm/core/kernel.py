@@ -10,6 +10,9 @@ Notation (docs/math.md derives every formula):
 
 Everything is closed form and O(V) per position: no one-hot of x, no V×V matrix. The only
 (B, L, V) tensors are the logits, log p_θ and one elementwise map of it.
+
+(Over 400 lines on purpose: prior, posterior, step KL and NELBO share one class and its
+gathered terms; the float32-safe remainders live in `xdlm.core.remainders`.)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from xdlm.core.categorical import without_mask
 from xdlm.core.logit_stats import logit_stats
+from xdlm.core.remainders import log1p_remainder, mixed_gbar_small
 
 
 @dataclass(frozen=True)
@@ -194,6 +198,8 @@ class MixedKernel:
 
         with ρ_t(z) = r(z)/f_α(x, z) and ḡ = (1/V)·Σ_{e≠m} [log f_α(x, e) − log f_α(p_θ, e)].
         k = 0 uses MDLM's exact form (−α')/(1 − α)·(−log p_θ(x)) at masked positions, 0 elsewhere.
+        Evaluated in an exact log1p form that keeps float32 accurate down to α = 1e-5 and at
+        α = 1 (docs/math.md §5.3.1).
         """
         self._check_pair(logits, x0, z_t, alpha, "alpha")
         if dalpha.shape != alpha.shape:
@@ -221,18 +227,50 @@ class MixedKernel:
         return self._nelbo(logits, x0, z_t, alpha, dalpha)
 
     def _nelbo(self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha: Tensor, dalpha: Tensor):
-        """ℓ for logits (..., V), x0, z_t (...) and α, α' broadcastable to x0."""
+        """ℓ for logits (..., V), x0, z_t (...) and α, α' broadcastable to x0.
+
+        Evaluated without cancellation (docs/math.md, "float32 at small α"): with
+        d = [z = x] − p_θ(z), u_z = α·d/f_α(p_θ, z), u_x = α·(1 − p_θ(x))/f_α(p_θ, x),
+
+            ℓ = (−α')·ρ_t(z)·{ ψ(u_z)/α + log1p(u_x) + (k·β/α)·ḡ },   ψ(u) = u − log1p(u),
+
+        the gathered (...) terms in float64. α = 1 (t = 0) is the exact limit: z = x there, the
+        ḡ term vanishes and k = 0 gives 0 (finite gradients).
+        """
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        a, w = alpha.to(dtype).expand(x0.shape), -dalpha.to(dtype).expand(x0.shape)
-        c = _Gterms.offset(self, a) if self.k > 0 else None
-        lp_x, lp_z, sp = logit_stats(logits, x0, z_t, c, self.mask_id)
+        a = alpha.to(torch.float64).expand(x0.shape)
+        w = -dalpha.to(torch.float64).expand(x0.shape)
+        b = 1.0 - a
         if self.k == 0.0:
-            return torch.where(self._is_mask(z_t), w / (1.0 - a) * -lp_x, torch.zeros_like(lp_x))
-        g = _Gterms(self, sp, lp_x, lp_z, x0, z_t, a)
-        t1 = (g.is_x.to(lp_x) - lp_z.exp()) * torch.exp(-g.log_fp_z)
-        inner = t1 - (g.log_fx_z - g.log_fp_z) / a + (g.log_fx_x - g.log_fp_x)
-        inner = inner + self.k * (1.0 - a) / a * g.gbar
-        return w * g.rho * inner
+            lp_x, _, _ = logit_stats(logits, x0, z_t, None, self.mask_id)
+            weight = w / torch.where(b > 0, b, torch.ones_like(b))  # α = 1: nothing is masked
+            loss = torch.where(self._is_mask(z_t), weight * -lp_x.double(), torch.zeros_like(b))
+            return loss.to(dtype)
+        open_ = b > 0
+        a_g = torch.where(open_, a, torch.full_like(a, 0.5))  # finite ḡ where β = 0
+        c = _Gterms.offset(self, a_g)  # log λ, λ = V·α/(k·β)
+        lp_x, lp_z, sp = logit_stats(logits, x0, z_t, c.to(dtype), self.mask_id)
+        V, k = self.vocab_size, self.k
+        p_x, p_z = lp_x.double().exp(), lp_z.double().exp()
+        is_x = (z_t == x0).double()
+        r_z = torch.where(self._is_mask(z_t), k / V + 1.0 - k, k / V).to(a)
+        u_z = a * (is_x - p_z) / (a * p_z + b * r_z)
+        u_x = a * (1.0 - p_x) / (a * p_x + b * (k / V))
+        gbar = self._v_gbar(logits, sp, c) / V
+        g_term = torch.where(open_, k * (1.0 - a_g) / a_g * gbar, torch.zeros_like(a))
+        inner = log1p_remainder(u_z) / a + torch.log1p(u_x) + g_term
+        rho = r_z / (a * is_x + b * r_z)
+        return (w * rho * inner).to(dtype)
+
+    def _v_gbar(self, logits: Tensor, sp: Tensor, c: Tensor) -> Tensor:
+        """V·ḡ_α (...) in float64: softplus(c) − S where λ = e^c ≥ 1, and the cancellation-free
+        `mixed_gbar_small` on the (few) rows with λ < 1, recomputing their log p_θ."""
+        out = F.softplus(c) - sp.double()
+        rows = (c < 0).nonzero(as_tuple=True)
+        if rows[0].numel() == 0:
+            return out
+        logp = torch.log_softmax(without_mask(logits[rows], self.mask_id), -1, dtype=torch.float64)
+        return out.index_put(rows, mixed_gbar_small(logp, c[rows].exp()))
 
     def step_kl(
         self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha_t: Tensor, alpha_s: Tensor
