@@ -1,5 +1,6 @@
-"""Samplers: pure step functions (`steps`, `confidence`), the loop (`loop.generate`),
-conditioning (prompt / infilling / semi-AR / guidance) and trajectories with an HTML view."""
+"""Samplers: pure step functions (`steps`, `confidence`), the loop (`loop.generate`), the
+authors' LLaDA-XDLM algorithm with its own full-canvas loop (`xdm`), conditioning (prompt /
+infilling / semi-AR / guidance) and trajectories with an HTML view."""
 
 from xdlm.sampling.conditioning import (
     BLANK,
@@ -9,7 +10,7 @@ from xdlm.sampling.conditioning import (
     parse_infill,
 )
 from xdlm.sampling.confidence import Confidence, edit_budget
-from xdlm.sampling.loop import SAMPLERS, SampleOutput, generate, make_sampler
+from xdlm.sampling.loop import SAMPLERS, generate, make_sampler
 from xdlm.sampling.steps import (
     Ancestral,
     Fixed,
@@ -22,7 +23,8 @@ from xdlm.sampling.steps import (
     time_grid,
 )
 from xdlm.sampling.trace_html import write_trace_html
-from xdlm.sampling.trajectory import Trajectory, TransitionCounts, classify
+from xdlm.sampling.trajectory import SampleOutput, Trajectory, TransitionCounts, classify
+from xdlm.sampling.xdm import XDM, cumulative_edit_budget, transfer_counts
 
 __all__ = [
     "BLANK",
@@ -38,8 +40,10 @@ __all__ = [
     "StepTimes",
     "Trajectory",
     "TransitionCounts",
+    "XDM",
     "block_windows",
     "classify",
+    "cumulative_edit_budget",
     "edit_budget",
     "final_step",
     "fixed_from_template",
@@ -48,5 +52,6 @@ __all__ = [
     "make_sampler",
     "parse_infill",
     "time_grid",
+    "transfer_counts",
     "write_trace_html",
 ]

@@ -1,4 +1,6 @@
-"""The LLM-scale XDLM sampler: confidence-ordered unmasking plus an edit budget (greedy).
+"""Our LLM-scale XDLM variant (`confidence`): confidence-ordered unmasking plus a per-step edit
+budget (greedy). The authors' algorithm is `xdm` (`xdlm.sampling.xdm`, the default for
+reproduction); docs/sampling.md lists how the two differ.
 
 Each step, from one denoiser call on z_t (B, L):
 

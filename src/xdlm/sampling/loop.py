@@ -39,27 +39,20 @@ from xdlm.sampling.steps import (
     final_step,
     time_grid,
 )
-from xdlm.sampling.trajectory import Trajectory
+from xdlm.sampling.trajectory import SampleOutput, Trajectory
+from xdlm.sampling.xdm import XDM
 
 NO_FILTER = LogitFilter()
-SAMPLERS = {"ancestral": Ancestral, "remdm": ReMDM, "confidence": Confidence}
+SAMPLERS = {"ancestral": Ancestral, "remdm": ReMDM, "confidence": Confidence, "xdm": XDM}
 
 
-def make_sampler(name: str, **kwargs) -> Sampler:
-    """A sampler by name: `ancestral`, `remdm` (kwargs eta, strategy) or `confidence`."""
+def make_sampler(name: str, **kwargs) -> Sampler | XDM:
+    """A sampler by name: `ancestral`, `remdm` (kwargs eta, strategy), `confidence` (ours) or
+    `xdm` (the authors' LLaDA-XDLM algorithm; kwargs temperature, remasking, cfg_scale,
+    protect_prompt)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     return SAMPLERS[name](**kwargs)
-
-
-@dataclass
-class SampleOutput:
-    """tokens (B, L), nfe (denoiser calls), trajectory (if recorded), wall_time in seconds."""
-
-    tokens: Tensor
-    nfe: int
-    trajectory: Trajectory | None
-    wall_time: float
 
 
 @dataclass
@@ -96,7 +89,7 @@ def generate(
     seq_len: int,
     steps: int,
     generator: torch.Generator | None,
-    sampler: Sampler | str = "ancestral",
+    sampler: Sampler | XDM | str = "ancestral",
     filter: LogitFilter = NO_FILTER,
     final: str = "ancestral",
     grid: str = "t",
@@ -113,7 +106,10 @@ def generate(
     """Sample B sequences of length L with T steps per window.
 
     Args:
-        sampler: a `Sampler` or a name for `make_sampler` (`ancestral`, `remdm`, `confidence`).
+        sampler: a `Sampler`, an `XDM`, or a name for `make_sampler` (`ancestral`, `remdm`,
+            `confidence`, `xdm`). `XDM` runs its own loop (`XDM.run`: full canvas, `steps` in
+            total split over the blocks); it takes no filter or guidance (its temperature and
+            cfg_scale are its own fields) and ignores final, grid, t_end, context_len, cache.
         filter: temperature / top-k / top-p turning logits into p_θ before every step.
         final: noise removal after the last step, `ancestral` | `greedy` | `none` (ignored by
             samplers with `uses_final_step = False`).
@@ -128,6 +124,17 @@ def generate(
     if final not in FINAL_MODES:
         raise ValueError(f"final must be one of {FINAL_MODES}, got {final!r}")
     sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
+    if isinstance(sampler, XDM):
+        if filter != NO_FILTER or guidance != 0.0:
+            raise ValueError(
+                "the xdm sampler takes no LogitFilter or guidance; set XDM(temperature=..., "
+                f"cfg_scale=...) instead (got {filter}, guidance={guidance})"
+            )
+        return sampler.run(
+            denoiser, kernel, batch_size=batch_size, seq_len=seq_len, steps=steps,
+            generator=generator, fixed=fixed, block_size=block_size, class_labels=class_labels,
+            record=record, device=device,
+        )  # fmt: skip
     evaluate = _Evaluator(denoiser, class_labels, guidance, cache)
     z = sampler.prior(kernel, (batch_size, seq_len), generator, device)
     fixed = fixed if fixed is not None else Fixed.none(z)

@@ -65,3 +65,13 @@ class Trajectory:
         """How many positions each step revealed, revised and re-masked, (S, B) each."""
         codes = self.transitions()
         return TransitionCounts(*((codes == c).sum(-1) for c in (REVEALED, REVISED, REMASKED)))
+
+
+@dataclass
+class SampleOutput:
+    """tokens (B, L), nfe (denoiser calls), trajectory (if recorded), wall_time in seconds."""
+
+    tokens: Tensor
+    nfe: int
+    trajectory: Trajectory | None
+    wall_time: float

@@ -1,0 +1,235 @@
+"""The authors' LLaDA-XDLM sampler (`generate_xdm`, MzeroMiko/LLaDA-XDLM): the `xdm` sampler.
+
+LLaDA's confidence-ordered unmasking on the full-length canvas, plus argmax edits of visible
+tokens under a cumulative budget. The canvas z (B, L) holds the prompt in its first P columns
+and [MASK] elsewhere (fixed infilling tokens stay where the template puts them):
+
+- Blocks: the L − P generated columns are split into blocks of `block_size` (one block when
+  None) and the T steps evenly over the blocks (T_b = T / #blocks each). Every step calls the
+  denoiser on the WHOLE canvas: later blocks are still [MASK] and visible to attention.
+- x̂ = argmax of the logits (τ = 0, the paper's setting) or of logits − τ·log(−log U), U ~ U(0, 1)
+  in float64 (LLaDA's Gumbel-max: a draw from softmax(logits/τ)); p_θ = softmax(logits), float64.
+- Reveal (LLaDA's `get_num_transfer_tokens`): with M the block's masked positions at its start,
+  step i reveals n_i = M // T_b (+1 in the first M % T_b steps) of the block's masked positions,
+  those with the highest c = p_θ(x̂) ('low_confidence'; 'random': c ~ U(0, 1) in float32).
+- Edit: E_i = ⌊k/(1−k)·Σ_{j≤i} n_j⌋ for i ≥ 1 and E_0 = 0 (steps i = 0 … T_b − 1 of a block);
+  step i may make E_i − (edits already made in this block) edits, so unused budget carries over.
+  Candidates: visible positions (the prompt and earlier blocks included) with x̂ ≠ z and
+  p_θ(x̂) ≥ p_θ(z); the ones with the largest p_θ(x̂) become x̂.
+- CFG (LLaDA's unsupervised guidance, w = `cfg_scale` > 0): logits = u + (w + 1)·(c − u), u the
+  logits of the canvas with the prompt (every initially visible position) set to [MASK].
+
+Deliberate differences from the authors' code, none of which changes a result with LLaDA:
+the [MASK] logit is set to −∞ (p_θ(m) = 0; LLaDA never predicts [MASK], our own backbones'
+[MASK] logit is untrained); the Gumbel-max is computed in log space (same argmax, no exp
+overflow); E_i uses k's decimal value exactly (integer arithmetic, no float floor at integers).
+`protect_prompt=True` (not the authors') keeps the prompt/fixed tokens out of the edits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+from torch import Tensor
+
+from xdlm.core.kernel import MixedKernel
+from xdlm.models.protocol import Denoiser
+from xdlm.sampling.confidence import top_n
+from xdlm.sampling.steps import Fixed
+from xdlm.sampling.trajectory import SampleOutput, Trajectory
+
+REMASKING = ("low_confidence", "random")
+
+
+def transfer_counts(masked: Tensor, steps: int) -> Tensor:
+    """n (B, T) long: reveals per step for the masked positions (B, L_b) of a block.
+
+    M // T per step plus one in the first M % T steps (M = masked count of the row), so the
+    T counts sum to M (LLaDA's `get_num_transfer_tokens`).
+    """
+    total = masked.sum(-1, keepdim=True)
+    step = torch.arange(steps, device=masked.device)
+    return total // steps + (step < total % steps).long()
+
+
+def cumulative_edit_budget(k: float, n: Tensor) -> Tensor:
+    """E (B, T) long: E_i = ⌊k/(1−k)·Σ_{j≤i} n_j⌋ for i ≥ 1, E_0 = 0, from n (B, T).
+
+    The edits allowed up to and including step i of a block; k's decimal value is used exactly,
+    e.g. k = 0.1 and n = [1, 4, 8, 9, 16] give E = [0, 0, 1, 2, 4].
+    """
+    if not 0.0 <= k < 1.0:
+        raise ValueError(f"the xdm edit budget needs k in [0, 1) (a mask state), got k={k}")
+    share = Fraction(str(k))
+    ratio = share / (1 - share)
+    budget = n.cumsum(-1) * ratio.numerator // ratio.denominator
+    budget[..., 0] = 0
+    return budget
+
+
+def prompt_length(fixed: Fixed) -> int:
+    """P: the number of leading columns fixed in every row of `fixed` (B, L)."""
+    return int(fixed.mask.all(0).long().cumprod(0).sum())
+
+
+@dataclass(frozen=True)
+class XDMStep:
+    """z_s (B, L) and which positions were revealed / edited, bool (B, L)."""
+
+    z_s: Tensor
+    revealed: Tensor
+    edited: Tensor
+
+
+@dataclass(frozen=True)
+class XDM:
+    """The faithful LLaDA-XDLM sampler (module docstring); the paper's defaults.
+
+    Args:
+        temperature: τ of the Gumbel-max draw of x̂ (0 = greedy argmax, the paper's).
+        remasking: reveal order, 'low_confidence' (p_θ(x̂)) or 'random'.
+        cfg_scale: LLaDA's unsupervised classifier-free guidance w (0 = off).
+        protect_prompt: keep the prompt / fixed tokens out of the edits (ours; the authors'
+            code edits them).
+    """
+
+    temperature: float = 0.0
+    remasking: str = "low_confidence"
+    cfg_scale: float = 0.0
+    protect_prompt: bool = False
+    uses_final_step: bool = False
+
+    def __post_init__(self) -> None:
+        if self.remasking not in REMASKING:
+            raise ValueError(f"xdm remasking must be one of {REMASKING}, got {self.remasking!r}")
+        if self.temperature < 0.0 or self.cfg_scale < 0.0:
+            raise ValueError(
+                f"xdm needs temperature >= 0 and cfg_scale >= 0, got {self.temperature}, "
+                f"{self.cfg_scale}"
+            )
+
+    def logits(
+        self, denoiser: Denoiser, z: Tensor, prompt: Tensor, mask_id: int, labels: Tensor | None
+    ) -> Tensor:
+        """Logits (B, L, V) for the canvas z (B, L); with CFG the prompt (B, L) is masked in u."""
+        if self.cfg_scale == 0.0:
+            return denoiser(z, None, None, labels)
+        uncond = torch.where(prompt, mask_id, z)
+        both = denoiser(torch.cat([z, uncond]), None, None, _twice(labels))
+        c, u = both.chunk(2)
+        return u + (self.cfg_scale + 1.0) * (c - u)
+
+    def step(
+        self,
+        logits: Tensor,
+        z_t: Tensor,
+        mask_id: int,
+        block_end: int,
+        n_reveal: Tensor,
+        n_edit: Tensor,
+        editable: Tensor,
+        generator: torch.Generator | None,
+    ) -> XDMStep:
+        """One step on the canvas z_t (B, L): reveal n_reveal (B,) masked positions left of
+        `block_end`, edit at most n_edit (B,) `editable` (B, L) visible positions."""
+        logits = logits.double().index_fill(
+            -1, torch.tensor([mask_id], device=z_t.device), -math.inf
+        )
+        x_hat = self._propose(logits, generator)
+        p = torch.softmax(logits, dim=-1)
+        p_hat = p.gather(-1, x_hat.unsqueeze(-1)).squeeze(-1)
+        p_z = p.gather(-1, z_t.unsqueeze(-1)).squeeze(-1)
+        masked = z_t == mask_id
+        if self.remasking == "random":
+            score = torch.rand(z_t.shape, generator=generator, device=z_t.device)
+        else:
+            score = p_hat
+        in_block = torch.arange(z_t.shape[1], device=z_t.device) < block_end
+        reveal = top_n(torch.where(masked & in_block, score, -math.inf), n_reveal)
+        candidate = ~masked & editable & (x_hat != z_t) & (p_hat >= p_z)
+        edit = top_n(torch.where(candidate, p_hat, -math.inf), n_edit.clamp(min=0))
+        return XDMStep(torch.where(reveal | edit, x_hat, z_t), reveal, edit)
+
+    def _propose(self, logits: Tensor, generator: torch.Generator | None) -> Tensor:
+        """x̂ (B, L): argmax, or the Gumbel-max draw at temperature τ (float64 noise)."""
+        if self.temperature == 0.0:
+            return logits.argmax(-1)
+        u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
+        return (logits - self.temperature * torch.log(-torch.log(u))).argmax(-1)
+
+    @torch.no_grad()
+    def run(
+        self,
+        denoiser: Denoiser,
+        kernel: MixedKernel,
+        *,
+        batch_size: int,
+        seq_len: int,
+        steps: int,
+        generator: torch.Generator | None,
+        fixed: Fixed | None = None,
+        block_size: int | None = None,
+        class_labels: Tensor | None = None,
+        record: bool = False,
+        device: str | torch.device = "cpu",
+    ) -> SampleOutput:
+        """Sample B sequences of length L with T = `steps` in total (split over the blocks).
+
+        `fixed` (B, L) gives the prompt (its leading fixed columns, P) and any infilling tokens;
+        every other position starts as [MASK]."""
+        start, m = time.perf_counter(), kernel.mask_id
+        if m is None:
+            raise ValueError("the xdm sampler needs a mask state (k < 1); use 'ancestral' for UDLM")
+        z = torch.full((batch_size, seq_len), m, dtype=torch.long, device=device)
+        fixed = fixed if fixed is not None else Fixed.none(z)
+        z = fixed.pin(z)
+        prompt = fixed.mask.to(device)
+        editable = ~prompt if self.protect_prompt else torch.ones_like(prompt)
+        states, labels, nfe = [z], [], 0
+        for b, (lo, hi, block_steps) in enumerate(
+            _blocks(prompt_length(fixed), seq_len, steps, block_size)
+        ):
+            n = transfer_counts(z[:, lo:hi] == m, block_steps)
+            budget = cumulative_edit_budget(kernel.k, n)
+            edits = torch.zeros(batch_size, dtype=torch.long, device=device)
+            for i in range(block_steps):
+                logits = self.logits(denoiser, z, prompt, m, class_labels)
+                nfe += 1 if self.cfg_scale == 0.0 else 2
+                out = self.step(
+                    logits, z, m, hi, n[:, i], budget[:, i] - edits, editable, generator
+                )
+                z, edits = out.z_s, edits + out.edited.sum(-1)
+                if record:
+                    states.append(z)
+                    labels.append(f"block {b} step {i + 1}")
+        trajectory = Trajectory(torch.stack(states), labels, m) if record else None
+        return SampleOutput(z, nfe, trajectory, time.perf_counter() - start)
+
+
+def _blocks(prompt_len: int, seq_len: int, steps: int, block_size: int | None):
+    """(begin, end, steps) per block of the generated columns [P, L), LLaDA's checks."""
+    gen = seq_len - prompt_len
+    size = block_size or gen
+    if gen == 0:
+        return []
+    if size < 1 or gen % size:
+        raise ValueError(
+            f"xdm splits the {gen} generated positions (seq_len - prompt) into blocks of "
+            f"block_size={size}: pass a block size that divides {gen}"
+        )
+    count = gen // size
+    if steps < count or steps % count:
+        raise ValueError(
+            f"xdm splits steps={steps} evenly over {count} blocks: pass a multiple of {count}"
+        )
+    return [
+        (prompt_len + b * size, prompt_len + (b + 1) * size, steps // count) for b in range(count)
+    ]
+
+
+def _twice(labels: Tensor | None) -> Tensor | None:
+    return None if labels is None else torch.cat([labels, labels])
