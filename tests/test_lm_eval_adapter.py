@@ -16,6 +16,7 @@ from xdlm.eval.lm_eval_adapter import XDLMHarnessLM  # noqa: E402
 from xdlm.eval.sandbox import pass_at_k, run_sandboxed  # noqa: E402
 from xdlm.models.hf import HFDenoiser  # noqa: E402
 from xdlm.models.hf_data import prepare_tokenizer  # noqa: E402
+from xdlm.sampling import XDM, fixed_from_template, make_sampler  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +58,33 @@ def test_generate_until_returns_text_and_stops(harness):
     assert isinstance(text, str) and "\n" not in text
 
 
+@pytest.mark.parametrize("sampler", ["xdm", "confidence"])
 @pytest.mark.parametrize("block_length", [None, 4])
-def test_generation_freezes_the_prompt_and_reveals_everything(harness, block_length):
+def test_generation_reveals_everything(harness, block_length, sampler):
     prompt = harness._prefix() + harness._encode("It is a truth universally acknowledged")
-    harness.block_length = block_length
+    harness.block_length, default = block_length, harness.sampler
+    harness.sampler = make_sampler(sampler)
     try:
         ids = harness.generate_ids(prompt, 8)
     finally:
-        harness.block_length = None
+        harness.block_length, harness.sampler = None, default
     assert ids.shape == (1, len(prompt) + 8)
-    assert ids[0, : len(prompt)].tolist() == prompt
     assert not (ids == harness.kernel.mask_id).any()
+    if sampler == "confidence":  # ours freezes the prompt; the authors' may edit it
+        assert ids[0, : len(prompt)].tolist() == prompt
+
+
+def test_generation_defaults_to_the_xdm_sampler(harness):
+    assert harness.sampler == XDM()
+    prompt = harness._prefix() + harness._encode("Mr. Darcy")
+    fixed = fixed_from_template(prompt, 1, len(prompt) + 8)
+    direct = XDM().run(
+        harness.denoiser, harness.kernel, batch_size=1, seq_len=len(prompt) + 8, steps=4,
+        generator=None, fixed=fixed,
+    )  # fmt: skip
+    assert torch.equal(harness.generate_ids(prompt, 8), direct.tokens)
+    with pytest.raises(ValueError, match="sampler"):
+        XDLMHarnessLM(denoiser=harness.denoiser, tokenizer=harness.tokenizer, sampler="ancestral")
 
 
 def test_simple_evaluate_on_a_local_task(harness, tmp_path):

@@ -41,7 +41,7 @@ def fake_run(monkeypatch):
     )  # fmt: skip
     calls = []
     monkeypatch.setattr(runs, "load_run", lambda *a, **kw: calls.append(kw) or loaded)
-    return SimpleNamespace(tok=tok, calls=calls)
+    return SimpleNamespace(tok=tok, calls=calls, loaded=loaded)
 
 
 def test_sample_writes_jsonl_and_trace(fake_run, tmp_path, capsys):
@@ -78,11 +78,13 @@ def test_sample_writes_jsonl_and_trace(fake_run, tmp_path, capsys):
     assert "3 samples" in printed and "NFE" in printed and "2 batch(es)" in printed
 
 
-@pytest.mark.parametrize("sampler", ["ancestral", "confidence"])
+@pytest.mark.parametrize(
+    "sampler", [["ancestral"], ["confidence"], ["xdm", "--xdm-protect-prompt"]]
+)
 def test_prompt_and_infill_stay_fixed(fake_run, tmp_path, sampler):
     tok = fake_run.tok
     out = tmp_path / "p.jsonl"
-    base = ["sample", "--ckpt", "RUN", "--steps", "3", "--num-samples", "2", "--sampler", sampler]
+    base = ["sample", "--ckpt", "RUN", "--steps", "3", "--num-samples", "2", "--sampler", *sampler]
     assert main([*base, "--prompt", "It is", "--out", str(out)]) == 0
     prompt = [tok.bos_id, *tok.encode("It is")]
     for r in map(json.loads, out.read_text().splitlines()):
@@ -91,6 +93,23 @@ def test_prompt_and_infill_stay_fixed(fake_run, tmp_path, sampler):
     for r in map(json.loads, out.read_text().splitlines()):
         t = r["tokens"]
         assert t[:3] == [tok.bos_id, *tok.encode("a ")] and t[6:10] == tok.encode(" man")
+
+
+def test_hf_runs_default_to_the_xdm_sampler(fake_run, tmp_path, capsys):
+    out = tmp_path / "x.jsonl"
+    argv = ["sample", "--ckpt", "RUN", "--steps", "4", "--num-samples", "2", "--prompt", "It is"]
+    fake_run.loaded.config.model.backbone = "hf"  # an HF (LLaDA-style) run
+    assert main([*argv, "--block-size", "9", "--out", str(out)]) == 0
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    settings = records[0]["settings"]
+    assert settings["sampler"] == "xdm" and settings["temperature"] == 0.0
+    assert records[0]["nfe"] == 4 and "sampler=xdm" in capsys.readouterr().out
+    assert all(fake_run.tok.mask_id not in r["tokens"] for r in records)
+    assert main([*argv, "--block-size", "7"]) == 2
+    assert "divides" in capsys.readouterr().err
+    fake_run.loaded.config.model.backbone = "dit"
+    assert main([*argv, "--out", str(out)]) == 0
+    assert json.loads(out.read_text().splitlines()[0])["settings"]["sampler"] == "ancestral"
 
 
 def test_semi_ar_and_guidance_flags(fake_run, tmp_path):

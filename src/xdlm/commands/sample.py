@@ -2,12 +2,15 @@
 
     xdlm sample --ckpt runs/quickstart --steps 32 --num-samples 4
     xdlm sample --ckpt RUN --sampler remdm --remdm-eta 0.02 --final greedy        (k = 0 runs)
-    xdlm sample --ckpt RUN --sampler confidence --steps 32                         (LLaDA-style)
+    xdlm sample --ckpt HF_RUN --steps 32 --prompt "def add(a, b):"  (HF runs: the xdm sampler)
+    xdlm sample --ckpt RUN --sampler confidence --steps 32                    (our LLaDA variant)
     xdlm sample --ckpt RUN --prompt "It is a truth" --top-p 0.9 --out s.jsonl --trace s.html
     xdlm sample --ckpt RUN --infill "Mr. [BLANK] said [BLANK:3] to her."           (infilling)
     xdlm sample --ckpt RUN --seq-len 512 --block-size 64                           (semi-AR)
     xdlm sample --ckpt RUN --class-label 3 --guidance 1.5                  (class-conditional)
 
+`--sampler` defaults to `xdm` (the authors' LLaDA-XDLM algorithm, greedy; `--steps` in total
+over the blocks) for HF backbones (LLaDA-style models) and to `ancestral` for the native DiT.
 Infilling: each `[BLANK]` marks `--blank-len` free tokens, `[BLANK:n]` marks n; the text between
 blanks is fixed. `--prompt` and `--infill` texts are prefixed with the tokenizer's BOS (documents
 start with BOS in prepared data). Output: one JSON object per sample (`--out`) with text, tokens,
@@ -35,6 +38,7 @@ from xdlm.sampling import (
     write_trace_html,
 )
 from xdlm.sampling.steps import FINAL_MODES, GRIDS
+from xdlm.sampling.xdm import REMASKING
 
 
 @dataclass(frozen=True)
@@ -44,14 +48,16 @@ class SampleRequest:
     steps: int = 32
     num_samples: int = 4
     seq_len: int | None = None  # default: the training length
-    sampler: str = "ancestral"
+    sampler: str | None = None  # default: "xdm" for HF backbones, "ancestral" otherwise
     final: str = "ancestral"
     grid: str = "t"
-    temperature: float = 1.0
+    temperature: float | None = None  # default: 0 (greedy) for xdm, 1 otherwise
     top_k: int | None = None
     top_p: float | None = None
     remdm_eta: float = 0.01
     remdm_strategy: str = "cap"
+    xdm_remasking: str = "low_confidence"
+    xdm_protect_prompt: bool = False
     prompt: str | None = None
     infill: str | None = None
     blank_len: int = 8
@@ -73,17 +79,26 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="run or checkpoint dir")
-    p.add_argument("--steps", type=int, default=32, help="T reverse steps (per block)")
+    p.add_argument(
+        "--steps", type=int, default=32, help="T steps per block (xdm: in total, split over blocks)"
+    )
     p.add_argument("--num-samples", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=None, help="default: the training length")
-    p.add_argument("--sampler", choices=sorted(SAMPLERS), default="ancestral")
+    p.add_argument(
+        "--sampler", choices=sorted(SAMPLERS), default=None,
+        help="default: xdm for HF backbones (LLaDA-style), ancestral for the DiT",
+    )  # fmt: skip
     p.add_argument("--final", choices=FINAL_MODES, default="ancestral", help="noise removal")
     p.add_argument("--grid", choices=GRIDS, default="t", help="uniform in t or in alpha_t")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=None, help="default: 0 for xdm, else 1")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--remdm-eta", type=float, default=0.01, help="ReMDM eta (remdm only)")
     p.add_argument("--remdm-strategy", choices=("cap", "rescale"), default="cap")
+    p.add_argument("--xdm-remasking", choices=REMASKING, default="low_confidence")
+    p.add_argument(
+        "--xdm-protect-prompt", action="store_true", help="xdm: never edit prompt/fixed tokens"
+    )
     p.add_argument("--prompt", default=None, help="text prefix kept fixed")
     p.add_argument("--infill", default=None, help="text with [BLANK] / [BLANK:n] gaps to fill")
     p.add_argument("--blank-len", type=int, default=8, help="tokens per plain [BLANK]")
@@ -123,6 +138,7 @@ def sample_from_run(
 
     req = dataclasses.replace(request or SampleRequest(), **settings)
     loaded = load_run(run_dir, device=req.device, use_ema=req.use_ema)
+    req = _resolve_defaults(req, loaded)
     seq_len = req.seq_len or loaded.config.data.seq_len
     batch = req.batch_size or req.num_samples
     gen = torch.Generator(req.device).manual_seed(req.seed)
@@ -156,14 +172,37 @@ def _generate_batch(req: SampleRequest, loaded, sampler, n: int, seq_len: int, g
     )  # fmt: skip
 
 
+def _resolve_defaults(req: SampleRequest, loaded) -> SampleRequest:
+    """The request with the model-dependent defaults filled in: sampler, then temperature."""
+    if req.sampler is None:
+        llada_style = loaded.config.model.backbone == "hf" and loaded.kernel.mask_id is not None
+        req = dataclasses.replace(req, sampler="xdm" if llada_style else "ancestral")
+    if req.temperature is None:
+        req = dataclasses.replace(req, temperature=0.0 if req.sampler == "xdm" else 1.0)
+    if req.sampler == "xdm" and loaded.config.model.time_conditioning:
+        raise ValueError("the xdm sampler calls the model without t; pick --sampler ancestral")
+    return req
+
+
 def _sampler(req: SampleRequest):
     if req.sampler == "remdm":
         return make_sampler("remdm", eta=req.remdm_eta, strategy=req.remdm_strategy)
+    if req.sampler == "xdm":
+        return make_sampler(
+            "xdm", temperature=req.temperature, remasking=req.xdm_remasking,
+            protect_prompt=req.xdm_protect_prompt,
+        )  # fmt: skip
     return make_sampler(req.sampler)
 
 
 def _filter(req: SampleRequest) -> LogitFilter:
-    return LogitFilter(req.temperature, req.top_k, req.top_p)
+    if req.sampler != "xdm":
+        return LogitFilter(req.temperature, req.top_k, req.top_p)
+    if req.top_k is not None or req.top_p is not None:
+        raise ValueError(
+            "--top-k/--top-p do not apply to the xdm sampler (greedy or --temperature)"
+        )
+    return LogitFilter()
 
 
 def _fixed(req: SampleRequest, tokenizer, batch: int, seq_len: int):

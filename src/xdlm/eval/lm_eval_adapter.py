@@ -18,9 +18,11 @@ Scores:
 - `loglikelihood_rolling(text)`: the text split into lm_eval's disjoint rolling windows (each
   token predicted once, with as much clean context as fits in `max_length`); the sum of the
   windows' bounds.
-- `generate_until`: `xdlm.sampling.generate` with the "confidence" sampler (greedy
-  confidence-ordered unmasking plus the XDLM edit budget ⌊k/(1−k)·N⌋), the prompt fixed, one
-  block unless `block_length` is set (semi-AR), cut at the first stop string.
+- `generate_until`: `xdlm.sampling.generate` with the "xdm" sampler by default: the authors'
+  LLaDA-XDLM algorithm (greedy confidence-ordered unmasking on the full canvas plus argmax edits
+  under the cumulative budget ⌊k/(1−k)·Σ n⌋, prompt tokens editable too), `steps` in total
+  split over the blocks, one block unless `block_length` is set; cut at the first stop string.
+  `sampler=confidence` picks our variant (per-step budget, prompt frozen, see docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import Tensor
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.objective import diffusion_loss
 from xdlm.core.schedules import make_schedule
-from xdlm.sampling import fixed_from_template, generate
+from xdlm.sampling import XDM, fixed_from_template, generate, make_sampler
 
 
 @register_model("xdlm")
@@ -48,6 +50,7 @@ class XDLMHarnessLM(LM):
         mc_samples: t samples per loglikelihood request; max_length: longest scored sequence.
         gen_length, steps: generation length and number of unmasking steps (paper: 256, 32);
             block_length: semi-AR block size (None: one block, as in the paper).
+        sampler: "xdm" (the authors' algorithm, default) or "confidence" (our variant).
         seed: seeds the generator used for the Monte-Carlo estimates.
     """
 
@@ -63,6 +66,7 @@ class XDLMHarnessLM(LM):
         gen_length: int = 256,
         steps: int = 32,
         block_length: int | None = None,
+        sampler: str = "xdm",
         device: str = "cpu",
         dtype: str | None = None,
         trust_remote_code: bool = False,
@@ -92,6 +96,11 @@ class XDLMHarnessLM(LM):
         self.mc_samples, self.max_length = int(mc_samples), int(max_length)
         self.gen_length, self.steps = int(gen_length), int(steps)
         self.block_length = None if block_length is None else int(block_length)
+        if sampler not in ("xdm", "confidence"):
+            raise ValueError(
+                f"sampler must be 'xdm' or 'confidence' for generation, got {sampler!r}"
+            )
+        self.sampler = make_sampler(sampler)
         self.device_name, self.seed = device, int(seed)
 
     # ------------------------------------------------------------------ scoring
@@ -152,11 +161,13 @@ class XDLMHarnessLM(LM):
 
     @torch.no_grad()
     def generate_ids(self, prompt: list[int], length: int) -> Tensor:
-        """prompt ‖ `length` generated ids, (1, P + length); the prompt is never changed."""
+        """The canvas after generation, (1, P + length): the `length` generated ids follow the
+        prompt's P columns (which the xdm sampler may have edited; `confidence` freezes them)."""
         seq_len = len(prompt) + length
+        steps = self.steps if isinstance(self.sampler, XDM) else min(self.steps, length)
         out = generate(
             self.denoiser, self.kernel, self.schedule, batch_size=1, seq_len=seq_len,
-            steps=min(self.steps, length), sampler="confidence",
+            steps=steps, sampler=self.sampler,
             generator=torch.Generator(self.device_name).manual_seed(self.seed),
             fixed=fixed_from_template(prompt, 1, seq_len, self.device_name),
             block_size=self.block_length, device=self.device_name,
