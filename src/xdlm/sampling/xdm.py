@@ -32,6 +32,7 @@ import math
 import time
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -101,7 +102,7 @@ class XDM:
     remasking: str = "low_confidence"
     cfg_scale: float = 0.0
     protect_prompt: bool = False
-    uses_final_step: bool = False
+    uses_final_step: ClassVar[bool] = False  # the loop's final step does not apply
 
     def __post_init__(self) -> None:
         if self.remasking not in REMASKING:
@@ -190,18 +191,15 @@ class XDM:
         prompt = fixed.mask.to(device)
         editable = ~prompt if self.protect_prompt else torch.ones_like(prompt)
         states, labels, nfe = [z], [], 0
-        for b, (lo, hi, block_steps) in enumerate(
-            _blocks(prompt_length(fixed), seq_len, steps, block_size)
-        ):
-            n = transfer_counts(z[:, lo:hi] == m, block_steps)
+        for b, block in enumerate(blocks(prompt_length(fixed), seq_len, steps, block_size)):
+            n = transfer_counts(z[:, block.begin : block.end] == m, block.steps)
             budget = cumulative_edit_budget(kernel.k, n)
             edits = torch.zeros(batch_size, dtype=torch.long, device=device)
-            for i in range(block_steps):
+            for i in range(block.steps):
                 logits = self.logits(denoiser, z, prompt, m, class_labels)
                 nfe += 1 if self.cfg_scale == 0.0 else 2
-                out = self.step(
-                    logits, z, m, hi, n[:, i], budget[:, i] - edits, editable, generator
-                )
+                allowed = budget[:, i] - edits
+                out = self.step(logits, z, m, block.end, n[:, i], allowed, editable, generator)
                 z, edits = out.z_s, edits + out.edited.sum(-1)
                 if record:
                     states.append(z)
@@ -210,8 +208,18 @@ class XDM:
         return SampleOutput(z, nfe, trajectory, time.perf_counter() - start)
 
 
-def _blocks(prompt_len: int, seq_len: int, steps: int, block_size: int | None):
-    """(begin, end, steps) per block of the generated columns [P, L), LLaDA's checks."""
+@dataclass(frozen=True)
+class Block:
+    """Generated columns [begin, end) of the canvas, revealed in `steps` steps."""
+
+    begin: int
+    end: int
+    steps: int
+
+
+def blocks(prompt_len: int, seq_len: int, steps: int, block_size: int | None) -> list[Block]:
+    """The blocks of the generated columns [P, L) (LLaDA's checks: the block size divides L − P,
+    the block count divides T)."""
     gen = seq_len - prompt_len
     size = block_size or gen
     if gen == 0:
@@ -226,9 +234,8 @@ def _blocks(prompt_len: int, seq_len: int, steps: int, block_size: int | None):
         raise ValueError(
             f"xdm splits steps={steps} evenly over {count} blocks: pass a multiple of {count}"
         )
-    return [
-        (prompt_len + b * size, prompt_len + (b + 1) * size, steps // count) for b in range(count)
-    ]
+    begins = range(prompt_len, seq_len, size)
+    return [Block(begin, begin + size, steps // count) for begin in begins]
 
 
 def _twice(labels: Tensor | None) -> Tensor | None:
