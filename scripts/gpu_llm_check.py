@@ -153,7 +153,7 @@ def make_step(built: Built, wrapped: torch.nn.Module, args: argparse.Namespace, 
     from xdlm.config import KernelConfig, TrainConfig
     from xdlm.core.fused import fused_diffusion_loss
     from xdlm.core.kernel import MixedKernel
-    from xdlm.core.objective import diffusion_loss
+    from xdlm.core.objective import Weighting, diffusion_loss
     from xdlm.train import distributed as D
 
     model, dev = built.model, ctx.device
@@ -171,7 +171,7 @@ def make_step(built: Built, wrapped: torch.nn.Module, args: argparse.Namespace, 
         )
         x0 = x0 + (x0 >= built.mask_id).long()  # real tokens never equal the mask id
         with torch.autocast(dev.type, dtype=torch.bfloat16):
-            out = loss_fn(net, kernel, schedule, x0, generator=gen, weighting="unit",
+            out = loss_fn(net, kernel, schedule, x0, generator=gen, weighting=Weighting.UNIT,
                           rank=ctx.rank, world_size=ctx.world_size)  # fmt: skip
         (out.nats / out.tokens).backward()
         D.clip_grad_norm_(model.parameters(), 1.0)

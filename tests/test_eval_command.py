@@ -10,6 +10,7 @@ from eval_toys import WORDS, Toy, tiny_scorer
 import xdlm
 from xdlm import MixedKernel, make_schedule
 from xdlm.cli import main
+from xdlm.config import XDLMConfig
 from xdlm.data import prepare
 from xdlm.eval.sweep import SamplingSetting, plot_sweep, sweep
 
@@ -37,11 +38,12 @@ def run_dir(tmp_path, monkeypatch):
         return loaded
 
     monkeypatch.setattr("xdlm.runs.load_run", fake_load)
+    monkeypatch.setattr("xdlm.runs.read_run_config", lambda path: XDLMConfig())
     monkeypatch.setattr("xdlm.eval.genquality.load_scorer", lambda name, device: tiny_scorer())
     return tmp_path, calls
 
 
-def test_eval_likelihood_discrete_and_zero_shot(run_dir):
+def test_eval_likelihood_discrete_and_zero_shot(run_dir, capsys):
     tmp, calls = run_dir
     out = tmp / "e.json"
     rc = main(["eval", "--ckpt", str(tmp / "run"), "--data", str(tmp / "data"),
@@ -49,6 +51,8 @@ def test_eval_likelihood_discrete_and_zero_shot(run_dir):
                "--zero-shot", str(tmp / "c.txt"), "--max-tokens", "32",
                "--out", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
+    err = capsys.readouterr().err  # regression: eval ran for minutes without any progress
+    assert "NELBO" in err and "discrete T=4" in err and "zero-shot c.txt" in err
     assert rc == 0 and calls == [True]
     assert report["xdlm_version"] == xdlm.__version__ and report["seed"] == 0
     lik = report["likelihood"]

@@ -16,7 +16,7 @@ from xdlm.eval.lm_eval_adapter import XDLMHarnessLM  # noqa: E402
 from xdlm.eval.sandbox import pass_at_k, run_sandboxed  # noqa: E402
 from xdlm.models.hf import HFDenoiser  # noqa: E402
 from xdlm.models.hf_data import prepare_tokenizer  # noqa: E402
-from xdlm.sampling import XDM, fixed_from_template, make_sampler  # noqa: E402
+from xdlm.sampling import XDM, Confidence, fixed_from_template  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_generate_until_returns_text_and_stops(harness):
 def test_generation_reveals_everything(harness, block_length, sampler):
     prompt = harness._prefix() + harness._encode("It is a truth universally acknowledged")
     harness.block_length, default = block_length, harness.sampler
-    harness.sampler = make_sampler(sampler)
+    harness.sampler = {"xdm": XDM(), "confidence": Confidence()}[sampler]
     try:
         ids = harness.generate_ids(prompt, 8)
     finally:

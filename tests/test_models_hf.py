@@ -12,7 +12,7 @@ import torch
 from hf_fixtures import austen_text, tiny_config, tiny_tokenizer, write_remote_model
 
 from xdlm.core.kernel import MixedKernel
-from xdlm.core.objective import diffusion_loss
+from xdlm.core.objective import Weighting, diffusion_loss
 from xdlm.core.schedules import make_schedule
 from xdlm.models.hf import HFDenoiser, resolve_kind
 from xdlm.models.hf_data import (
@@ -137,7 +137,7 @@ def test_sft_loss_leaves_prompt_clean_and_out_of_loss():
     t = torch.full((4,), 0.999)  # nearly everything outside the prompt is noised
     out = diffusion_loss(
         model, kernel, schedule, x0, t=t, generator=torch.Generator().manual_seed(0),
-        keep_mask=masks.keep_mask, loss_mask=masks.loss_mask, weighting="unit",
+        keep_mask=masks.keep_mask, loss_mask=masks.loss_mask, weighting=Weighting.UNIT,
     )  # fmt: skip
     assert torch.equal(out.z_t[masks.keep_mask], x0[masks.keep_mask])
     assert (out.z_t[masks.loss_mask] != x0[masks.loss_mask]).float().mean() > 0.9
@@ -165,7 +165,7 @@ def test_finetune_loss_falls_on_real_text():
 
     before = fixed_loss()
     for _ in range(25):
-        out = diffusion_loss(model, kernel, schedule, tokens, generator=g, weighting="unit")
+        out = diffusion_loss(model, kernel, schedule, tokens, generator=g, weighting=Weighting.UNIT)
         opt.zero_grad()
         (out.nats / out.tokens).backward()
         opt.step()

@@ -41,6 +41,7 @@ def fake_run(monkeypatch):
     )  # fmt: skip
     calls = []
     monkeypatch.setattr(runs, "load_run", lambda *a, **kw: calls.append(kw) or loaded)
+    monkeypatch.setattr(runs, "read_run_config", lambda path: cfg)
     return SimpleNamespace(tok=tok, calls=calls, loaded=loaded)
 
 

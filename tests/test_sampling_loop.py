@@ -8,10 +8,21 @@ import pytest
 import torch
 from scipy.stats import chi2
 
+from xdlm.builders import build_sampler
+from xdlm.config import SampleConfig, load_config
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import LogLinear
 from xdlm.models.dit import DiT, DiTConfig
-from xdlm.sampling import ReMDM, edit_budget, fixed_from_template, generate
+from xdlm.sampling import (
+    Ancestral,
+    Confidence,
+    GreedyFinal,
+    ReMDM,
+    UniformAlpha,
+    edit_budget,
+    fixed_from_template,
+    generate,
+)
 
 V, M, L = 7, 6, 6
 SCHED = LogLinear()
@@ -55,14 +66,14 @@ class ProductOracle:
 
 
 CASES = [  # (sampler, k, extra generate kwargs)
-    ("ancestral", 0.0, {}),
-    ("ancestral", 0.1, {}),
-    ("ancestral", 1.0, {}),
-    ("ancestral", 0.1, {"final": "greedy", "grid": "alpha"}),
+    (Ancestral(), 0.0, {}),
+    (Ancestral(), 0.1, {}),
+    (Ancestral(), 1.0, {}),
+    (Ancestral(), 0.1, {"final": GreedyFinal(), "grid": UniformAlpha()}),
     (ReMDM(eta=0.5), 0.0, {}),
     (ReMDM(eta=0.5, strategy="rescale"), 0.0, {}),
-    ("confidence", 0.0, {}),
-    ("confidence", 0.1, {}),
+    (Confidence(), 0.0, {}),
+    (Confidence(), 0.1, {}),
 ]
 
 
@@ -113,7 +124,7 @@ def test_fixed_tokens_never_change(sampler, k, kw, block_size):
 
 
 @pytest.mark.parametrize(
-    "k,sampler", [(0.0, "ancestral"), (0.5, "ancestral"), (1.0, "ancestral"), (0.0, ReMDM(eta=0.3))]
+    "k,sampler", [(0.0, Ancestral()), (0.5, Ancestral()), (1.0, Ancestral()), (0.0, ReMDM(eta=0.3))]
 )
 def test_product_distribution_marginals_chi_square(k, sampler):
     kern = _kernel(k)
@@ -152,7 +163,7 @@ def test_edit_budget_respected_per_step():
         seq_len=24,
         steps=6,
         generator=torch.Generator(),
-        sampler="confidence",
+        sampler=Confidence(),
         record=True,
     )
     c = out.trajectory.counts()
@@ -196,7 +207,7 @@ def test_guidance_zero_equals_unguided_and_counts_two_calls():
     torch.manual_seed(0)
     model = DiT(DiTConfig.from_preset("tiny", V, num_classes=3, n_layers=1, d_model=32)).eval()
     labels = torch.tensor([0, 2])
-    common = dict(batch_size=2, seq_len=8, steps=4, sampler="ancestral")
+    common = dict(batch_size=2, seq_len=8, steps=4, sampler=Ancestral())
     guided = generate(
         model,
         _kernel(0.1),
@@ -256,10 +267,12 @@ def test_semi_ar_windows_and_finished_blocks_stay():
 
 
 @pytest.mark.parametrize(
-    "bad,match", [({"final": "best"}, "final"), ({"sampler": "beam"}, "sampler")]
+    "key,bad", [("final", "best"), ("sampler", "beam"), ("grid", "log"), ("remdm_strategy", "x")]
 )
-def test_errors_name_the_fix(bad, match):
-    with pytest.raises(ValueError, match=match):
-        generate(
-            Noisy(), _kernel(0.0), SCHED, batch_size=1, seq_len=4, steps=2, generator=None, **bad
-        )
+def test_unknown_sampling_names_are_errors_at_the_edge(key, bad):
+    """Strings pick classes once, in `build_sampler` (and the schema's Literal types)."""
+    with pytest.raises(ValueError, match=f"sample.{key}"):
+        load_config(None, [f"sample.{key}={bad}"])
+    with pytest.raises(ValueError, match="sampler|final|grid|strategy"):
+        extra = {"sampler": "remdm"} if key == "remdm_strategy" else {}
+        build_sampler(SampleConfig(**{key: bad, **extra}))

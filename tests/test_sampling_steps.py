@@ -10,17 +10,19 @@ from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Cosine, LogLinear
 from xdlm.sampling import (
     Ancestral,
+    AncestralFinal,
     Confidence,
     Fixed,
+    GreedyFinal,
     ReMDM,
     StepTimes,
     Trajectory,
+    UniformAlpha,
+    UniformT,
     block_windows,
     edit_budget,
-    final_step,
     fixed_from_template,
     parse_infill,
-    time_grid,
 )
 from xdlm.sampling.steps import sample_posterior
 
@@ -72,12 +74,11 @@ def test_final_greedy_is_argmax_at_masks_and_keeps_visible_at_k0():
     kern = MixedKernel.mdlm(V, M)
     z = torch.tensor([[M, 2, M, 4]])
     p = _probs(1, 4, seed=3)
-    out = final_step(kern, p, z, torch.tensor([0.9]), "greedy", None, Fixed.none(z))
+    out = GreedyFinal().step(kern, p, z, torch.tensor([0.9]), None, Fixed.none(z))
     expect = torch.where(z == M, p.argmax(-1), z)
     assert torch.equal(out.z_s, expect)
-    anc = final_step(kern, p, z, torch.tensor([0.9]), "ancestral", torch.Generator(), Fixed.none(z))
+    anc = AncestralFinal().step(kern, p, z, torch.tensor([0.9]), torch.Generator(), Fixed.none(z))
     assert bool((anc.z_s != M).all()) and torch.equal(anc.z_s[z != M], z[z != M])
-    assert final_step(kern, p, z, torch.tensor([0.9]), "none", None, Fixed.none(z)).z_s is z
 
 
 def test_ancestral_step_pins_fixed_positions():
@@ -115,13 +116,15 @@ def test_edit_budget_values():
 
 
 def test_time_grids():
-    ts = time_grid(LogLinear(), 4)
+    ts = UniformT().times(LogLinear(), 4)
     torch.testing.assert_close(ts, torch.linspace(1, 1e-5, 5, dtype=torch.float64))
-    torch.testing.assert_close(time_grid(LogLinear(), 4, "alpha"), ts)  # α linear in t
-    a = Cosine().alpha(time_grid(Cosine(), 5, "alpha"))
+    torch.testing.assert_close(UniformAlpha().times(LogLinear(), 4), ts)  # α linear in t
+    a = Cosine().alpha(UniformAlpha().times(Cosine(), 5))
     torch.testing.assert_close(a.diff(), a.diff()[:1].expand(5), rtol=1e-6, atol=1e-9)
-    with pytest.raises(ValueError, match="grid"):
-        time_grid(LogLinear(), 4, "log")
+    with pytest.raises(ValueError, match="t_end"):
+        UniformT(t_end=1.0).times(LogLinear(), 4)
+    with pytest.raises(ValueError, match="steps"):
+        UniformAlpha().times(LogLinear(), 0)
 
 
 def test_templates_infill_and_windows():

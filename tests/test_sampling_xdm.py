@@ -22,7 +22,6 @@ from xdlm.sampling import (
     LogitFilter,
     cumulative_edit_budget,
     generate,
-    make_sampler,
     transfer_counts,
 )
 from xdlm.sampling.steps import Fixed
@@ -209,7 +208,7 @@ def test_never_reveals_the_mask_even_when_the_model_prefers_it():
 
     out = generate(
         likes_mask, MixedKernel(V, M, 0.1), LogLinear(), batch_size=2, seq_len=12, steps=4,
-        generator=None, sampler="xdm",
+        generator=None, sampler=XDM(),
     )  # fmt: skip
     assert not (out.tokens == M).any()
 
@@ -224,10 +223,10 @@ def test_never_reveals_the_mask_even_when_the_model_prefers_it():
 )
 def test_errors_name_the_fix(kwargs, match):
     settings = dict(
-        batch_size=B, seq_len=P + GEN, steps=STEPS, generator=None, sampler="xdm",
+        batch_size=B, seq_len=P + GEN, steps=STEPS, generator=None, sampler=XDM(),
         fixed=_fixed(_prompt()),
     )  # fmt: skip
     with pytest.raises(ValueError, match=match):
         generate(HashModel(P + GEN), MixedKernel(V, M, 0.1), LogLinear(), **settings | kwargs)
     with pytest.raises(ValueError, match="remasking"):
-        make_sampler("xdm", remasking="top")
+        XDM(remasking="top")

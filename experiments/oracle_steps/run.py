@@ -3,7 +3,7 @@
     python experiments/oracle_steps/run.py          # a few minutes on 2 CPU cores
 
 For two small Markov-chain data laws (D = 4 tokens, L = 4, all 256 sequences), the T-step
-output law p_T of `generate(oracle, sampler="ancestral", final="ancestral")` is propagated exactly
+output law p_T of `generate(oracle)` (ancestral sampler and final step) is propagated exactly
 (`xdlm.eval.oracle`) for k ∈ {0, 0.01, 0.1, 0.5, 1} and T ∈ {1, 2, 4, ..., 64}. No training and no
 Monte Carlo: the numbers isolate what the kernel does to few-step sampling. Both oracles are run:
 `loo` (p(x^l | z_t^{−l}), the NELBO optimum) and `mean` (p(x^l | z_t), biased for k > 0).

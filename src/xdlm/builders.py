@@ -1,17 +1,37 @@
-"""The only module that turns configuration into objects (model, kernel, schedule, optimizer)."""
+"""The only module that turns configuration into objects: model, kernel, schedule, optimizer,
+loss weighting, sampler. Every command builds through these functions; below this module no
+code chooses a class by a string.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from xdlm.config import DataConfig, KernelConfig, ModelConfig, TrainConfig
+from xdlm.config import DataConfig, KernelConfig, ModelConfig, SampleConfig, TrainConfig
 from xdlm.core.kernel import MixedKernel
+from xdlm.core.objective import Weighting
 from xdlm.core.schedules import Schedule, make_schedule
 from xdlm.data.corpora import embedded_corpus_path
 from xdlm.data.manifest import Manifest, load_manifest
+from xdlm.sampling import (
+    XDM,
+    Ancestral,
+    AncestralFinal,
+    Confidence,
+    FinalStep,
+    GreedyFinal,
+    LogitFilter,
+    ReMDM,
+    Sampler,
+    TimeGrid,
+    UniformAlpha,
+    UniformT,
+)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
@@ -79,6 +99,17 @@ def build_schedule(cfg: KernelConfig) -> Schedule:
     return make_schedule(cfg.schedule, **kwargs)
 
 
+def build_weighting(cfg: TrainConfig) -> Weighting:
+    """`train.weighting` (elbo | unit) as the loss's `Weighting`; other values are errors."""
+    try:
+        return Weighting(cfg.weighting)
+    except ValueError:
+        raise ValueError(
+            f"unknown train.weighting {cfg.weighting!r}; choose one of "
+            f"{[w.value for w in Weighting]}"
+        ) from None
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms and embeddings (parameters with < 2 dims)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -135,3 +166,77 @@ def ensure_dataset(cfg: DataConfig) -> Manifest:
             valid_fraction=cfg.valid_fraction,
         )
     return load_manifest(path)
+
+
+SAMPLERS = {"ancestral": Ancestral, "remdm": ReMDM, "confidence": Confidence, "xdm": XDM}
+FINAL_STEPS = {"ancestral": AncestralFinal, "greedy": GreedyFinal, "none": None}
+GRIDS = {"t": UniformT, "alpha": UniformAlpha}
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """The objects `xdlm.sampling.generate` takes, built from `SampleConfig` once."""
+
+    sampler: Sampler
+    final: FinalStep | None
+    grid: TimeGrid
+    filter: LogitFilter
+
+    def generate_kwargs(self) -> dict:
+        """sampler, final, grid and filter as keywords of `generate`."""
+        return {"sampler": self.sampler, "final": self.final, "grid": self.grid,
+                "filter": self.filter}  # fmt: skip
+
+
+def _pick(table: dict, value: str, key: str):
+    if value not in table:
+        raise ValueError(f"unknown {key} {value!r}; choose one of {sorted(table)}")
+    return table[value]
+
+
+def resolve_sampling(cfg: SampleConfig, model: ModelConfig, mask_id: int | None) -> SampleConfig:
+    """The run-dependent defaults filled in: `sampler` unset -> `xdm` for HF (LLaDA-style) runs
+    with a mask state, `ancestral` otherwise; `temperature` unset -> 0 for xdm, else 1."""
+    sampler = cfg.sampler
+    if sampler is None:
+        sampler = "xdm" if model.backbone == "hf" and mask_id is not None else "ancestral"
+    if sampler == "xdm" and model.time_conditioning:
+        raise ValueError("the xdm sampler calls the model without t; pick --sampler ancestral")
+    temperature = cfg.temperature
+    if temperature is None:
+        temperature = 0.0 if sampler == "xdm" else 1.0
+    return dataclasses.replace(cfg, sampler=sampler, temperature=temperature)
+
+
+def build_sampler(cfg: SampleConfig) -> SamplingPlan:
+    """`sample.sampler`, `final`, `grid` (+ `t_end`), the ReMDM / xdm settings and the logit
+    filter (`temperature`, `top_k`, `top_p`) as objects; unknown names are errors. An unset
+    sampler is `ancestral` here (`resolve_sampling` picks xdm for HF runs first)."""
+    cfg = resolve_sampling(cfg, ModelConfig(), 0) if cfg.sampler is None else cfg
+    kind = _pick(SAMPLERS, cfg.sampler, "sample.sampler")
+    temperature = cfg.temperature
+    if temperature is None:
+        temperature = 0.0 if kind is XDM else 1.0
+    filt = LogitFilter(temperature, cfg.top_k, cfg.top_p)
+    if kind is XDM:
+        if cfg.top_k is not None or cfg.top_p is not None:
+            raise ValueError(
+                "--top-k/--top-p (sample.top_k/top_p) do not apply to the xdm sampler "
+                "(greedy or --temperature)"
+            )
+        sampler = XDM(temperature, cfg.xdm_remasking, protect_prompt=cfg.xdm_protect_prompt)
+        filt = LogitFilter()  # xdm draws x̂ itself (its own temperature)
+    elif kind is ReMDM:
+        sampler = ReMDM(eta=cfg.remdm_eta, strategy=cfg.remdm_strategy)
+    else:
+        sampler = kind()
+    final = _pick(FINAL_STEPS, cfg.final, "sample.final")
+    grid = _pick(GRIDS, cfg.grid, "sample.grid")(t_end=cfg.t_end)
+    return SamplingPlan(sampler, final() if final is not None else None, grid, filt)
+
+
+def build_device(name: str) -> str:
+    """`auto` -> "cuda" when a GPU is visible, else "cpu"; any other name unchanged."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name

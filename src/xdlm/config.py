@@ -2,8 +2,11 @@
 
     cfg = load_config("configs/quickstart.yaml", ["train.steps=100", "kernel.k=0"])
 
-Unknown keys and wrongly typed values raise `ValueError` naming the key, the value and the
-valid keys. `k` is one setting (`kernel.k`), so MDLM (0), XDLM (0.1) and UDLM (1) share recipes.
+Every command reads this one schema (docs/training.md, "Configuration"): `train` the whole of
+it; `sample`, `eval` and `images` start from the run's saved config and may change only the
+`sample`, `eval` and `images` sections (`inference_config`). Unknown keys, wrongly typed values
+and values outside a `Literal` raise `ValueError` naming the key, the value and the valid
+choices. `k` is one setting (`kernel.k`), so MDLM (0), XDLM (0.1) and UDLM (1) share recipes.
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -22,7 +28,7 @@ class ModelConfig:
     """The denoiser. `backbone="dit"` uses the native DiT preset (+ overrides);
     `backbone="hf"` wraps a transformers model (`hf_name`, `hf_kind`)."""
 
-    backbone: str = "dit"
+    backbone: Literal["dit", "hf"] = "dit"
     preset: str = "tiny"
     n_layers: int | None = None
     d_model: int | None = None
@@ -44,7 +50,7 @@ class KernelConfig:
 
     k: float = 0.1
     use_mask: bool = True  # False (only with k = 1): pure UDLM with no mask state
-    schedule: str = "loglinear"
+    schedule: Literal["loglinear", "linear", "cosine", "polynomial"] = "loglinear"
     eps: float = 1e-3
     power: float = 2.0  # polynomial schedule only
 
@@ -59,7 +65,7 @@ class DataConfig:
     tokenizer_source: str | None = None
     tokenizer_vocab_size: int | None = 2048
     seq_len: int = 128
-    mode: str = "wrap"
+    mode: Literal["wrap", "pad"] = "wrap"
     valid_fraction: float = 0.05
     batch_size: int = 32  # per process, per micro-batch
 
@@ -69,7 +75,7 @@ class TrainConfig:
     steps: int = 1000
     lr: float = 3e-4
     warmup_steps: int = 100
-    lr_schedule: str = "constant"  # constant | cosine (both after linear warmup)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # both after linear warmup
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     beta1: float = 0.9
@@ -77,11 +83,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: float = 0.9999
-    precision: str = "auto"  # auto (bf16 only where measured faster) | fp32 | bf16 | fp16
+    precision: Precision = "auto"  # auto: bf16 only where measured faster (xdlm.precision)
     compile: bool = False
     t_min: float = 1e-3
     antithetic: bool = True
-    weighting: str = "elbo"  # elbo (−α' weight) | unit (the LLM-scale variant)
+    weighting: Literal["elbo", "unit"] = "elbo"  # elbo: −α' weight; unit: the LLM-scale variant
     fused_loss: bool = False
     seed: int = 0
     device: str = "auto"
@@ -97,7 +103,7 @@ class TrainConfig:
 
 @dataclass
 class DistConfig:
-    strategy: str = "none"  # none | ddp | fsdp
+    strategy: Literal["none", "ddp", "fsdp"] = "none"
     activation_checkpointing: bool = False
     mixed_precision: bool = False  # FSDP2 bf16 params/reduce
     cpu_offload: bool = False
@@ -105,10 +111,73 @@ class DistConfig:
 
 @dataclass
 class SampleConfig:
-    """Samples printed at the end of `xdlm train`."""
+    """Sampling: `xdlm sample`, the samples printed after `xdlm train`, `xdlm images`, and the
+    sampler of `xdlm eval --gen-ppl` (whose sweep sets steps / temperature / top-p itself)."""
 
     num_samples: int = 4
-    steps: int = 32
+    steps: int = 32  # T reverse steps (per semi-AR block)
+    seq_len: int | None = None  # default: data.seq_len of the run
+    # None: xdm for HF (LLaDA-style) runs, ancestral otherwise (`builders.resolve_sampling`)
+    sampler: Literal["ancestral", "remdm", "confidence", "xdm"] | None = None
+    final: Literal["ancestral", "greedy", "none"] = "ancestral"  # the noise-removal step
+    grid: Literal["t", "alpha"] = "t"  # uniform in t (the paper) or in α_t
+    t_end: float = 1e-5  # the last grid time before the final step
+    temperature: float | None = None  # None: 0 (greedy) for xdm, 1 otherwise
+    top_k: int | None = None
+    top_p: float | None = None
+    remdm_eta: float = 0.01  # ReMDM remasking (sampler=remdm, k = 0 runs)
+    remdm_strategy: Literal["cap", "rescale"] = "cap"
+    xdm_remasking: Literal["low_confidence", "random"] = "low_confidence"  # xdm reveal order
+    xdm_protect_prompt: bool = False  # xdm: never edit the prompt / fixed tokens
+    prompt: str | None = None  # fixed text prefix
+    infill: str | None = None  # text with [BLANK] / [BLANK:n] gaps
+    blank_len: int = 8  # tokens per plain [BLANK]
+    block_size: int | None = None  # semi-autoregressive blocks
+    class_label: int | None = None  # class-conditional models
+    guidance: float = 0.0  # classifier-free guidance scale w (0 = unguided)
+    seed: int = 0
+    batch_size: int | None = None  # default: num_samples
+    use_ema: bool = True
+    device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps ...
+    precision: Precision = "auto"
+
+
+@dataclass
+class EvalConfig:
+    """`xdlm eval`: likelihood bounds, zero-shot likelihood and generation quality
+    (docs/evaluation.md); gen-PPL samples with the `sample` section's sampler, final and grid."""
+
+    data: str | None = None  # prepared dataset for the likelihood bound
+    split: str = "valid"
+    t_samples: int = 4  # t nodes per sequence
+    quadrature: Literal["midpoint", "gauss-legendre"] | None = None  # None: stratified t
+    discrete_T: list[int] = field(default_factory=list)  # also the T-step discrete bounds
+    max_batches: int | None = None
+    zero_shot: list[str] = field(default_factory=list)  # files or hf:NAME corpora
+    mode: Literal["wrap", "pad"] = "wrap"  # zero-shot chunking
+    seq_len: int | None = None  # zero-shot length; default data.seq_len of the run
+    max_tokens: int | None = None  # per zero-shot corpus
+    gen_ppl: bool = False
+    scorer: str = "smollm2"  # 'smollm2', a HF name or a local dir
+    steps: list[int] = field(default_factory=lambda: [8, 32])
+    temperature: list[float] = field(default_factory=lambda: [1.0])
+    top_p: list[float] = field(default_factory=lambda: [1.0])  # 1.0 = off
+    num_samples: int = 16
+    sample_len: int | None = None  # default: data.seq_len of the run
+    plot: str | None = None  # PNG of gen-PPL vs entropy
+    batch_size: int = 16
+    seed: int = 0
+    use_ema: bool = True
+    device: str = "auto"
+    precision: Precision = "auto"
+
+
+@dataclass
+class ImagesConfig:
+    """`xdlm images sample | eval` (sampling settings come from `sample`: steps, guidance, ...)."""
+
+    per_class: int = 8
+    inception: Literal["torch-fidelity", "pytorch-fid"] | None = None
 
 
 @dataclass
@@ -119,6 +188,8 @@ class XDLMConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,21 +197,85 @@ class XDLMConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> XDLMConfig:
     """Defaults, then the YAML file's overrides, then `a.b=c` strings (values parsed as YAML)."""
-    cfg = XDLMConfig()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist; see configs/ for recipes")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
-        cfg = merge(cfg, data)
+    return apply_overrides(apply_file(XDLMConfig(), path), overrides)
+
+
+def apply_file(cfg: XDLMConfig, path: str | Path | None, sections=None) -> XDLMConfig:
+    """`cfg` with the YAML file at `path` merged in (unchanged if `path` is None); `sections`
+    (names) limits which top-level sections the file may set."""
+    if path is None:
+        return cfg
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist; see configs/ for recipes")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    for section in data:
+        _check_section(section, sections, f"{path}: section")
+    return merge(cfg, data)
+
+
+def apply_overrides(cfg: XDLMConfig, overrides: list[str] | None, sections=None) -> XDLMConfig:
+    """`cfg` with `--set` strings `a.b=c` applied in order (values parsed as YAML)."""
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE (e.g. train.steps=100), got {item!r}")
-        cfg = merge(cfg, _nest(key.strip().split("."), yaml.safe_load(value)))
+        keys = key.strip().split(".")
+        _check_section(keys[0], sections, "--set")
+        cfg = merge(cfg, _nest(keys, yaml.safe_load(value)))
     return cfg
+
+
+INFERENCE_SECTIONS = ("sample", "eval", "images")
+
+
+def inference_config(
+    run_config: XDLMConfig,
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    flags: dict | None = None,
+) -> XDLMConfig:
+    """The config of `xdlm sample | eval | images`: the run's saved config, then the YAML file,
+    then the command's shorthand flags (a nested dict, e.g. {"sample": {"steps": 8}}), then
+    `--set`. Only `INFERENCE_SECTIONS` may change: model, kernel and data are the checkpoint's."""
+    cfg = apply_file(run_config, path, INFERENCE_SECTIONS)
+    for section in flags or {}:
+        _check_section(section, INFERENCE_SECTIONS, "flag for section")
+    cfg = merge(cfg, flags or {})
+    return apply_overrides(cfg, overrides, INFERENCE_SECTIONS)
+
+
+def choices(cls, name: str) -> list:
+    """The allowed values of a `Literal` field, e.g. `choices(SampleConfig, "sampler")`."""
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    return list(typing.get_args(args[0])) if typing.get_origin(args[0]) is Literal else list(args)
+
+
+def _check_section(name: str, sections, where: str) -> None:
+    if sections is not None and name not in sections:
+        raise ValueError(
+            f"{where} {name!r} cannot be changed here: the run's model, kernel and data are "
+            f"fixed by its checkpoint; this command reads only {list(sections)}"
+        )
+
+
+def config_changes(old: XDLMConfig, new: XDLMConfig) -> dict[str, tuple]:
+    """{"section.key": (old value, new value)} for every setting that differs."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def config_from_dict(data: dict) -> XDLMConfig:
@@ -176,6 +311,12 @@ def _coerce(value, hint, key: str):
             return None
         hint = next(a for a in args if a is not type(None))
         origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ValueError(
+                f"config key {key!r} must be one of {list(typing.get_args(hint))}, got {value!r}"
+            )
+        return value
     if origin is list:
         if not isinstance(value, list):
             value = [value]

@@ -139,14 +139,6 @@ def model_width(model: torch.nn.Module) -> int:
     return dims.most_common(1)[0][0]
 
 
-def add_precision_argument(parser) -> None:
-    """`--precision {auto,fp32,bf16,fp16}` for the inference commands (sample, eval, images)."""
-    parser.add_argument(
-        "--precision", choices=PRECISIONS, default="auto",
-        help="autocast precision; auto = bf16 only where measured faster (xdlm.precision)",
-    )  # fmt: skip
-
-
 def inference_precision(precision: str, device, model: torch.nn.Module) -> Precision:
     """Resolve `--precision` for `model` on `device` and say the choice on stderr."""
     chosen = resolve_precision(precision, device, model_width(model), key="--precision")

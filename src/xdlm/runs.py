@@ -58,6 +58,11 @@ def read_meta(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / "meta.json").read_text())
 
 
+def read_run_config(path: str | Path) -> XDLMConfig:
+    """The config a run was trained with (from its latest checkpoint's meta.json)."""
+    return config_from_dict(read_meta(find_checkpoint(path))["config"])
+
+
 def kernel_from_meta(meta: dict) -> MixedKernel:
     """The run's MixedKernel from `meta["kernel"]` (V, mask id, k)."""
     return MixedKernel(**meta["kernel"])

@@ -5,6 +5,12 @@
     xdlm eval --ckpt runs/quickstart --zero-shot ../shared/data/text/kjv.txt.gz hf:ptb_text_only
     xdlm eval --ckpt runs/quickstart --gen-ppl --steps 8 32 128 --top-p 1.0 0.9 --plot sweep.png
 
+Settings: the `eval` section of the config schema (`xdlm.config.EvalConfig`), starting from the
+run's saved config; each flag is a shorthand for one key (`--help` shows it), `--config FILE`
+and `--set eval.KEY=VALUE` work as in `xdlm train`. Generation (`--gen-ppl`) uses the `sample`
+section's sampler, final step and grid; its steps / temperature / top-p come from the sweep lists.
+Progress bars go to stderr.
+
 The model is loaded with its EMA weights (`--no-ema` for the raw ones). Every run writes one JSON
 (`--out`, default RUN_DIR/eval.json) with the checkpoint, data, settings, seed and library
 version next to the results; docs/evaluation.md defines every estimator.
@@ -16,7 +22,9 @@ import argparse
 import json
 from pathlib import Path
 
-from xdlm.precision import add_precision_argument, inference_precision
+from xdlm.commands.options import add_config_arguments, command_config, shorthand
+from xdlm.config import EvalConfig, choices
+from xdlm.precision import inference_precision
 
 
 def register(sub) -> None:
@@ -28,62 +36,68 @@ def register(sub) -> None:
     )
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
     p.add_argument("--out", default=None, help="JSON file (default: RUN_DIR/eval.json)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--no-ema", action="store_true", help="evaluate the raw (non-EMA) weights")
-    add_precision_argument(p)
+    add_config_arguments(p, "eval (and sample)")
+    E = "eval."
+    shorthand(p, "--seed", key=E + "seed", type=int)
+    shorthand(p, "--device", key=E + "device", help="auto, cpu, cuda ...")
+    shorthand(p, "--batch-size", key=E + "batch_size", type=int)
+    shorthand(p, "--no-ema", key=E + "use_ema", action="store_false", help="raw weights")
+    shorthand(p, "--precision", key=E + "precision", choices=choices(EvalConfig, "precision"))
     g = p.add_argument_group("likelihood")
-    g.add_argument("--data", default=None, help="prepared dataset directory (xdlm prepare)")
-    g.add_argument("--split", default="valid")
-    g.add_argument("--t-samples", type=int, default=4, help="t nodes per sequence")
-    g.add_argument("--quadrature", nargs="?", const="gauss-legendre", default=None,
-                   choices=["midpoint", "gauss-legendre"],
-                   help="fixed t grid instead of stratified sampling")  # fmt: skip
-    g.add_argument("--discrete-T", type=int, nargs="+", default=[], metavar="T",
-                   help="also the discrete-time bound with T steps")  # fmt: skip
-    g.add_argument("--max-batches", type=int, default=None)
+    shorthand(g, "--data", key=E + "data", help="prepared dataset directory (xdlm prepare)")
+    shorthand(g, "--split", key=E + "split")
+    shorthand(g, "--t-samples", key=E + "t_samples", type=int, help="t nodes per sequence")
+    shorthand(g, "--quadrature", key=E + "quadrature", nargs="?", const="gauss-legendre",
+              choices=choices(EvalConfig, "quadrature"),
+              help="fixed t grid instead of stratified sampling")  # fmt: skip
+    shorthand(g, "--discrete-T", key=E + "discrete_T", type=int, nargs="+", metavar="T",
+              help="also the discrete-time bound with T steps")  # fmt: skip
+    shorthand(g, "--max-batches", key=E + "max_batches", type=int)
     z = p.add_argument_group("zero-shot")
-    z.add_argument("--zero-shot", nargs="+", default=[], metavar="FILE_OR_HF")
-    z.add_argument("--mode", default="wrap", choices=["wrap", "pad"])
-    z.add_argument("--seq-len", type=int, default=None, help="default: the training seq_len")
-    z.add_argument("--max-tokens", type=int, default=None, help="per corpus")
+    shorthand(z, "--zero-shot", key=E + "zero_shot", nargs="+", metavar="FILE_OR_HF")
+    shorthand(z, "--mode", key=E + "mode", choices=choices(EvalConfig, "mode"))
+    shorthand(z, "--seq-len", key=E + "seq_len", type=int, help="default: the training seq_len")
+    shorthand(z, "--max-tokens", key=E + "max_tokens", type=int, help="per corpus")
     q = p.add_argument_group("generation quality")
-    q.add_argument("--gen-ppl", action="store_true")
-    q.add_argument("--scorer", default="smollm2", help="'smollm2', a HF name or a local dir")
-    q.add_argument("--steps", type=int, nargs="+", default=[8, 32])
-    q.add_argument("--temperature", type=float, nargs="+", default=[1.0])
-    q.add_argument("--top-p", type=float, nargs="+", default=[1.0], help="1.0 = off")
-    q.add_argument("--num-samples", type=int, default=16)
-    q.add_argument("--sample-len", type=int, default=None, help="default: the training seq_len")
-    q.add_argument("--plot", default=None, help="PNG of gen-PPL vs entropy")
+    shorthand(q, "--gen-ppl", key=E + "gen_ppl", action="store_true")
+    shorthand(q, "--scorer", key=E + "scorer", help="'smollm2', a HF name or a local dir")
+    shorthand(q, "--steps", key=E + "steps", type=int, nargs="+")
+    shorthand(q, "--temperature", key=E + "temperature", type=float, nargs="+")
+    shorthand(q, "--top-p", key=E + "top_p", type=float, nargs="+", help="1.0 = off")
+    shorthand(q, "--num-samples", key=E + "num_samples", type=int)
+    shorthand(q, "--sample-len", key=E + "sample_len", type=int, help="default: training seq_len")
+    shorthand(q, "--plot", key=E + "plot", help="PNG of gen-PPL vs entropy")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import xdlm
-    from xdlm.runs import load_run
+    from xdlm import runs
+    from xdlm.builders import build_device
 
-    if not (args.data or args.zero_shot or args.gen_ppl):
+    cfg = command_config(args)
+    ev = cfg.eval
+    if not (ev.data or ev.zero_shot or ev.gen_ppl):
         raise ValueError("nothing to evaluate: pass --data, --zero-shot and/or --gen-ppl")
-    loaded = load_run(args.ckpt, device=args.device, use_ema=not args.no_ema)
+    device = build_device(ev.device)
+    loaded = runs.load_run(args.ckpt, device=device, use_ema=ev.use_ema)
     report = {
         "xdlm_version": xdlm.__version__,
         "checkpoint": str(loaded.checkpoint),
         "step": loaded.step,
-        "seed": args.seed,
-        "ema": not args.no_ema,
+        "seed": ev.seed,
+        "ema": ev.use_ema,
         "kernel": loaded.kernel.spec(),
     }
-    precision = inference_precision(args.precision, args.device, loaded.model)
+    precision = inference_precision(ev.precision, device, loaded.model)
     report["precision"] = precision.name
-    with precision.autocast(args.device):
-        if args.data:
-            report["likelihood"] = _likelihood(args, loaded)
-        if args.zero_shot:
-            report["zero_shot"] = _zero_shot(args, loaded)
-        if args.gen_ppl:
-            report["generation"] = _generation(args, loaded)
+    with precision.autocast(device):
+        if ev.data:
+            report["likelihood"] = _likelihood(ev, loaded)
+        if ev.zero_shot:
+            report["zero_shot"] = _zero_shot(ev, loaded, args.ckpt)
+        if ev.gen_ppl:
+            report["generation"] = _generation(cfg, loaded, args.ckpt, device)
     out = Path(args.out) if args.out else Path(args.ckpt) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -92,63 +106,70 @@ def run(args) -> int:
     return 0
 
 
-def _bound_kwargs(args, loaded) -> dict:
+def _bound_kwargs(ev: EvalConfig, loaded) -> dict:
     return {
-        "seed": args.seed,
-        "t_samples": args.t_samples,
-        "method": args.quadrature or "stratified",
+        "seed": ev.seed,
+        "t_samples": ev.t_samples,
+        "method": ev.quadrature or "stratified",
         "t_min": loaded.config.train.t_min,
     }
 
 
-def _likelihood(args, loaded) -> dict:
+def _likelihood(ev: EvalConfig, loaded) -> dict:
     from xdlm.eval.likelihood import evaluate_split
 
-    kw = _bound_kwargs(args, loaded)
-    common = dict(batch_size=args.batch_size, max_batches=args.max_batches)
-    m = (loaded.model, loaded.kernel, loaded.schedule, args.data, args.split)
-    out = {"data": str(args.data), "split": args.split, **common, "settings": kw}
-    out["continuous"] = evaluate_split(*m, **common, **kw).to_dict()
+    kw = _bound_kwargs(ev, loaded)
+    common = dict(batch_size=ev.batch_size, max_batches=ev.max_batches)
+    m = (loaded.model, loaded.kernel, loaded.schedule, ev.data, ev.split)
+    out = {"data": str(ev.data), "split": ev.split, **common, "settings": kw}
+    out["continuous"] = evaluate_split(*m, **common, **kw, progress="NELBO").to_dict()
     out["discrete"] = {
-        str(T): evaluate_split(*m, **common, discrete_steps=T, seed=args.seed).to_dict()
-        for T in args.discrete_T
+        str(T): evaluate_split(
+            *m, **common, discrete_steps=T, seed=ev.seed, progress=f"discrete T={T}"
+        ).to_dict()
+        for T in ev.discrete_T
     }
     return out
 
 
-def _zero_shot(args, loaded) -> dict:
+def _zero_shot(ev: EvalConfig, loaded, ckpt) -> dict:
     from xdlm.eval.zeroshot import zero_shot
 
     if loaded.tokenizer is None:
-        raise ValueError(f"{args.ckpt} has no tokenizer/ directory; zero-shot needs the tokenizer")
-    kw = _bound_kwargs(args, loaded)
-    seq_len = args.seq_len or loaded.config.data.seq_len
+        raise ValueError(f"{ckpt} has no tokenizer/ directory; zero-shot needs the tokenizer")
+    kw = _bound_kwargs(ev, loaded)
+    seq_len = ev.seq_len or loaded.config.data.seq_len
     results = zero_shot(
-        loaded.model, loaded.kernel, loaded.schedule, loaded.tokenizer, args.zero_shot,
-        seq_len=seq_len, mode=args.mode, max_tokens=args.max_tokens,
-        batch_size=args.batch_size, **kw,
+        loaded.model, loaded.kernel, loaded.schedule, loaded.tokenizer, ev.zero_shot,
+        seq_len=seq_len, mode=ev.mode, max_tokens=ev.max_tokens,
+        batch_size=ev.batch_size, progress=True, **kw,
     )  # fmt: skip
     return {"settings": kw, "corpora": results}
 
 
-def _generation(args, loaded) -> dict:
+def _generation(cfg, loaded, ckpt, device: str) -> dict:
+    from xdlm.builders import build_sampler
     from xdlm.eval.genquality import load_scorer
     from xdlm.eval.sweep import SamplingSetting, plot_sweep, sweep
 
+    ev = cfg.eval
     if loaded.tokenizer is None:
-        raise ValueError(f"{args.ckpt} has no tokenizer/ directory; gen-PPL needs the tokenizer")
+        raise ValueError(f"{ckpt} has no tokenizer/ directory; gen-PPL needs the tokenizer")
     settings = [
-        SamplingSetting(t, None if p >= 1.0 else p) for t in args.temperature for p in args.top_p
+        SamplingSetting(t, None if p >= 1.0 else p) for t in ev.temperature for p in ev.top_p
     ]
-    seq_len = args.sample_len or loaded.config.data.seq_len
-    scorer = load_scorer(args.scorer, device=args.device)
+    seq_len = ev.sample_len or loaded.config.data.seq_len
+    scorer = load_scorer(ev.scorer, device=device)
+    plan = build_sampler(cfg.sample)
     rows = sweep(
         loaded.model, loaded.kernel, loaded.schedule, loaded.tokenizer, scorer,
-        steps=args.steps, settings=settings, num_samples=args.num_samples, seq_len=seq_len,
-        batch_size=args.batch_size, seed=args.seed, device=args.device,
+        steps=ev.steps, settings=settings, num_samples=ev.num_samples, seq_len=seq_len,
+        batch_size=ev.batch_size, seed=ev.seed, device=device, progress=True,
+        sampler=plan.sampler, final=plan.final, grid=plan.grid,
     )  # fmt: skip
-    out = {"scorer": args.scorer, "seq_len": seq_len, "num_samples": args.num_samples,
+    out = {"scorer": ev.scorer, "seq_len": seq_len, "num_samples": ev.num_samples,
+           "sampler": cfg.sample.sampler, "final": cfg.sample.final, "grid": cfg.sample.grid,
            "rows": rows}  # fmt: skip
-    if args.plot:
-        out["plot"] = str(plot_sweep(rows, args.plot))
+    if ev.plot:
+        out["plot"] = str(plot_sweep(rows, ev.plot))
     return out

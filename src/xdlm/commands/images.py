@@ -8,7 +8,11 @@
     xdlm images eval --ckpt runs/mnist/k0.1 --steps 16 --per-class 20 --guidance 1.0 \\
         [--inception torch-fidelity]               # classifier FID + accuracy + diversity (JSON)
 
-The dataset's image shape and levels come from the manifest of the run's `data.path`.
+The dataset's image shape and levels come from the manifest of the run's `data.path`. Settings:
+the `sample` section (steps, guidance, sampler, seed, precision, device ...) and the `images`
+section (per_class, inception) of the config schema, starting from the run's saved config;
+`--config FILE` and `--set sample.steps=8` work as in `xdlm train` (configs/mnist.yaml sets
+sample.steps=16).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xdlm.precision import add_precision_argument, inference_precision
+from xdlm.commands.options import add_config_arguments, command_config, shorthand
+from xdlm.config import ImagesConfig, SampleConfig, choices
+from xdlm.precision import inference_precision
 
 
 def register(sub) -> None:
@@ -43,18 +49,19 @@ def register(sub) -> None:
     for name, help_ in (("sample", "write a PNG grid (rows = classes)"), ("eval", "metrics")):
         q = actions.add_parser(name, help=help_)
         q.add_argument("--ckpt", required=True, help="run dir or checkpoint dir")
-        q.add_argument("--steps", type=int, default=16)
-        q.add_argument("--per-class", type=int, default=8)
-        q.add_argument("--guidance", type=float, default=0.0, help="CFG scale w (0 = none)")
-        q.add_argument("--sampler", default="ancestral")
-        q.add_argument("--seed", type=int, default=0)
         q.add_argument("--out", default=None, help="grid PNG (sample) / JSON (eval)")
-        add_precision_argument(q)
+        add_config_arguments(q, "sample / images")
+        shorthand(q, "--steps", key="sample.steps", type=int)
+        shorthand(q, "--per-class", key="images.per_class", type=int)
+        shorthand(q, "--guidance", key="sample.guidance", type=float, help="CFG scale w")
+        shorthand(q, "--sampler", key="sample.sampler", choices=choices(SampleConfig, "sampler"))
+        shorthand(q, "--seed", key="sample.seed", type=int)
+        shorthand(q, "--precision", key="sample.precision",
+                  choices=choices(SampleConfig, "precision"))  # fmt: skip
     actions.choices["sample"].add_argument("--strip", default=None, help="trajectory PNG / GIF")
-    actions.choices["eval"].add_argument(
-        "--inception", choices=["torch-fidelity", "pytorch-fid"], default=None,
-        help="also Inception FID against the valid split (optional dependency)",
-    )  # fmt: skip
+    shorthand(actions.choices["eval"], "--inception", key="images.inception",
+              choices=choices(ImagesConfig, "inception"),
+              help="also Inception FID against the valid split (optional dependency)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -73,27 +80,33 @@ def run(args) -> int:
 
 
 def _load(args):
+    """The run, its image info and class-grid samples, with the `sample` / `images` settings."""
+    from xdlm import runs
+    from xdlm.builders import build_device, build_sampler
     from xdlm.data.images import image_info
     from xdlm.eval.images import sample_classes
-    from xdlm.runs import load_run
 
-    loaded = load_run(args.ckpt)
+    cfg = command_config(args)
+    s = cfg.sample
+    device = build_device(s.device)
+    loaded = runs.load_run(args.ckpt, device=device, use_ema=s.use_ema)
     info = image_info(loaded.config.data.path)
-    with inference_precision(args.precision, "cpu", loaded.model).autocast("cpu"):
+    with inference_precision(s.precision, device, loaded.model).autocast(device):
         samples = sample_classes(
-            loaded, info, steps=args.steps, per_class=args.per_class, guidance=args.guidance,
-            seed=args.seed, sampler=args.sampler, record=bool(getattr(args, "strip", None)),
+            loaded, info, steps=s.steps, per_class=cfg.images.per_class, guidance=s.guidance,
+            seed=s.seed, record=bool(getattr(args, "strip", None)), device=device,
+            **build_sampler(s).generate_kwargs(),
         )  # fmt: skip
-    return loaded, info, samples
+    return cfg, loaded, info, samples
 
 
 def _sample(args) -> int:
-    _, info, samples = _load(args)
-    out = args.out or "grid.png"
-    save_grid(samples.images, args.per_class, out, f"{args.steps} steps, w={args.guidance}")
-    print(f"wrote {out} ({info.num_classes} classes x {args.per_class}, {samples.nfe} NFE)")
+    cfg, _, info, samples = _load(args)
+    out, per_class = args.out or "grid.png", cfg.images.per_class
+    save_grid(samples.images, per_class, out, f"{cfg.sample.steps} steps, w={cfg.sample.guidance}")
+    print(f"wrote {out} ({info.num_classes} classes x {per_class}, {samples.nfe} NFE)")
     if args.strip:
-        pick = np.arange(info.num_classes) * args.per_class  # one sample per class
+        pick = np.arange(info.num_classes) * per_class  # one sample per class
         save_strip(samples.states[:, pick], info, args.strip)
         print(f"wrote {args.strip}")
     return 0
@@ -102,13 +115,14 @@ def _sample(args) -> int:
 def _eval(args) -> int:
     from xdlm.eval.images import image_metrics
 
-    loaded, info, samples = _load(args)
+    cfg, loaded, info, samples = _load(args)
     clf, real = reference_classifier(loaded.config.data.path)
     metrics = image_metrics(clf, real.images, real.labels, samples.images, samples.labels.numpy())
-    result = {"ckpt": str(loaded.checkpoint), "steps": args.steps, "guidance": args.guidance,
-              "per_class": args.per_class, "nfe": samples.nfe, **vars(metrics)}  # fmt: skip
-    if args.inception:
-        result["inception_fid"] = _inception(args.inception, real.images, samples.images)
+    result = {"ckpt": str(loaded.checkpoint), "steps": cfg.sample.steps,
+              "guidance": cfg.sample.guidance, "sampler": cfg.sample.sampler,
+              "per_class": cfg.images.per_class, "nfe": samples.nfe, **vars(metrics)}  # fmt: skip
+    if cfg.images.inception:
+        result["inception_fid"] = _inception(cfg.images.inception, real.images, samples.images)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -1,6 +1,8 @@
 """`xdlm sample`: few-step generation from a trained run (EMA weights by default).
 
     xdlm sample --ckpt runs/quickstart --steps 32 --num-samples 4
+    xdlm sample --ckpt runs/quickstart --set sample.steps=8 --set sample.top_p=0.9    (same schema)
+    xdlm sample --ckpt runs/quickstart --config my_sampling.yaml         (a `sample:` section)
     xdlm sample --ckpt RUN --sampler remdm --remdm-eta 0.02 --final greedy        (k = 0 runs)
     xdlm sample --ckpt HF_RUN --steps 32 --prompt "def add(a, b):"  (HF runs: the xdm sampler)
     xdlm sample --ckpt RUN --sampler confidence --steps 32                    (our LLaDA variant)
@@ -9,8 +11,13 @@
     xdlm sample --ckpt RUN --seq-len 512 --block-size 64                           (semi-AR)
     xdlm sample --ckpt RUN --class-label 3 --guidance 1.5                  (class-conditional)
 
-`--sampler` defaults to `xdm` (the authors' LLaDA-XDLM algorithm, greedy; `--steps` in total
-over the blocks) for HF backbones (LLaDA-style models) and to `ancestral` for the native DiT.
+Settings: the `sample` section of the config schema (`xdlm.config.SampleConfig`, defaults there
+only), starting from the run's saved config; each flag is a shorthand for one key (shown in
+`--help`), and `--config` / `--set` change any key with the same type checks as `xdlm train`.
+`sample.sampler` unset (the default) means `xdm` (the authors' LLaDA-XDLM algorithm, greedy;
+`--steps` in total over the blocks) for HF backbones (LLaDA-style models) and `ancestral` for
+the native DiT; `sample.temperature` unset means 0 for xdm, 1 otherwise.
+
 Infilling: each `[BLANK]` marks `--blank-len` free tokens, `[BLANK:n]` marks n; the text between
 blanks is fixed. `--prompt` and `--infill` texts are prefixed with the tokenizer's BOS (documents
 start with BOS in prepared data). Output: one JSON object per sample (`--out`) with text, tokens,
@@ -22,53 +29,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from xdlm.precision import add_precision_argument, inference_precision
-from xdlm.sampling import (
-    SAMPLERS,
-    LogitFilter,
-    fixed_from_template,
-    generate,
-    make_sampler,
-    parse_infill,
-    write_trace_html,
-)
-from xdlm.sampling.steps import FINAL_MODES, GRIDS
-from xdlm.sampling.xdm import REMASKING
-
-
-@dataclass(frozen=True)
-class SampleRequest:
-    """Every setting of one `xdlm sample` call (recorded in each JSONL line)."""
-
-    steps: int = 32
-    num_samples: int = 4
-    seq_len: int | None = None  # default: the training length
-    sampler: str | None = None  # default: "xdm" for HF backbones, "ancestral" otherwise
-    final: str = "ancestral"
-    grid: str = "t"
-    temperature: float | None = None  # default: 0 (greedy) for xdm, 1 otherwise
-    top_k: int | None = None
-    top_p: float | None = None
-    remdm_eta: float = 0.01
-    remdm_strategy: str = "cap"
-    xdm_remasking: str = "low_confidence"
-    xdm_protect_prompt: bool = False
-    prompt: str | None = None
-    infill: str | None = None
-    blank_len: int = 8
-    block_size: int | None = None
-    class_label: int | None = None
-    guidance: float = 0.0
-    seed: int = 0
-    batch_size: int | None = None  # default: num_samples
-    use_ema: bool = True
-    device: str = "cpu"
-    precision: str = "auto"
+from xdlm.builders import build_device, build_sampler, resolve_sampling
+from xdlm.commands.options import add_config_arguments, command_config, shorthand
+from xdlm.config import SampleConfig, choices, merge
+from xdlm.precision import inference_precision
+from xdlm.sampling import fixed_from_template, generate, parse_infill, write_trace_html
 
 
 def register(sub) -> None:
@@ -79,78 +48,89 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="run or checkpoint dir")
-    p.add_argument(
-        "--steps", type=int, default=32, help="T steps per block (xdm: in total, split over blocks)"
-    )
-    p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=None, help="default: the training length")
-    p.add_argument(
-        "--sampler", choices=sorted(SAMPLERS), default=None,
-        help="default: xdm for HF backbones (LLaDA-style), ancestral for the DiT",
-    )  # fmt: skip
-    p.add_argument("--final", choices=FINAL_MODES, default="ancestral", help="noise removal")
-    p.add_argument("--grid", choices=GRIDS, default="t", help="uniform in t or in alpha_t")
-    p.add_argument("--temperature", type=float, default=None, help="default: 0 for xdm, else 1")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--remdm-eta", type=float, default=0.01, help="ReMDM eta (remdm only)")
-    p.add_argument("--remdm-strategy", choices=("cap", "rescale"), default="cap")
-    p.add_argument("--xdm-remasking", choices=REMASKING, default="low_confidence")
-    p.add_argument(
-        "--xdm-protect-prompt", action="store_true", help="xdm: never edit prompt/fixed tokens"
-    )
-    p.add_argument("--prompt", default=None, help="text prefix kept fixed")
-    p.add_argument("--infill", default=None, help="text with [BLANK] / [BLANK:n] gaps to fill")
-    p.add_argument("--blank-len", type=int, default=8, help="tokens per plain [BLANK]")
-    p.add_argument("--block-size", type=int, default=None, help="semi-AR block length")
-    p.add_argument("--class-label", type=int, default=None, help="class id (conditional models)")
-    p.add_argument("--guidance", type=float, default=0.0, help="CFG scale w (0 = unguided)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None, help="default: --num-samples")
+    add_config_arguments(p, "sample")
+    S = "sample."
+    shorthand(p, "--steps", key=S + "steps", type=int,
+              help="T steps per block (xdm: in total, split over blocks)")  # fmt: skip
+    shorthand(p, "--num-samples", key=S + "num_samples", type=int)
+    shorthand(p, "--seq-len", key=S + "seq_len", type=int, help="default: the training length")
+    shorthand(p, "--sampler", key=S + "sampler", choices=choices(SampleConfig, "sampler"),
+              help="default: xdm for HF (LLaDA-style) runs, ancestral for the DiT")  # fmt: skip
+    shorthand(p, "--final", key=S + "final", choices=choices(SampleConfig, "final"),
+              help="noise removal")  # fmt: skip
+    shorthand(p, "--grid", key=S + "grid", choices=choices(SampleConfig, "grid"),
+              help="uniform in t or alpha_t")  # fmt: skip
+    shorthand(p, "--temperature", key=S + "temperature", type=float,
+              help="default: 0 for xdm, else 1")  # fmt: skip
+    shorthand(p, "--top-k", key=S + "top_k", type=int)
+    shorthand(p, "--top-p", key=S + "top_p", type=float)
+    shorthand(p, "--remdm-eta", key=S + "remdm_eta", type=float, help="ReMDM eta (remdm only)")
+    shorthand(p, "--remdm-strategy", key=S + "remdm_strategy",
+              choices=choices(SampleConfig, "remdm_strategy"))  # fmt: skip
+    shorthand(p, "--xdm-remasking", key=S + "xdm_remasking",
+              choices=choices(SampleConfig, "xdm_remasking"))  # fmt: skip
+    shorthand(p, "--xdm-protect-prompt", key=S + "xdm_protect_prompt", action="store_true",
+              help="xdm: never edit prompt/fixed tokens")  # fmt: skip
+    shorthand(p, "--prompt", key=S + "prompt", help="text prefix kept fixed")
+    shorthand(p, "--infill", key=S + "infill", help="text with [BLANK] / [BLANK:n] gaps to fill")
+    shorthand(p, "--blank-len", key=S + "blank_len", type=int, help="tokens per plain [BLANK]")
+    shorthand(p, "--block-size", key=S + "block_size", type=int, help="semi-AR block length")
+    shorthand(p, "--class-label", key=S + "class_label", type=int, help="conditional models")
+    shorthand(p, "--guidance", key=S + "guidance", type=float, help="CFG scale w (0 = unguided)")
+    shorthand(p, "--seed", key=S + "seed", type=int)
+    shorthand(p, "--batch-size", key=S + "batch_size", type=int, help="default: --num-samples")
+    shorthand(p, "--no-ema", key=S + "use_ema", action="store_false", help="raw (non-EMA) weights")
+    shorthand(p, "--device", key=S + "device", help="auto, cpu, cuda, cuda:1, mps ...")
+    shorthand(p, "--precision", key=S + "precision", choices=choices(SampleConfig, "precision"),
+              help="autocast")  # fmt: skip
     p.add_argument("--out", default=None, metavar="FILE.jsonl", help="write samples as JSONL")
     p.add_argument("--trace", default=None, metavar="FILE.html", help="trajectory of sample 0")
-    p.add_argument("--no-ema", action="store_true", help="use the raw (non-EMA) weights")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
-    add_precision_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    fields = {f.name for f in dataclasses.fields(SampleRequest)} - {"use_ema"}
-    request = SampleRequest(use_ema=not args.no_ema, **{k: getattr(args, k) for k in fields})
-    sample_from_run(args.ckpt, request, out=args.out, trace=args.trace)
+    sample_from_run(args.ckpt, command_config(args).sample, out=args.out, trace=args.trace)
     return 0
 
 
 def sample_from_run(
     run_dir: str | Path,
-    request: SampleRequest | None = None,
+    settings: SampleConfig | None = None,
     *,
     out: str | Path | None = None,
     trace: str | Path | None = None,
-    **settings,
+    **overrides,
 ) -> list[dict]:
     """Load `run_dir`, sample, print, optionally write JSONL / HTML; returns the records.
 
-    `settings` override fields of `request` (e.g. `sample_from_run(run, steps=8, num_samples=2)`).
+    `settings` default to the run's saved `sample` section; `overrides` change single keys with
+    the schema's type checks (e.g. `sample_from_run(run, steps=8, num_samples=2)`).
     """
-    from xdlm.runs import load_run
+    from xdlm import runs
 
-    req = dataclasses.replace(request or SampleRequest(), **settings)
-    loaded = load_run(run_dir, device=req.device, use_ema=req.use_ema)
-    req = _resolve_defaults(req, loaded)
-    seq_len = req.seq_len or loaded.config.data.seq_len
-    batch = req.batch_size or req.num_samples
-    gen = torch.Generator(req.device).manual_seed(req.seed)
-    sampler, records, first = _sampler(req), [], None
-    precision = inference_precision(req.precision, req.device, loaded.model)
-    for start in range(0, req.num_samples, batch):
-        n = min(batch, req.num_samples - start)
-        with precision.autocast(req.device):
-            result = _generate_batch(req, loaded, sampler, n, seq_len, gen, trace is not None)
+    s = merge(settings or runs.read_run_config(run_dir).sample, overrides, "sample.")
+    device = build_device(s.device)
+    loaded = runs.load_run(run_dir, device=device, use_ema=s.use_ema)
+    s = resolve_sampling(s, loaded.config.model, loaded.kernel.mask_id)
+    seq_len = s.seq_len or loaded.config.data.seq_len
+    batch = s.batch_size or s.num_samples
+    gen = torch.Generator(device).manual_seed(s.seed)
+    plan, records, first = build_sampler(s), [], None
+    precision = inference_precision(s.precision, device, loaded.model)
+    for start in range(0, s.num_samples, batch):
+        n = min(batch, s.num_samples - start)
+        with precision.autocast(device):
+            result = generate(
+                loaded.model, loaded.kernel, loaded.schedule, batch_size=n, seq_len=seq_len,
+                steps=s.steps, generator=gen, **plan.generate_kwargs(),
+                fixed=_fixed(s, loaded.tokenizer, n, seq_len, device),
+                block_size=s.block_size, context_len=loaded.config.data.seq_len,
+                class_labels=_labels(s, n, device), guidance=s.guidance, record=trace is not None,
+                cache=not loaded.config.model.time_conditioning, device=device,
+            )  # fmt: skip
         first = result if first is None else first
-        records += [_record(req, loaded, result, i, start) for i in range(n)]
-    _report(records, req, final=req.final if sampler.uses_final_step else "none")
+        records += [_record(s, loaded, result, i, start) for i in range(n)]
+    _report(records, s, final=s.final if plan.sampler.uses_final_step else "none")
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -160,72 +140,27 @@ def sample_from_run(
     return records
 
 
-def _generate_batch(req: SampleRequest, loaded, sampler, n: int, seq_len: int, gen, record: bool):
-    """One batch of `n` samples of length `seq_len`."""
-    return generate(
-        loaded.model, loaded.kernel, loaded.schedule, batch_size=n, seq_len=seq_len,
-        steps=req.steps, generator=gen, sampler=sampler, filter=_filter(req),
-        final=req.final, grid=req.grid, fixed=_fixed(req, loaded.tokenizer, n, seq_len),
-        block_size=req.block_size, context_len=loaded.config.data.seq_len,
-        class_labels=_labels(req, n), guidance=req.guidance, record=record,
-        cache=not loaded.config.model.time_conditioning, device=req.device,
-    )  # fmt: skip
-
-
-def _resolve_defaults(req: SampleRequest, loaded) -> SampleRequest:
-    """The request with the model-dependent defaults filled in: sampler, then temperature."""
-    if req.sampler is None:
-        llada_style = loaded.config.model.backbone == "hf" and loaded.kernel.mask_id is not None
-        req = dataclasses.replace(req, sampler="xdm" if llada_style else "ancestral")
-    if req.temperature is None:
-        req = dataclasses.replace(req, temperature=0.0 if req.sampler == "xdm" else 1.0)
-    if req.sampler == "xdm" and loaded.config.model.time_conditioning:
-        raise ValueError("the xdm sampler calls the model without t; pick --sampler ancestral")
-    return req
-
-
-def _sampler(req: SampleRequest):
-    if req.sampler == "remdm":
-        return make_sampler("remdm", eta=req.remdm_eta, strategy=req.remdm_strategy)
-    if req.sampler == "xdm":
-        return make_sampler(
-            "xdm", temperature=req.temperature, remasking=req.xdm_remasking,
-            protect_prompt=req.xdm_protect_prompt,
-        )  # fmt: skip
-    return make_sampler(req.sampler)
-
-
-def _filter(req: SampleRequest) -> LogitFilter:
-    if req.sampler != "xdm":
-        return LogitFilter(req.temperature, req.top_k, req.top_p)
-    if req.top_k is not None or req.top_p is not None:
-        raise ValueError(
-            "--top-k/--top-p do not apply to the xdm sampler (greedy or --temperature)"
-        )
-    return LogitFilter()
-
-
-def _fixed(req: SampleRequest, tokenizer, batch: int, seq_len: int):
+def _fixed(s: SampleConfig, tokenizer, batch: int, seq_len: int, device: str):
     """The prompt / infilling template as `Fixed` (B, L), or None."""
-    if req.prompt is None and req.infill is None:
+    if s.prompt is None and s.infill is None:
         return None
-    if req.prompt is not None and req.infill is not None:
-        raise ValueError("pass either --prompt or --infill, not both")
+    if s.prompt is not None and s.infill is not None:
+        raise ValueError("set sample.prompt (--prompt) or sample.infill (--infill), not both")
     if tokenizer is None:
         raise ValueError("--prompt/--infill need a text model (this run has no tokenizer)")
-    if req.prompt is not None:
-        template = [tokenizer.bos_id, *tokenizer.encode(req.prompt)]
+    if s.prompt is not None:
+        template = [tokenizer.bos_id, *tokenizer.encode(s.prompt)]
     else:
-        template = [tokenizer.bos_id, *parse_infill(req.infill, tokenizer.encode, req.blank_len)]
-    return fixed_from_template(template, batch, seq_len, req.device)
+        template = [tokenizer.bos_id, *parse_infill(s.infill, tokenizer.encode, s.blank_len)]
+    return fixed_from_template(template, batch, seq_len, device)
 
 
-def _labels(req: SampleRequest, batch: int) -> torch.Tensor | None:
-    if req.class_label is None:
-        if req.guidance != 0.0:
-            raise ValueError("--guidance needs --class-label")
+def _labels(s: SampleConfig, batch: int, device: str) -> torch.Tensor | None:
+    if s.class_label is None:
+        if s.guidance != 0.0:
+            raise ValueError("--guidance (sample.guidance) needs --class-label (class_label)")
         return None
-    return torch.full((batch,), req.class_label, dtype=torch.long, device=req.device)
+    return torch.full((batch,), s.class_label, dtype=torch.long, device=device)
 
 
 def _token_text(tokenizer):
@@ -234,7 +169,7 @@ def _token_text(tokenizer):
     return lambda ids: tokenizer.decode(ids, skip_special=False)
 
 
-def _record(req: SampleRequest, loaded, result, i: int, start: int) -> dict:
+def _record(s: SampleConfig, loaded, result, i: int, start: int) -> dict:
     """One JSONL line: sample `start + i` of the batch starting at `start`."""
     tokens = result.tokens[i].tolist()
     text = loaded.tokenizer.decode(tokens) if loaded.tokenizer is not None else None
@@ -243,8 +178,8 @@ def _record(req: SampleRequest, loaded, result, i: int, start: int) -> dict:
         "batch_start": start,
         "text": text,
         "tokens": tokens,
-        "settings": dataclasses.asdict(req),
-        "seed": req.seed,
+        "settings": dataclasses.asdict(s),
+        "seed": s.seed,
         "nfe": result.nfe,  # of the whole batch
         "wall_time_s": round(result.wall_time, 4),
         "checkpoint_step": loaded.step,
@@ -252,7 +187,7 @@ def _record(req: SampleRequest, loaded, result, i: int, start: int) -> dict:
     }
 
 
-def _report(records: list[dict], req: SampleRequest, final: str) -> None:
+def _report(records: list[dict], s: SampleConfig, final: str) -> None:
     for r in records:
         body = r["text"] if r["text"] is not None else " ".join(map(str, r["tokens"]))
         print(f"--- sample {r['index']} ---\n{body}")
@@ -260,6 +195,6 @@ def _report(records: list[dict], req: SampleRequest, final: str) -> None:
     nfe = sum(r["nfe"] for r in batches)
     wall = sum(r["wall_time_s"] for r in batches)
     print(
-        f"{len(records)} samples, sampler={req.sampler}, steps={req.steps}, final={final}: "
+        f"{len(records)} samples, sampler={s.sampler}, steps={s.steps}, final={final}: "
         f"{nfe} denoiser calls (NFE) in {len(batches)} batch(es), {wall:.2f} s wall"
     )

@@ -5,7 +5,8 @@
     xdlm train --config configs/quickstart.yaml --out runs/mdlm --set kernel.k=0
     torchrun --nproc_per_node 2 -m xdlm train --config ... --out ... --set dist.strategy=ddp
 
-Prints samples from the trained model at the end (sample.num_samples, sample.steps).
+Prints samples from the trained model at the end, with the config's `sample` section (the same
+settings `xdlm sample --ckpt RUN_DIR` starts from; sample.num_samples=0 turns them off).
 """
 
 from __future__ import annotations
@@ -69,4 +70,4 @@ def _is_main() -> bool:
 def _print_samples(run_dir: str, cfg) -> None:
     from xdlm.commands.sample import sample_from_run
 
-    sample_from_run(run_dir, steps=cfg.sample.steps, num_samples=cfg.sample.num_samples)
+    sample_from_run(run_dir, cfg.sample)

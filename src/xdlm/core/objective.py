@@ -10,7 +10,7 @@ ranks and divide once.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from enum import Enum
 
 import torch
 from torch import Tensor
@@ -49,6 +49,14 @@ def sample_times(
     return t_min + (1.0 - t_min) * t
 
 
+class Weighting(Enum):
+    """The weight of ℓ_t: `ELBO` is the exact (−α'_t); `UNIT` replaces it by 1 (the LLM-scale
+    variant used for LLaDA continual pretraining). `Weighting("elbo")` from a config string."""
+
+    ELBO = "elbo"
+    UNIT = "unit"
+
+
 @dataclass(frozen=True)
 class LossOutput:
     """nats: Σ ℓ over real tokens (scalar, differentiable); tokens: their count (scalar).
@@ -85,10 +93,15 @@ def corrupt_batch(
     antithetic: bool = True,
     rank: int = 0,
     world_size: int = 1,
-    weighting: Literal["elbo", "unit"] = "elbo",
+    weighting: Weighting = Weighting.ELBO,
     keep_mask: Tensor | None = None,
 ) -> NoisyBatch:
     """Sample t (unless given), z_t ~ q(· | x0); padding and `keep_mask` tokens stay clean."""
+    if not isinstance(weighting, Weighting):
+        raise ValueError(
+            f"weighting must be a Weighting (Weighting.ELBO or Weighting.UNIT), got "
+            f"{weighting!r}; build it from a string with Weighting('elbo')"
+        )
     if t is None:
         t = sample_times(
             x0.shape[0],
@@ -105,7 +118,7 @@ def corrupt_batch(
         z_t = torch.where(attention_mask, z_t, x0)
     if keep_mask is not None:
         z_t = torch.where(keep_mask, x0, z_t)
-    dalpha = schedule.dalpha(t) if weighting == "elbo" else -torch.ones_like(t)
+    dalpha = schedule.dalpha(t) if weighting is Weighting.ELBO else -torch.ones_like(t)
     return NoisyBatch(t, alpha, dalpha, z_t)
 
 
@@ -133,8 +146,8 @@ def diffusion_loss(
     """Monte-Carlo NELBO of a batch x0 (B, L) with the denoiser `(z_t, t, attention_mask, cond)`.
 
     `corruption` are the keywords of `corrupt_batch`: t, generator, t_min, antithetic, rank,
-    world_size, weighting, keep_mask. weighting="elbo" uses the exact (−α'_t) weight; "unit"
-    replaces it by 1 (the LLM-scale variant used for LLaDA continual pretraining). `loss_mask`
+    world_size, weighting, keep_mask. `Weighting.ELBO` uses the exact (−α'_t) weight;
+    `Weighting.UNIT` replaces it by 1 (the LLM-scale variant used for LLaDA). `loss_mask`
     (B, L) restricts which tokens count (default: attention_mask); `keep_mask` (B, L) marks
     tokens that are never noised (e.g. an SFT prompt): they stay clean in z_t.
     """

@@ -189,16 +189,20 @@ class ClassSamples:
 
 def sample_classes(
     loaded, info: ImageInfo, *, steps: int, per_class: int, guidance: float = 0.0,
-    seed: int = 0, sampler: str = "ancestral", record: bool = False, conditional: bool = True,
+    seed: int = 0, record: bool = False, conditional: bool = True, device: str = "cpu",
+    **sampling,
 ) -> ClassSamples:  # fmt: skip
     """`per_class` samples of every class from a `load_run` result (null class when
-    `conditional` is False). The cache is off: image models are time-conditioned."""
-    labels = torch.arange(info.num_classes).repeat_interleave(per_class)
+    `conditional` is False). The cache is off: image models are time-conditioned. `sampling`:
+    keywords of `generate` (sampler, final, grid, filter; `SamplingPlan.generate_kwargs()`)."""
+    labels = torch.arange(info.num_classes, device=device).repeat_interleave(per_class)
     out = generate(
         loaded.model, loaded.kernel, loaded.schedule, batch_size=len(labels),
-        seq_len=info.height * info.width, steps=steps, sampler=sampler,
-        generator=torch.Generator().manual_seed(seed), class_labels=labels if conditional else None,
-        guidance=guidance, cache=False, record=record,
+        seq_len=info.height * info.width, steps=steps, **sampling,
+        generator=torch.Generator(device).manual_seed(seed), device=device,
+        class_labels=labels if conditional else None, guidance=guidance, cache=False,
+        record=record,
     )  # fmt: skip
-    states = out.trajectory.states if record and out.trajectory is not None else None
-    return ClassSamples(out.tokens, labels, tokens_to_images(out.tokens, info), states, out.nfe)
+    states = out.trajectory.states.cpu() if record and out.trajectory is not None else None
+    tokens = out.tokens.cpu()
+    return ClassSamples(tokens, labels.cpu(), tokens_to_images(tokens, info), states, out.nfe)

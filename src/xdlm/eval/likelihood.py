@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Schedule
@@ -231,22 +232,27 @@ def evaluate_rows(
 
 
 def shard_batches(
-    shards: TokenShards, batch_size: int, max_rows: int | None = None
+    shards: TokenShards, batch_size: int, max_rows: int | None = None, progress: str | None = None
 ) -> Iterable[tuple[Tensor, Rows]]:
-    """The first `max_rows` rows of a split in order, `batch_size` at a time (last may be short)."""
+    """The first `max_rows` rows of a split in order, `batch_size` at a time (last may be short);
+    `progress` names a tqdm bar on stderr (None: silent)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = len(shards) if max_rows is None else min(len(shards), max_rows)
-    for start in range(0, n, batch_size):
+    starts = range(0, n, batch_size)
+    if progress is not None:
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False, dynamic_ncols=True)
+    for start in starts:
         ids = torch.arange(start, min(start + batch_size, n))
         yield ids, shards.rows(ids)
 
 
 def evaluate_split(
     denoiser, kernel: MixedKernel, schedule: Schedule, data_dir, split: str = "valid", *,
-    batch_size: int = 16, max_batches: int | None = None, **kwargs,
+    batch_size: int = 16, max_batches: int | None = None, progress: str | None = None, **kwargs,
 ) -> LikelihoodResult:  # fmt: skip
-    """`evaluate_rows` over the split `split` of a prepared directory (see `evaluate_rows`)."""
+    """`evaluate_rows` over the split `split` of a prepared directory (see `evaluate_rows`);
+    `progress` names a tqdm bar (None: silent)."""
     shards = TokenShards(data_dir, split)
     if shards.vocab_size != kernel.vocab_size:
         raise ValueError(
@@ -255,5 +261,5 @@ def evaluate_split(
         )
     max_rows = None if max_batches is None else max_batches * batch_size
     return evaluate_rows(
-        denoiser, kernel, schedule, shard_batches(shards, batch_size, max_rows), **kwargs
+        denoiser, kernel, schedule, shard_batches(shards, batch_size, max_rows, progress), **kwargs
     )

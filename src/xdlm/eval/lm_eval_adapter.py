@@ -33,10 +33,11 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from torch import Tensor
 
+from xdlm.builders import build_sampler, build_schedule
+from xdlm.config import KernelConfig, SampleConfig
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.objective import diffusion_loss
-from xdlm.core.schedules import make_schedule
-from xdlm.sampling import XDM, fixed_from_template, generate, make_sampler
+from xdlm.sampling import XDM, fixed_from_template, generate
 
 
 @register_model("xdlm")
@@ -92,7 +93,7 @@ class XDLMHarnessLM(LM):
         if mask_id is None:
             raise ValueError("the tokenizer has no mask token; pass mask_id=<id>")
         self.kernel = MixedKernel(int(denoiser.vocab_size), mask_id, float(k))
-        self.schedule = make_schedule("loglinear")
+        self.schedule = build_schedule(KernelConfig(k=float(k)))  # the schema's default α_t
         self.mc_samples, self.max_length = int(mc_samples), int(max_length)
         self.gen_length, self.steps = int(gen_length), int(steps)
         self.block_length = None if block_length is None else int(block_length)
@@ -100,7 +101,7 @@ class XDLMHarnessLM(LM):
             raise ValueError(
                 f"sampler must be 'xdm' or 'confidence' for generation, got {sampler!r}"
             )
-        self.sampler = make_sampler(sampler)
+        self.sampler = build_sampler(SampleConfig(sampler=sampler, final="none")).sampler
         self.device_name, self.seed = device, int(seed)
 
     # ------------------------------------------------------------------ scoring
@@ -167,7 +168,7 @@ class XDLMHarnessLM(LM):
         steps = self.steps if isinstance(self.sampler, XDM) else min(self.steps, length)
         out = generate(
             self.denoiser, self.kernel, self.schedule, batch_size=1, seq_len=seq_len,
-            steps=steps, sampler=self.sampler,
+            steps=steps, sampler=self.sampler, final=None,
             generator=torch.Generator(self.device_name).manual_seed(self.seed),
             fixed=fixed_from_template(prompt, 1, seq_len, self.device_name),
             block_size=self.block_length, device=self.device_name,

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Schedule
-from xdlm.sampling.steps import time_grid
+from xdlm.sampling.loop import PAPER_GRID
+from xdlm.sampling.steps import TimeGrid
 
 
 def all_sequences(vocab: int, length: int) -> Tensor:
@@ -144,16 +145,14 @@ def step_matrix(
     return m
 
 
-def exact_output_law(
-    oracle: OracleDenoiser, steps: int, grid: str = "t", t_end: float = 1e-5
-) -> Tensor:
-    """p_T(x) (N,): the law of `generate(oracle, ..., sampler="ancestral", final="ancestral",
-    cache=False)`, propagated exactly from the prior r^{⊗L} through every step."""
+def exact_output_law(oracle: OracleDenoiser, steps: int, grid: TimeGrid = PAPER_GRID) -> Tensor:
+    """p_T(x) (N,): the law of `generate(oracle, ..., sampler=Ancestral(), final=AncestralFinal(),
+    grid=grid, cache=False)`, propagated exactly from the prior r^{⊗L} through every step."""
     data, kernel, schedule = oracle.data, oracle.kernel, oracle.schedule
     length = data.sequences.shape[1]
     states = all_sequences(kernel.vocab_size, length)
     law = kernel.prior_probs(torch.float64)[states].prod(-1)  # (S,)
-    alphas = schedule.alpha(time_grid(schedule, steps, grid, t_end)).tolist() + [1.0]
+    alphas = schedule.alpha(grid.times(schedule, steps)).tolist() + [1.0]
     for a_t, a_s in zip(alphas[:-1], alphas[1:], strict=True):
         law = law @ step_matrix(kernel, oracle, states, a_t, a_s)
     clean = (states < data.num_tokens).all(-1)  # no mask, no unused id; order = data.sequences

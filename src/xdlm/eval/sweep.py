@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Schedule
@@ -64,21 +65,22 @@ def sweep(
     denoiser, kernel: MixedKernel, schedule: Schedule, tokenizer, scorer: Scorer, *,
     steps: Sequence[int] = (4, 8, 16, 32, 64, 128),
     settings: Sequence[SamplingSetting] = (SamplingSetting(),), num_samples: int = 16,
-    seq_len: int = 128, batch_size: int = 8, seed: int = 0, device="cpu", **kwargs,
+    seq_len: int = 128, batch_size: int = 8, seed: int = 0, device="cpu", progress: bool = False,
+    **kwargs,
 ) -> list[dict]:  # fmt: skip
     """One row per (setting, T): the setting, T, NFE, wall time and every `sample_quality` metric.
 
-    `kwargs` go to `generate` (sampler, final, grid, ...).
+    `kwargs` go to `generate` (sampler, final, grid, ...); `progress` shows a tqdm bar of cells.
     """
     rows = []
-    for setting in settings:
-        for t in steps:
-            tokens, nfe, wall = generate_many(
-                denoiser, kernel, schedule, num_samples=num_samples, seq_len=seq_len, steps=t,
-                setting=setting, batch_size=batch_size, seed=seed, device=device, **kwargs,
-            )  # fmt: skip
-            quality = sample_quality(tokens, tokenizer, scorer)
-            rows.append({**asdict(setting), "steps": t, "nfe": nfe, "wall_time": wall, **quality})
+    cells = [(setting, t) for setting in settings for t in steps]
+    for setting, t in tqdm(cells, desc="gen-PPL sweep", disable=not progress, leave=False):
+        tokens, nfe, wall = generate_many(
+            denoiser, kernel, schedule, num_samples=num_samples, seq_len=seq_len, steps=t,
+            setting=setting, batch_size=batch_size, seed=seed, device=device, **kwargs,
+        )  # fmt: skip
+        quality = sample_quality(tokens, tokenizer, scorer)
+        rows.append({**asdict(setting), "steps": t, "nfe": nfe, "wall_time": wall, **quality})
     return rows
 
 

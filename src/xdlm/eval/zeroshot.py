@@ -49,11 +49,13 @@ def zero_shot_rules(tokenizer: TextTokenizer, seq_len: int, mode: str, max_token
 def zero_shot(
     denoiser, kernel: MixedKernel, schedule: Schedule, tokenizer: TextTokenizer,
     sources: Sequence[str | Path], *, seq_len: int, mode: str = "wrap",
-    max_tokens: int | None = None, batch_size: int = 16, text_field: str = "text", **kwargs,
+    max_tokens: int | None = None, batch_size: int = 16, text_field: str = "text",
+    progress: bool = False, **kwargs,
 ) -> dict[str, dict]:  # fmt: skip
     """Bound on each source: {source: {"rules": ..., "tokens_available": ..., **LikelihoodResult}}.
 
-    `kwargs` go to `evaluate_rows` (seed, t_samples, method, t_min, discrete_steps).
+    `kwargs` go to `evaluate_rows` (seed, t_samples, method, t_min, discrete_steps);
+    `progress` shows a tqdm bar per corpus.
     """
     if tokenizer.vocab_size != kernel.vocab_size:
         raise ValueError(
@@ -71,7 +73,8 @@ def zero_shot(
             prepare([source], data_dir, tokenizer=tokenizer, seq_len=seq_len, mode=mode,
                     valid_fraction=0.0, text_field=text_field)  # fmt: skip
             shards = TokenShards(data_dir, "train")
-            batches = shard_batches(shards, batch_size, max_rows)
+            desc = f"zero-shot {Path(str(source)).name}" if progress else None
+            batches = shard_batches(shards, batch_size, max_rows, desc)
             result = evaluate_rows(denoiser, kernel, schedule, batches, **kwargs)
             info = shards.manifest.splits["train"]
             out[str(source)] = {

@@ -10,17 +10,22 @@ from xdlm.sampling.conditioning import (
     parse_infill,
 )
 from xdlm.sampling.confidence import Confidence, edit_budget
-from xdlm.sampling.loop import SAMPLERS, generate, make_sampler
+from xdlm.sampling.loop import generate
 from xdlm.sampling.steps import (
     Ancestral,
+    AncestralFinal,
+    FinalStep,
     Fixed,
+    GreedyFinal,
     LogitFilter,
     ReMDM,
     Sampler,
     StepOutput,
     StepTimes,
-    final_step,
-    time_grid,
+    TimeGrid,
+    UniformAlpha,
+    UniformT,
+    sample_posterior,
 )
 from xdlm.sampling.trace_html import write_trace_html
 from xdlm.sampling.trajectory import SampleOutput, Trajectory, TransitionCounts, classify
@@ -28,30 +33,33 @@ from xdlm.sampling.xdm import XDM, cumulative_edit_budget, transfer_counts
 
 __all__ = [
     "BLANK",
-    "SAMPLERS",
     "Ancestral",
+    "AncestralFinal",
     "Confidence",
+    "FinalStep",
     "Fixed",
+    "GreedyFinal",
     "LogitFilter",
     "ReMDM",
     "SampleOutput",
     "Sampler",
     "StepOutput",
     "StepTimes",
+    "TimeGrid",
     "Trajectory",
     "TransitionCounts",
+    "UniformAlpha",
+    "UniformT",
     "XDM",
     "block_windows",
     "classify",
     "cumulative_edit_budget",
     "edit_budget",
-    "final_step",
     "fixed_from_template",
     "generate",
     "guided_logits",
-    "make_sampler",
     "parse_infill",
-    "time_grid",
+    "sample_posterior",
     "transfer_counts",
     "write_trace_html",
 ]

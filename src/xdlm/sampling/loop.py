@@ -27,32 +27,22 @@ from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Schedule
 from xdlm.models.protocol import Denoiser
 from xdlm.sampling.conditioning import Window, block_windows, guided_logits
-from xdlm.sampling.confidence import Confidence
 from xdlm.sampling.steps import (
-    FINAL_MODES,
     Ancestral,
+    AncestralFinal,
+    FinalStep,
     Fixed,
     LogitFilter,
-    ReMDM,
     Sampler,
     StepTimes,
-    final_step,
-    time_grid,
+    TimeGrid,
+    UniformT,
 )
 from xdlm.sampling.trajectory import SampleOutput, Trajectory
 from xdlm.sampling.xdm import XDM
 
 NO_FILTER = LogitFilter()
-SAMPLERS = {"ancestral": Ancestral, "remdm": ReMDM, "confidence": Confidence, "xdm": XDM}
-
-
-def make_sampler(name: str, **kwargs) -> Sampler | XDM:
-    """A sampler by name: `ancestral`, `remdm` (kwargs eta, strategy), `confidence` (ours) or
-    `xdm` (the authors' LLaDA-XDLM algorithm; kwargs temperature, remasking, cfg_scale,
-    protect_prompt)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    return SAMPLERS[name](**kwargs)
+ANCESTRAL, ANCESTRAL_FINAL, PAPER_GRID = Ancestral(), AncestralFinal(), UniformT()  # defaults
 
 
 @dataclass
@@ -89,11 +79,10 @@ def generate(
     seq_len: int,
     steps: int,
     generator: torch.Generator | None,
-    sampler: Sampler | XDM | str = "ancestral",
+    sampler: Sampler | XDM = ANCESTRAL,
     filter: LogitFilter = NO_FILTER,
-    final: str = "ancestral",
-    grid: str = "t",
-    t_end: float = 1e-5,
+    final: FinalStep | None = ANCESTRAL_FINAL,
+    grid: TimeGrid = PAPER_GRID,
     fixed: Fixed | None = None,
     block_size: int | None = None,
     context_len: int | None = None,
@@ -106,14 +95,15 @@ def generate(
     """Sample B sequences of length L with T steps per window.
 
     Args:
-        sampler: a `Sampler`, an `XDM`, or a name for `make_sampler` (`ancestral`, `remdm`,
-            `confidence`, `xdm`). `XDM` runs its own loop (`XDM.run`: full canvas, `steps` in
-            total split over the blocks); it takes no filter or guidance (its temperature and
-            cfg_scale are its own fields) and ignores final, grid, t_end, context_len, cache.
+        sampler: a `Sampler` (`Ancestral`, `ReMDM`, `Confidence`) or an `XDM`;
+            `xdlm.builders.build_sampler` makes one from the config's `sample.sampler`. `XDM`
+            runs its own loop (`XDM.run`: full canvas, `steps` in total split over the blocks);
+            it takes no filter or guidance (its temperature and cfg_scale are its own fields)
+            and ignores final, grid, context_len, cache.
         filter: temperature / top-k / top-p turning logits into p_θ before every step.
-        final: noise removal after the last step, `ancestral` | `greedy` | `none` (ignored by
-            samplers with `uses_final_step = False`).
-        grid: `t` (linspace(1, t_end, T+1)) or `alpha` (uniform in α_t).
+        final: noise removal after the last step (`AncestralFinal`, `GreedyFinal`), or None;
+            ignored by samplers with `uses_final_step = False`.
+        grid: the step times (`UniformT(t_end)`, the paper's, or `UniformAlpha(t_end)`).
         fixed: positions never changed (prompt, infilling); `Fixed` (B, L).
         block_size, context_len: semi-AR generation in blocks, each seen with at most
             `context_len` columns (the training length) of left context.
@@ -121,9 +111,6 @@ def generate(
         record: keep every state in `SampleOutput.trajectory`.
     """
     start = time.perf_counter()
-    if final not in FINAL_MODES:
-        raise ValueError(f"final must be one of {FINAL_MODES}, got {final!r}")
-    sampler = make_sampler(sampler) if isinstance(sampler, str) else sampler
     if isinstance(sampler, XDM):
         if filter != NO_FILTER or guidance != 0.0:
             raise ValueError(
@@ -140,12 +127,12 @@ def generate(
     fixed = fixed if fixed is not None else Fixed.none(z)
     z = fixed.pin(z)
     recorder = _Recorder(record, [z])
-    ts = time_grid(schedule, steps, grid, t_end).to(device)
+    ts = grid.times(schedule, steps).to(device)
     for b, window in enumerate(block_windows(seq_len, block_size, context_len)):
         win_fixed = _window_fixed(fixed, z, window)
         if bool(win_fixed.mask.all()):
             continue  # e.g. a block covered by the prompt
-        for i in range(steps + int(sampler.uses_final_step and final != "none")):
+        for i in range(steps + int(sampler.uses_final_step and final is not None)):
             t = ts[min(i, steps)].expand(batch_size)
             z_w = z[:, window.start : window.end]
             p_x0 = filter.probs(evaluate(z_w, t), kernel.mask_id)
@@ -155,7 +142,7 @@ def generate(
                 z_w = sampler.step(kernel, p_x0, z_w, times, generator, win_fixed).z_s
             else:
                 alpha_t = schedule.alpha(t)
-                z_w = final_step(kernel, p_x0, z_w, alpha_t, final, generator, win_fixed).z_s
+                z_w = final.step(kernel, p_x0, z_w, alpha_t, generator, win_fixed).z_s
             z = torch.cat([z[:, : window.start], z_w, z[:, window.end :]], dim=1)
             recorder.add(z, f"block {b} " + (f"step {i + 1}" if i < steps else "final"), t)
     trajectory = recorder.trajectory(kernel.mask_id)

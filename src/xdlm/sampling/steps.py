@@ -17,7 +17,8 @@ Samplers (frozen dataclasses with a `step` method):
 - `ReMDM` (k = 0 only): MDLM's posterior with remasking of a fraction σ_t of visible tokens.
 - `Confidence` (in `xdlm.sampling.confidence`): LLaDA-style greedy unmasking + edit budget.
 
-`final_step` is the noise-removal step α_s = 1; `time_grid` builds the step grid.
+`AncestralFinal` / `GreedyFinal` are the noise-removal step α_s = 1; `UniformT` / `UniformAlpha`
+build the step grid. Strings from the config pick these classes once, in `xdlm.builders`.
 """
 
 from __future__ import annotations
@@ -31,9 +32,6 @@ from torch import Tensor
 from xdlm.core.categorical import denoiser_probs, sample_categorical
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Schedule
-
-FINAL_MODES = ("ancestral", "greedy", "none")
-GRIDS = ("t", "alpha")
 
 
 @dataclass(frozen=True)
@@ -239,50 +237,73 @@ class ReMDM:
         return StepOutput(fixed.pin(sample_categorical(probs, generator)), probs)
 
 
-def final_step(
-    kernel: MixedKernel,
-    p_x0: Tensor,
-    z_t: Tensor,
-    alpha_t: Tensor,
-    mode: str,
-    generator: torch.Generator | None,
-    fixed: Fixed,
-) -> StepOutput:
-    """Noise removal t -> 0 with α_s = 1 (no mask survives), p_θ (B, L, V), z_t (B, L), α_t (B,).
+class FinalStep(Protocol):
+    """Noise removal t -> 0 (α_s = 1): `step(kernel, p_x0 (B, L, V), z_t (B, L), α_t (B,),
+    generator, fixed) -> StepOutput`. `generate(final=None)` skips it (masks may remain)."""
 
-    `ancestral`: draw from the α_s = 1 posterior. `greedy`: its argmax, as in the paper's code:
-    at a masked position that is argmax p_θ; at a visible position j it is
-    argmax_e k·β_t·p_θ(e)/F + [e = j]·(1 − k·β_t/F) with F = V·α_t·p_θ(j) + k·β_t, i.e. j
-    is replaced only when the model strongly prefers another token (never for k = 0).
-    `none`: z_t unchanged (masks may remain).
-    """
-    if mode == "none":
-        return StepOutput(z_t, None)
-    if mode not in FINAL_MODES:
-        raise ValueError(f"final step must be one of {FINAL_MODES}, got {mode!r}")
-    times = StepTimes(alpha_t, torch.ones_like(alpha_t), 1)
-    if mode == "ancestral":
+    def step(
+        self,
+        kernel: MixedKernel,
+        p_x0: Tensor,
+        z_t: Tensor,
+        alpha_t: Tensor,
+        generator: torch.Generator | None,
+        fixed: Fixed,
+    ) -> StepOutput: ...
+
+
+@dataclass(frozen=True)
+class AncestralFinal:
+    """Draw z_0 from the α_s = 1 posterior p_θ(z_0 | z_t): no mask survives."""
+
+    def step(self, kernel, p_x0, z_t, alpha_t, generator, fixed) -> StepOutput:
+        times = StepTimes(alpha_t, torch.ones_like(alpha_t), 1)
         return Ancestral().step(kernel, p_x0, z_t, times, generator, fixed)
-    probs = kernel.posterior_probs(p_x0, z_t, alpha_t, times.alpha_s)
-    return StepOutput(fixed.pin(probs.argmax(-1)), probs)
 
 
-def time_grid(schedule: Schedule, steps: int, grid: str = "t", t_end: float = 1e-5) -> Tensor:
-    """The T + 1 decreasing times t_0 = 1 > ... > t_T = t_end (float64).
+@dataclass(frozen=True)
+class GreedyFinal:
+    """The argmax of the α_s = 1 posterior, as in the paper's code: at a masked position that
+    is argmax p_θ; at a visible position j it is argmax_e k·β_t·p_θ(e)/F + [e = j]·(1 − k·β_t/F)
+    with F = V·α_t·p_θ(j) + k·β_t, i.e. j is replaced only when the model strongly prefers
+    another token (never for k = 0)."""
 
-    `grid="t"`: linspace(1, t_end, T + 1) (the paper). `grid="alpha"`: uniform in α_t between
-    α_1 and α_{t_end}, mapped back with `schedule.t_of_alpha`.
-    """
+    def step(self, kernel, p_x0, z_t, alpha_t, generator, fixed) -> StepOutput:
+        probs = kernel.posterior_probs(p_x0, z_t, alpha_t, torch.ones_like(alpha_t))
+        return StepOutput(fixed.pin(probs.argmax(-1)), probs)
+
+
+class TimeGrid(Protocol):
+    """`times(schedule, steps)`: the T + 1 decreasing times t_0 = 1 > ... > t_T (float64)."""
+
+    def times(self, schedule: Schedule, steps: int) -> Tensor: ...
+
+
+def _linspace(start: float, end: float, steps: int, t_end: float) -> Tensor:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 <= t_end < 1.0:
         raise ValueError(f"t_end must be in [0, 1), got {t_end}")
-    ts = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
-    if grid == "t":
-        return ts
-    if grid != "alpha":
-        raise ValueError(f"grid must be one of {GRIDS}, got {grid!r}")
-    a = schedule.alpha(ts[[0, -1]])
-    return schedule.t_of_alpha(
-        torch.linspace(float(a[0]), float(a[1]), steps + 1, dtype=torch.float64)
-    )
+    return torch.linspace(start, end, steps + 1, dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class UniformT:
+    """The paper's grid: t_i = linspace(1, t_end, T + 1)."""
+
+    t_end: float = 1e-5
+
+    def times(self, schedule: Schedule, steps: int) -> Tensor:
+        return _linspace(1.0, self.t_end, steps, self.t_end)
+
+
+@dataclass(frozen=True)
+class UniformAlpha:
+    """Uniform in α_t between α_1 and α_{t_end}, mapped back with `schedule.t_of_alpha`."""
+
+    t_end: float = 1e-5
+
+    def times(self, schedule: Schedule, steps: int) -> Tensor:
+        ends = schedule.alpha(torch.tensor([1.0, self.t_end], dtype=torch.float64))
+        alphas = _linspace(float(ends[0]), float(ends[1]), steps, self.t_end)
+        return schedule.t_of_alpha(alphas)

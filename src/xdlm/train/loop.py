@@ -33,6 +33,7 @@ from xdlm.builders import (
     build_model,
     build_optimizer,
     build_schedule,
+    build_weighting,
     ensure_dataset,
     lr_at,
     output_size,
@@ -100,6 +101,7 @@ class Trainer:
         # V is the model's output size: an HF head (LLaDA: 126,464) may exceed the tokenizer.
         self.kernel = build_kernel(cfg.kernel, self.manifest, output_size(self.model))
         self.schedule = build_schedule(cfg.kernel)
+        self.weighting = build_weighting(cfg.train)
         self.precision = resolve_precision(
             cfg.train.precision, self.ctx.device, model_width(self.model), key="train.precision"
         )
@@ -286,7 +288,7 @@ class Trainer:
                         attention_mask=mask,
                         t=t,
                         generator=self.noise_gen,
-                        weighting=cfg.weighting,
+                        weighting=self.weighting,
                         cond=self._cond(batch.labels, cfg.cond_drop),
                     )
                 (out.nats * (ctx.world_size / total_tokens)).backward()
