@@ -12,7 +12,7 @@ import torch
 from xdlm.cli import main as cli_main
 from xdlm.config import load_config
 from xdlm.data.corpora import embedded_corpus_path
-from xdlm.runs import find_checkpoint, load_run
+from xdlm.runs import find_checkpoint, load_run, read_meta, read_run_config
 from xdlm.train import loop as loop_mod
 from xdlm.train.loop import NonFiniteLossError, train
 
@@ -245,3 +245,51 @@ def test_ema_can_be_turned_off(corpus, tmp_path):
 def test_shipped_configs_load(name):
     cfg = load_config(f"configs/{name}.yaml")
     assert 0.0 <= cfg.kernel.k <= 1.0 and cfg.train.steps > 0
+
+
+def _tiny_sets(corpus, data_dir, *extra):
+    sets = [
+        f"data.path={data_dir}", f"data.sources=[{corpus}]", "data.tokenizer=char",
+        "data.seq_len=32", "data.batch_size=8", "model.n_layers=1", "model.d_model=32",
+        "model.n_heads=2", "train.warmup_steps=1", "train.eval_batches=1", "train.save_every=3",
+        "train.precision=fp32", "train.steps=3", *extra,
+    ]  # fmt: skip
+    return [x for s in sets for x in ("--set", s)]
+
+
+def test_resume_keeps_the_saved_config_and_never_rewrites_it(corpus, tmp_path, capsys):
+    """Regression: --resume rebuilt the config from the command line (fp32 silently became
+    auto) and rewrote config.yaml. Now it continues with the saved settings, exactly."""
+    run = tmp_path / "run"
+    assert (
+        cli_main(["train", "--out", str(run), "--no-samples", *_tiny_sets(corpus, tmp_path / "d")])
+        == 0
+    )
+    saved_yaml = (run / "config.yaml").read_text()
+    saved = read_run_config(run)
+    capsys.readouterr()
+    assert cli_main(["train", "--out", str(run), "--resume", "--no-samples"]) == 0
+    out = capsys.readouterr().out
+    assert "resume: the run's saved config\n" in out and " -> " not in out
+    assert read_run_config(run) == saved and saved.train.precision == "fp32"
+    assert (run / "config.yaml").read_text() == saved_yaml
+    argv = ["train", "--out", str(run), "--resume", "--no-samples", "--set", "train.steps=4"]
+    assert cli_main(argv) == 0
+    assert "resume: train.steps: 3 -> 4" in capsys.readouterr().out
+    latest = read_run_config(run)
+    assert latest.train.steps == 4 and latest.train.precision == "fp32"
+    assert read_meta(find_checkpoint(run))["precision"]["name"] == "fp32"
+    assert (run / "config.yaml").read_text() == saved_yaml  # history: the config it started with
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"event": "resume", "step": 3, "changes": {"train.steps": [3, 4]}} in events
+
+
+def test_resume_of_a_missing_run_and_a_missing_explicit_data_path_are_errors(
+    corpus, tmp_path, capsys
+):
+    assert cli_main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "holds no run" in capsys.readouterr().err and not (tmp_path / "none").exists()
+    argv = ["train", "--config", "configs/quickstart.yaml", "--out", str(tmp_path / "r")]
+    assert cli_main([*argv, "--set", f"data.path={tmp_path / 'typo'}"]) == 2
+    assert "no prepared dataset" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()  # the recipe's sources were not prepared there

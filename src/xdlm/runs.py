@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from safetensors.torch import load_model as st_load_model
 
@@ -61,6 +62,20 @@ def read_meta(ckpt: Path) -> dict:
 def read_run_config(path: str | Path) -> XDLMConfig:
     """The config a run was trained with (from its latest checkpoint's meta.json)."""
     return config_from_dict(read_meta(find_checkpoint(path))["config"])
+
+
+def latest_config(run_dir: str | Path) -> XDLMConfig:
+    """The config a run continues with: its latest checkpoint's, else its config.yaml (a run
+    stopped before its first checkpoint). FileNotFoundError when `run_dir` holds no run."""
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoints" / LATEST).is_file():
+        return read_run_config(run_dir)
+    if (run_dir / "config.yaml").is_file():
+        return config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    raise FileNotFoundError(
+        f"--resume: {run_dir} holds no run (no config.yaml, no checkpoint); drop --resume to "
+        "start a new run there, or pass the --out of an existing run"
+    )
 
 
 def kernel_from_meta(meta: dict) -> MixedKernel:

@@ -1,9 +1,15 @@
 """`xdlm train`: train an MDLM / XDLM / UDLM denoiser (k = kernel.k).
 
     xdlm train --config configs/quickstart.yaml --out runs/quickstart
-    xdlm train --config configs/quickstart.yaml --out runs/quickstart --resume
+    xdlm train --out runs/quickstart --resume                       # the run's own settings
+    xdlm train --out runs/quickstart --resume --set train.steps=1000       # ... changing one
     xdlm train --config configs/quickstart.yaml --out runs/mdlm --set kernel.k=0
     torchrun --nproc_per_node 2 -m xdlm train --config ... --out ... --set dist.strategy=ddp
+
+The config: the schema's defaults < `--config FILE` < `--set KEY=VALUE`. `--resume` starts
+instead from the run's saved config (its latest checkpoint's; config.yaml before the first one),
+applies only what you pass, prints each change, and never rewrites config.yaml. A `--set
+data.path=DIR` must name a prepared dataset unless `--set data.sources=...` says what to prepare.
 
 Prints samples from the trained model at the end, with the config's `sample` section (the same
 settings `xdlm sample --ckpt RUN_DIR` starts from; sample.num_samples=0 turns them off).
@@ -37,10 +43,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from xdlm.config import load_config
     from xdlm.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config(args)
     result = train(cfg, args.out, resume=args.resume)
     if not _is_main():  # under torchrun only rank 0 reports and samples
         return 130 if result.interrupted else 0
@@ -58,6 +63,31 @@ def run(args) -> int:
     if not args.no_samples and cfg.sample.num_samples > 0:
         _print_samples(args.out, cfg)
     return 0
+
+
+def _config(args):
+    """The run's config: a new one from the recipe, or the saved one plus the user's changes."""
+    from pathlib import Path
+
+    from xdlm.config import XDLMConfig, apply_file, apply_overrides, config_changes
+    from xdlm.runs import latest_config
+
+    base = latest_config(args.out) if args.resume else XDLMConfig()
+    cfg = apply_overrides(apply_file(base, args.config), args.overrides)
+    if args.resume and _is_main():
+        changes = config_changes(base, cfg)
+        for key, (old, new) in changes.items():
+            print(f"resume: {key}: {old!r} -> {new!r}")
+        print(f"resume: the run's saved config{' with these changes' if changes else ''}")
+    explicit = {item.partition("=")[0].strip() for item in args.overrides}
+    manifest = Path(cfg.data.path) / "manifest.json"
+    if "data.path" in explicit and "data.sources" not in explicit and not manifest.is_file():
+        raise FileNotFoundError(
+            f"data.path={cfg.data.path} holds no prepared dataset (no manifest.json); prepare "
+            "it first (xdlm prepare SOURCES --out DIR) or also set data.sources=[...] to "
+            "prepare it there (the recipe's own sources are not used for an explicit path)"
+        )
+    return cfg
 
 
 def _is_main() -> bool:

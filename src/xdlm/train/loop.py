@@ -38,7 +38,7 @@ from xdlm.builders import (
     lr_at,
     output_size,
 )
-from xdlm.config import XDLMConfig, save_config
+from xdlm.config import XDLMConfig, config_changes, config_from_dict, save_config
 from xdlm.core.fused import fused_diffusion_loss
 from xdlm.core.objective import diffusion_loss, sample_times
 from xdlm.core.schedules import schedule_spec
@@ -157,23 +157,35 @@ class Trainer:
     # ------------------------------------------------------------------ setup / resume
 
     def _prepare_run_dir(self, resume: bool) -> None:
+        """Check new-run / resume, write config.yaml once (a resume never rewrites it: each
+        checkpoint's meta.json holds the config it was trained with, and a resume that changes
+        settings logs them to metrics.jsonl), copy the tokenizer."""
         has_ckpt = (self.run_dir / "checkpoints" / "latest").is_file()
         if has_ckpt and not resume:
             raise ValueError(
                 f"{self.run_dir} already holds a run; pass --resume to continue it "
                 "or choose a new --out"
             )
+        if resume and not has_ckpt and not (self.run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"--resume: {self.run_dir} holds no run (no config.yaml, no checkpoint); "
+                "drop --resume to start a new run there"
+            )
         if resume and has_ckpt:
             self._resume(find_checkpoint(self.run_dir))
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
+            if not (self.run_dir / "config.yaml").is_file():
+                save_config(self.cfg, self.run_dir / "config.yaml")
             tok, data_tok = self.run_dir / "tokenizer", Path(self.cfg.data.path) / "tokenizer"
             if not tok.is_dir() and data_tok.is_dir():  # image-token data has no tokenizer
                 load_tokenizer_dir(data_tok).save(tok)
 
     def _resume(self, ckpt: Path) -> None:
         meta = read_meta(ckpt)
+        changes = config_changes(config_from_dict(meta["config"]), self.cfg)
+        if changes:
+            self._log({"event": "resume", "step": meta["step"], "changes": changes})
         if meta["kernel"] != self.kernel.spec():
             raise ValueError(
                 f"checkpoint {ckpt} was trained with kernel {meta['kernel']} but the "
