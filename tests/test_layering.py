@@ -7,6 +7,8 @@ Function-level (lazy) imports count like top-level ones.
 from __future__ import annotations
 
 import ast
+import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -97,3 +99,27 @@ def test_only_the_cli_imports_commands():
         and not _within(src, "xdlm.commands", "xdlm.cli")
     ]
     assert bad == []
+
+
+# Called by an external framework, never by our code: lm_eval reads `LM.tokenizer_name`.
+EXTERNAL_HOOKS = {"tokenizer_name"}
+
+
+def test_no_dead_definitions():
+    """Every function and class defined in src/xdlm is named somewhere besides its definition
+    (src, tests, scripts, experiments, benchmarks). Regression: `Fixed.window`, `gumbel_argmax`
+    and `TransitionCounts.totals` were defined and never used."""
+    root = SRC.parents[1]
+    files = [p for d in ("src", "tests", "scripts", "experiments", "benchmarks")
+             for p in (root / d).rglob("*.py")]  # fmt: skip
+    words = Counter(re.findall(r"\b\w+\b", "\n".join(p.read_text() for p in files)))
+    dead = [
+        f"{path.relative_to(root)}: {node.name}"
+        for path in sorted(SRC.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and not node.name.startswith("__")
+        and node.name not in EXTERNAL_HOOKS
+        and words[node.name] <= 1
+    ]
+    assert dead == []

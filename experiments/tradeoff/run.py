@@ -27,7 +27,8 @@ import torch
 import yaml
 from report import markdown_section, plot_pareto, summary_rows, write_section
 
-from xdlm.config import XDLMConfig, merge
+from xdlm.builders import build_sampler
+from xdlm.config import SampleConfig, XDLMConfig, merge
 from xdlm.data.documents import read_documents
 from xdlm.data.loader import TokenShards
 from xdlm.data.prepare import prepare
@@ -145,7 +146,8 @@ def train_all(
 
 # Sampler fixed before any result (README): ancestral posterior steps, t grid, temperature 1,
 # no top-k/top-p, ancestral noise-removal final step.
-SAMPLER = {"sampler": "ancestral", "final": "ancestral", "grid": "t", "t_end": 1e-5}
+PLAN = build_sampler(SampleConfig(sampler="ancestral", final="ancestral", grid="t", t_end=1e-5))
+SAMPLER = {"sampler": PLAN.sampler, "final": PLAN.final, "grid": PLAN.grid}
 
 
 def evaluate_model(run_dir: Path, data_dir: Path, spec: dict, scorer, device: str) -> dict:
