@@ -123,3 +123,13 @@ def test_no_dead_definitions():
         and words[node.name] <= 1
     ]
     assert dead == []
+
+
+def test_the_chunk_size_is_defined_once_and_documented_as_it_is():
+    """Regression: `CHUNK_ELEMENTS` was defined in core/fused.py and core/logit_stats.py, and
+    `fused_nelbo`'s docstring said 64 MB chunks while the constant gave 16 MB."""
+    from xdlm.core import fused, logit_stats
+
+    assert "CHUNK_ELEMENTS =" not in (SRC / "core" / "fused.py").read_text()
+    assert fused.CHUNK_ELEMENTS is logit_stats.CHUNK_ELEMENTS
+    assert f"~{fused.CHUNK_ELEMENTS * 4 // 2**20} MB of float32" in fused.fused_nelbo.__doc__
