@@ -12,7 +12,7 @@ import torch
 import xdlm.commands.sample as sample_cmd
 import xdlm.runs as runs
 import xdlm.train.loop as loop
-from xdlm.builders import FINAL_STEPS, GRIDS, SAMPLERS, build_weighting
+from xdlm.builders import FINAL_STEPS, GRIDS, REMDM_STRATEGIES, SAMPLERS, build_weighting
 from xdlm.cli import build_parser, main
 from xdlm.commands.options import command_config
 from xdlm.config import SampleConfig, TrainConfig, XDLMConfig, choices, load_config
@@ -103,4 +103,5 @@ def test_builders_cover_every_literal_choice():
     assert set(choices(SampleConfig, "sampler")) == set(SAMPLERS)
     assert set(choices(SampleConfig, "final")) == set(FINAL_STEPS)
     assert set(choices(SampleConfig, "grid")) == set(GRIDS)
+    assert set(choices(SampleConfig, "remdm_strategy")) == set(REMDM_STRATEGIES)
     assert set(choices(TrainConfig, "weighting")) == {w.value for w in Weighting}

@@ -71,7 +71,7 @@ CASES = [  # (sampler, k, extra generate kwargs)
     (Ancestral(), 1.0, {}),
     (Ancestral(), 0.1, {"final": GreedyFinal(), "grid": UniformAlpha()}),
     (ReMDM(eta=0.5), 0.0, {}),
-    (ReMDM(eta=0.5, strategy="rescale"), 0.0, {}),
+    (ReMDM(eta=0.5, rescale=True), 0.0, {}),
     (Confidence(), 0.0, {}),
     (Confidence(), 0.1, {}),
 ]

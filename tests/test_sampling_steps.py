@@ -45,8 +45,8 @@ def test_remdm_eta0_equals_mdlm_posterior_and_rows_sum_to_one():
     z = torch.tensor([[M, 0, M, 3, M]])
     p = _probs(1, 5)
     fixed = Fixed.none(z)
-    for eta, strategy in ((0.0, "cap"), (0.3, "cap"), (0.5, "rescale")):
-        out = ReMDM(eta=eta, strategy=strategy).step(kern, p, z, _times(1, 0.3, 0.6), None, fixed)
+    for eta, rescale in ((0.0, False), (0.3, False), (0.5, True)):
+        out = ReMDM(eta=eta, rescale=rescale).step(kern, p, z, _times(1, 0.3, 0.6), None, fixed)
         torch.testing.assert_close(out.probs.sum(-1), torch.ones(1, 5))
         assert bool((out.probs >= 0).all())
     ref = kern.posterior_probs(p, z, torch.tensor([0.3]), torch.tensor([0.6]))
@@ -58,7 +58,7 @@ def test_remdm_sigma_cap_and_rescale():
     at, as_ = torch.tensor([0.5]), torch.tensor([0.8])  # σ_max = 0.2 / 0.5 = 0.4
     torch.testing.assert_close(ReMDM(eta=0.1).sigma(at, as_), torch.tensor([0.1]))
     torch.testing.assert_close(ReMDM(eta=0.9).sigma(at, as_), torch.tensor([0.4]))
-    torch.testing.assert_close(ReMDM(0.5, "rescale").sigma(at, as_), torch.tensor([0.2]))
+    torch.testing.assert_close(ReMDM(0.5, rescale=True).sigma(at, as_), torch.tensor([0.2]))
     with pytest.raises(ValueError, match="k=0"):
         ReMDM().step(
             MixedKernel(V, M, 0.1),

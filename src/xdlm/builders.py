@@ -171,6 +171,7 @@ def ensure_dataset(cfg: DataConfig) -> Manifest:
 SAMPLERS = {"ancestral": Ancestral, "remdm": ReMDM, "confidence": Confidence, "xdm": XDM}
 FINAL_STEPS = {"ancestral": AncestralFinal, "greedy": GreedyFinal, "none": None}
 GRIDS = {"t": UniformT, "alpha": UniformAlpha}
+REMDM_STRATEGIES = {"cap": False, "rescale": True}  # ReMDM(rescale=...)
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,8 @@ def build_sampler(cfg: SampleConfig) -> SamplingPlan:
         sampler = XDM(temperature, cfg.xdm_remasking, protect_prompt=cfg.xdm_protect_prompt)
         filt = LogitFilter()  # xdm draws x̂ itself (its own temperature)
     elif kind is ReMDM:
-        sampler = ReMDM(eta=cfg.remdm_eta, strategy=cfg.remdm_strategy)
+        rescale = _pick(REMDM_STRATEGIES, cfg.remdm_strategy, "sample.remdm_strategy")
+        sampler = ReMDM(eta=cfg.remdm_eta, rescale=rescale)
     else:
         sampler = kind()
     final = _pick(FINAL_STEPS, cfg.final, "sample.final")

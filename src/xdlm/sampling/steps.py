@@ -194,25 +194,24 @@ class ReMDM:
         z_t = j ≠ m:    z_s = j with prob 1 − σ_t, else m (re-masked)
 
     with σ_t ≤ σ_max = min(1, (1 − α_s)/α_t) so all probabilities stay in [0, 1].
-    `strategy="cap"`: σ_t = min(η, σ_max);  `strategy="rescale"`: σ_t = η·σ_max.
-    σ_t = 0 is exactly MDLM's ancestral step.
+    ReMDM's "cap" strategy (the default): σ_t = min(η, σ_max); `rescale=True` (its "rescale"
+    strategy, `sample.remdm_strategy=rescale`): σ_t = η·σ_max. σ_t = 0 is exactly MDLM's
+    ancestral step.
     """
 
     eta: float = 0.01
-    strategy: str = "cap"
+    rescale: bool = False
     uses_final_step: bool = True
     prior = Ancestral.prior  # z_1 ~ r (all [MASK] at k = 0)
 
     def __post_init__(self) -> None:
-        if self.strategy not in ("cap", "rescale"):
-            raise ValueError(f"ReMDM strategy must be 'cap' or 'rescale', got {self.strategy!r}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"ReMDM eta must be in [0, 1], got {self.eta}")
 
     def sigma(self, alpha_t: Tensor, alpha_s: Tensor) -> Tensor:
         """σ_t (B,) for the step α_t -> α_s."""
         sigma_max = ((1.0 - alpha_s) / alpha_t).clamp(max=1.0)
-        return sigma_max.clamp(max=self.eta) if self.strategy == "cap" else self.eta * sigma_max
+        return self.eta * sigma_max if self.rescale else sigma_max.clamp(max=self.eta)
 
     def step(
         self,
