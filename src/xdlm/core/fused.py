@@ -35,6 +35,7 @@ class _FusedNelbo(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, kernel, x0, z_t, alpha, dalpha, chunk):
         ctx.kernel, ctx.chunk = kernel, chunk
+        ctx.small_lambda = kernel.has_small_lambda(alpha)  # once, not once per chunk
         ctx.autocast = (h.device.type, torch.is_autocast_enabled(h.device.type))
         ctx.autocast_dtype = torch.get_autocast_dtype(h.device.type)
         ctx.save_for_backward(h, weight, bias, x0, z_t, alpha, dalpha)
@@ -42,7 +43,9 @@ class _FusedNelbo(torch.autograd.Function):
         for s in range(0, h.shape[0], chunk):
             e = s + chunk
             logits = F.linear(h[s:e], weight, bias)
-            out[s:e] = kernel.nelbo_rows(logits, x0[s:e], z_t[s:e], alpha[s:e], dalpha[s:e])
+            out[s:e] = kernel.nelbo_rows(
+                logits, x0[s:e], z_t[s:e], alpha[s:e], dalpha[s:e], ctx.small_lambda
+            )
         return out
 
     @staticmethod
@@ -60,7 +63,9 @@ class _FusedNelbo(torch.autograd.Function):
                     logits = F.linear(h[s:e], weight, bias)
             with torch.enable_grad():
                 logits.requires_grad_(True)
-                ell = ctx.kernel.nelbo_rows(logits, x0[s:e], z_t[s:e], alpha[s:e], dalpha[s:e])
+                ell = ctx.kernel.nelbo_rows(
+                    logits, x0[s:e], z_t[s:e], alpha[s:e], dalpha[s:e], ctx.small_lambda
+                )
                 (g,) = torch.autograd.grad(ell, logits, grad_out[s:e])
             if need_h:
                 grad_h[s:e] = g @ weight.to(g.dtype)

@@ -209,12 +209,19 @@ class MixedKernel:
         return self._nelbo(logits, x0, z_t, _expand(alpha, 2), _expand(dalpha, 2))
 
     def nelbo_rows(
-        self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha: Tensor, dalpha: Tensor
+        self,
+        logits: Tensor,
+        x0: Tensor,
+        z_t: Tensor,
+        alpha: Tensor,
+        dalpha: Tensor,
+        small_lambda: bool | None = None,
     ) -> Tensor:
         """`nelbo` on flat rows with a time per row: logits (N, V), x0, z_t, α, α' (N,) -> (N,).
 
         The per-chunk entry point of the fused loss (`xdlm.core.fused`): the same formula as
-        `nelbo`, for any subset of positions.
+        `nelbo`, for any subset of positions. `small_lambda`: `has_small_lambda` of all chunks'
+        α, decided once by the caller (None: decided here, one host sync per call).
         """
         self._check_vocab(logits.shape[-1], "logits")
         n = logits.shape[0]
@@ -224,9 +231,22 @@ class MixedKernel:
                 f"{tuple(logits.shape)}, x0 {tuple(x0.shape)}, z_t {tuple(z_t.shape)}, "
                 f"alpha {tuple(alpha.shape)}, dalpha {tuple(dalpha.shape)}"
             )
-        return self._nelbo(logits, x0, z_t, alpha, dalpha)
+        return self._nelbo(logits, x0, z_t, alpha, dalpha, small_lambda)
 
-    def _nelbo(self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha: Tensor, dalpha: Tensor):
+    def has_small_lambda(self, alpha: Tensor) -> bool:
+        """Whether some α has λ = V·α/(k·β) < 1, where ḡ needs the cancellation-free path
+        (α < k/(V + k); never at k = 0). One host sync on an accelerator."""
+        return self.k > 0 and bool((alpha < self.k / (self.vocab_size + self.k)).any())
+
+    def _nelbo(
+        self,
+        logits: Tensor,
+        x0: Tensor,
+        z_t: Tensor,
+        alpha: Tensor,
+        dalpha: Tensor,
+        small_lambda: bool | None = None,
+    ):
         """ℓ for logits (..., V), x0, z_t (...) and α, α' broadcastable to x0.
 
         Evaluated without cancellation (docs/math.md, "float32 at small α"): with
@@ -256,7 +276,9 @@ class MixedKernel:
         r_z = torch.where(self._is_mask(z_t), k / V + 1.0 - k, k / V).to(a)
         u_z = a * (is_x - p_z) / (a * p_z + b * r_z)
         u_x = a * (1.0 - p_x) / (a * p_x + b * (k / V))
-        gbar = self._v_gbar(logits, sp, c) / V
+        if small_lambda is None:
+            small_lambda = self.has_small_lambda(a_g)
+        gbar = (self._v_gbar(logits, sp, c) if small_lambda else F.softplus(c) - sp.double()) / V
         g_term = torch.where(open_, k * (1.0 - a_g) / a_g * gbar, torch.zeros_like(a))
         inner = log1p_remainder(u_z) / a + torch.log1p(u_x) + g_term
         rho = r_z / (a * is_x + b * r_z)
