@@ -148,7 +148,7 @@ def _zero_shot(ev: EvalConfig, loaded, ckpt) -> dict:
 
 
 def _generation(cfg, loaded, ckpt, device: str) -> dict:
-    from xdlm.builders import build_sampler
+    from xdlm.builders import build_sampler, resolve_sampling
     from xdlm.eval.genquality import load_scorer
     from xdlm.eval.sweep import SamplingSetting, plot_sweep, sweep
 
@@ -160,7 +160,8 @@ def _generation(cfg, loaded, ckpt, device: str) -> dict:
     ]
     seq_len = ev.sample_len or loaded.config.data.seq_len
     scorer = load_scorer(ev.scorer, device=device)
-    plan = build_sampler(cfg.sample)
+    sampling = resolve_sampling(cfg.sample, cfg.model, loaded.kernel.mask_id)  # the run's model
+    plan = build_sampler(sampling)
     rows = sweep(
         loaded.model, loaded.kernel, loaded.schedule, loaded.tokenizer, scorer,
         steps=ev.steps, settings=settings, num_samples=ev.num_samples, seq_len=seq_len,
@@ -168,7 +169,7 @@ def _generation(cfg, loaded, ckpt, device: str) -> dict:
         sampler=plan.sampler, final=plan.final, grid=plan.grid,
     )  # fmt: skip
     out = {"scorer": ev.scorer, "seq_len": seq_len, "num_samples": ev.num_samples,
-           "sampler": cfg.sample.sampler, "final": cfg.sample.final, "grid": cfg.sample.grid,
+           "sampler": sampling.sampler, "final": sampling.final, "grid": sampling.grid,
            "rows": rows}  # fmt: skip
     if ev.plot:
         out["plot"] = str(plot_sweep(rows, ev.plot))

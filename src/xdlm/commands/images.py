@@ -82,7 +82,7 @@ def run(args) -> int:
 def _load(args):
     """The run, its image info and class-grid samples, with the `sample` / `images` settings."""
     from xdlm import runs
-    from xdlm.builders import build_device, build_sampler
+    from xdlm.builders import build_device, build_sampler, resolve_sampling
     from xdlm.data.images import image_info
     from xdlm.eval.images import sample_classes
 
@@ -91,6 +91,7 @@ def _load(args):
     device = build_device(s.device)
     loaded = runs.load_run(args.ckpt, device=device, use_ema=s.use_ema)
     info = image_info(loaded.config.data.path)
+    s = resolve_sampling(s, cfg.model, loaded.kernel.mask_id)
     with inference_precision(s.precision, device, loaded.model).autocast(device):
         samples = sample_classes(
             loaded, info, steps=s.steps, per_class=cfg.images.per_class, guidance=s.guidance,
@@ -119,7 +120,7 @@ def _eval(args) -> int:
     clf, real = reference_classifier(loaded.config.data.path)
     metrics = image_metrics(clf, real.images, real.labels, samples.images, samples.labels.numpy())
     result = {"ckpt": str(loaded.checkpoint), "steps": cfg.sample.steps,
-              "guidance": cfg.sample.guidance, "sampler": cfg.sample.sampler,
+              "guidance": cfg.sample.guidance, "sampler": cfg.sample.sampler or "ancestral",
               "per_class": cfg.images.per_class, "nfe": samples.nfe, **vars(metrics)}  # fmt: skip
     if cfg.images.inception:
         result["inception_fid"] = _inception(cfg.images.inception, real.images, samples.images)
