@@ -110,6 +110,7 @@ def sample_from_run(
 
     s = merge(settings or runs.read_run_config(run_dir).sample, overrides, "sample.")
     device = build_device(s.device)
+    s = dataclasses.replace(s, device=device)  # records name the device actually used
     loaded = runs.load_run(run_dir, device=device, use_ema=s.use_ema)
     s = resolve_sampling(s, loaded.config.model, loaded.kernel.mask_id)
     seq_len = s.seq_len or loaded.config.data.seq_len
