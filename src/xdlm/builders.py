@@ -1,6 +1,7 @@
 """The only module that turns configuration into objects: model, kernel, schedule, optimizer,
-loss weighting, sampler. Every command builds through these functions; below this module no
-code chooses a class by a string.
+loss weighting, sampler. Every command builds through these functions; the sampling and loss
+code below takes objects only (docs/training.md §4 lists the string choices still dispatched in
+their own package: dist.strategy, the tokenizer kind, xdm's remasking).
 """
 
 from __future__ import annotations
