@@ -18,3 +18,33 @@ def shared_data() -> Path:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """60 KB of real English (the embedded corpus) as a text file."""
+    from run_fixtures import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "austen.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_corpus, tmp_path_factory) -> Path:
+    """ROOT with ROOT/data (prepared, char tokenizer) and ROOT/run (a finished 4-step run with
+    checkpoints at steps 2 and 4). Read-only: copy it (`run_copy`) before tampering."""
+    from run_fixtures import tiny_cfg
+
+    from xdlm.train.loop import train
+
+    root = tmp_path_factory.mktemp("tiny")
+    train(tiny_cfg(tiny_corpus, root / "data"), root / "run")
+    return root
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A private copy of `tiny_run`'s run directory."""
+    import shutil
+
+    shutil.copytree(tiny_run / "run", tmp_path / "run")
+    return tmp_path / "run"

@@ -175,7 +175,12 @@ def test_verify_detects_corruption(tmp_path, corpus_file):
     out = tmp_path / "d"
     prepare(corpus_file, out, tokenizer="char", seq_len=32)
     data = bytearray((out / "valid.bin").read_bytes())
+    data[5] ^= 1  # the high byte of id 2: out of range, named before the checksum
+    (out / "valid.bin").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="row 0 holds id"):
+        verify(out)
     data[5] ^= 1
+    data[0:4] = data[2:4] + data[0:2]  # BOS and the first character swapped: valid ids
     (out / "valid.bin").write_bytes(bytes(data))
     with pytest.raises(ValueError, match="sha256"):
         verify(out)

@@ -13,7 +13,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["prepare", "train", "sample", "eval", "consolidate", "images"]
+COMMANDS = ["prepare", "train", "sample", "eval", "consolidate", "images", "verify"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,14 +4,16 @@
 
 Every command reads this one schema (docs/training.md, "Configuration"): `train` the whole of
 it; `sample`, `eval` and `images` start from the run's saved config and may change only the
-`sample`, `eval` and `images` sections (`inference_config`). Unknown keys, wrongly typed values
-and values outside a `Literal` raise `ValueError` naming the key, the value and the valid
-choices. `k` is one setting (`kernel.k`), so MDLM (0), XDLM (0.1) and UDLM (1) share recipes.
+`sample`, `eval` and `images` sections (`inference_config`). Unknown keys, wrongly typed
+values, values outside a `Literal` and values out of range (`validate`) raise `ValueError`
+naming the key, the value and the valid choices or range. `k` is one setting (`kernel.k`), so
+MDLM (0), XDLM (0.1) and UDLM (1) share recipes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -136,7 +138,7 @@ class SampleConfig:
     class_label: int | None = None  # class-conditional models
     guidance: float = 0.0  # classifier-free guidance scale w (0 = unguided)
     seed: int = 0
-    batch_size: int | None = None  # default: num_samples
+    batch_size: int | None = None  # default: min(num_samples, 64) (xdlm sample)
     use_ema: bool = True
     device: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps ...
     precision: Precision = "auto"
@@ -196,8 +198,9 @@ class XDLMConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> XDLMConfig:
-    """Defaults, then the YAML file's overrides, then `a.b=c` strings (values parsed as YAML)."""
-    return apply_overrides(apply_file(XDLMConfig(), path), overrides)
+    """Defaults, then the YAML file's overrides, then `a.b=c` strings (values parsed as YAML);
+    then `validate`."""
+    return validate(apply_overrides(apply_file(XDLMConfig(), path), overrides))
 
 
 def apply_file(cfg: XDLMConfig, path: str | Path | None, sections=None) -> XDLMConfig:
@@ -244,7 +247,7 @@ def inference_config(
     for section in flags or {}:
         _check_section(section, INFERENCE_SECTIONS, "flag for section")
     cfg = merge(cfg, flags or {})
-    return apply_overrides(cfg, overrides, INFERENCE_SECTIONS)
+    return validate(apply_overrides(cfg, overrides, INFERENCE_SECTIONS))
 
 
 def choices(cls, name: str) -> list:
@@ -276,6 +279,79 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+# (key, lowest allowed value, what it means): integers that must be at least that value.
+_AT_LEAST = (
+    ("train.steps", 1, "optimizer steps to train"),
+    ("train.warmup_steps", 0, "linear warmup steps (0 = none)"),
+    ("train.grad_accum", 1, "micro-batches per optimizer step"),
+    ("train.log_every", 1, "steps between metrics lines"),
+    ("train.eval_every", 1, "steps between validations"),
+    ("train.save_every", 1, "steps between checkpoints"),
+    ("train.keep_last", 1, "checkpoints kept"),
+    ("train.eval_batches", 0, "validation batches (0 = no validation)"),
+    ("train.max_nan_steps", 0, "non-finite steps tolerated"),
+    ("data.batch_size", 1, "rows per micro-batch and process"),
+    ("data.seq_len", 2, "tokens per row (room for BOS and EOS)"),
+    ("sample.num_samples", 0, "samples (0: none printed after training)"),
+    ("sample.steps", 1, "reverse steps"),
+    ("sample.seq_len", 1, "tokens per sample"),
+    ("sample.batch_size", 1, "samples per batch"),
+    ("sample.block_size", 1, "tokens per semi-AR block"),
+    ("sample.blank_len", 1, "tokens per [BLANK]"),
+    ("sample.top_k", 1, "most likely tokens kept"),
+    ("eval.t_samples", 1, "t nodes per sequence"),
+    ("eval.max_batches", 1, "batches evaluated"),
+    ("eval.seq_len", 2, "zero-shot row length"),
+    ("eval.max_tokens", 1, "tokens per zero-shot corpus"),
+    ("eval.num_samples", 1, "gen-PPL samples"),
+    ("eval.sample_len", 1, "gen-PPL sample length"),
+    ("eval.batch_size", 1, "rows per batch"),
+    ("images.per_class", 1, "images per class"),
+)
+# (key, low, high, low inclusive, high inclusive)
+_IN_RANGE = (
+    ("kernel.k", 0.0, 1.0, True, True),
+    ("train.lr", 0.0, math.inf, False, False),
+    ("train.ema_decay", 0.0, 1.0, True, False),
+    ("train.t_min", 0.0, 1.0, True, False),
+    ("train.cond_drop", 0.0, 1.0, True, True),
+    ("train.min_lr_ratio", 0.0, 1.0, True, True),
+    ("train.grad_clip", 0.0, math.inf, False, True),
+    ("data.valid_fraction", 0.0, 1.0, True, False),
+    ("sample.temperature", 0.0, math.inf, True, False),
+    ("sample.top_p", 0.0, 1.0, False, True),
+)
+
+
+def validate(cfg: XDLMConfig) -> XDLMConfig:
+    """Values the loop would divide by, loop over or feed to the math: ValueError naming the
+    key, the value and the allowed range (instead of a ZeroDivisionError or a silent no-op).
+    Optional keys (None = the documented default) are checked only when set."""
+    for key, low, meaning in _AT_LEAST:
+        value = _get(cfg, key)
+        if value is not None and value < low:
+            raise ValueError(
+                f"{key} must be an integer >= {low} ({meaning}), got {value}; "
+                f"e.g. --set {key}={max(low, _get(XDLMConfig(), key) or low)}"
+            )
+    for key, low, high, low_in, high_in in _IN_RANGE:
+        value = _get(cfg, key)
+        if value is None:
+            continue
+        ok = (value >= low if low_in else value > low) and (
+            value <= high if high_in else value < high
+        )
+        if not ok or math.isnan(value):
+            span = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+            raise ValueError(f"{key} must be in {span}, got {value}")
+    return cfg
+
+
+def _get(cfg: XDLMConfig, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def config_from_dict(data: dict) -> XDLMConfig:

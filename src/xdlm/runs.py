@@ -17,12 +17,15 @@ optimizer and RNG states) is for `xdlm train --resume` alone and is never opened
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import load_model as st_load_model
 
@@ -35,8 +38,17 @@ from xdlm.data.tokenizers import load_tokenizer_dir
 LATEST = "latest"
 
 
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Published checkpoints under `ckpt_root`, oldest first (a `step_N` directory exists only
+    after its save completed and was renamed into place)."""
+    return sorted(
+        p for p in ckpt_root.glob("step_*") if ".tmp-" not in p.name and (p / "meta.json").is_file()
+    )
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a run directory (via `latest`) or a checkpoint path."""
+    """A checkpoint directory from a run directory (via `latest`; when `latest` is missing or
+    names a removed directory, the newest complete checkpoint) or a checkpoint path."""
     path = Path(path)
     if (path / "meta.json").is_file():
         return path
@@ -45,6 +57,15 @@ def find_checkpoint(path: str | Path) -> Path:
         ckpt = path / "checkpoints" / pointer.read_text().strip()
         if (ckpt / "meta.json").is_file():
             return ckpt
+    done = complete_checkpoints(path / "checkpoints")
+    if done:
+        if pointer.is_file():
+            warnings.warn(
+                f"{pointer} names {ckpt.name}, which is missing or incomplete; using the newest "
+                f"complete checkpoint {done[-1].name}",
+                stacklevel=2,
+            )
+        return done[-1]
     if not path.exists():
         raise FileNotFoundError(
             f"no run or checkpoint at {path}; pass the --out dir of `xdlm train`"
@@ -88,9 +109,33 @@ def schedule_from_meta(meta: dict) -> Schedule:
     return make_schedule(**meta["schedule"])
 
 
+@contextlib.contextmanager
+def readable(path: Path):
+    """A missing / truncated / corrupt safetensors file -> an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({err}); load another checkpoint of the run "
+            "(checkpoints/step_N) or retrain"
+        ) from None
+
+
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
     """Load `ckpt/model.safetensors` into `model`; every tensor must match."""
-    missing, unexpected = st_load_model(model, str(ckpt / "model.safetensors"), strict=False)
+    with readable(ckpt / "model.safetensors"):
+        try:
+            missing, unexpected = st_load_model(
+                model, str(ckpt / "model.safetensors"), strict=False
+            )
+        except RuntimeError as err:  # shapes differ: the config / meta.json is not the run's
+            raise ValueError(
+                f"checkpoint {ckpt} does not fit the model its meta.json describes "
+                f"({str(err).splitlines()[-1].strip()[:300]}); meta.json was edited or belongs "
+                "to another run"
+            ) from None
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {ckpt} does not fit the model: missing {missing[:5]}, "
@@ -106,7 +151,8 @@ def copy_ema_weights(ckpt: Path, model: torch.nn.Module) -> bool:
     path = ckpt / "ema.safetensors"
     if not path.is_file():
         return False
-    shadow = load_file(str(path))
+    with readable(path):
+        shadow = load_file(str(path))
     params = dict(model.named_parameters())
     if shadow.keys() != params.keys():
         raise ValueError(
@@ -116,6 +162,38 @@ def copy_ema_weights(ckpt: Path, model: torch.nn.Module) -> bool:
     for name, p in params.items():
         p.copy_(shadow[name])
     return True
+
+
+def check_loaded(ckpt: Path, meta: dict, model: torch.nn.Module, tokenizer) -> None:
+    """`meta.json` against itself, the tokenizer and the weights; the weights finite. An edited
+    mask id or k would otherwise sample silently wrong, NaN weights emit empty samples."""
+    kernel, data, where = meta["kernel"], meta.get("data", {}), ckpt / "meta.json"
+    use_mask = meta["config"]["kernel"].get("use_mask", True)
+    if use_mask and float(kernel["k"]) != float(meta["config"]["kernel"]["k"]):
+        raise ValueError(
+            f"{where}: kernel k={kernel['k']} but its config says kernel.k="
+            f"{meta['config']['kernel']['k']}; the file was edited, restore it from the run"
+        )
+    others = {"the data": data.get("mask_id"), "the tokenizer": getattr(tokenizer, "mask_id", None)}
+    for name, other in others.items():
+        if use_mask and other is not None and kernel["mask_id"] != other:
+            raise ValueError(
+                f"{where}: kernel mask_id={kernel['mask_id']} but {name} has mask id {other}; "
+                "the file was edited, restore it from the run"
+            )
+    head = getattr(getattr(model, "output_head", None), "weight", None)
+    if head is not None and head.shape[0] != kernel["vocab_size"]:
+        raise ValueError(
+            f"{where}: vocab_size={kernel['vocab_size']} but the weights output {head.shape[0]} "
+            "logits; the file was edited, restore it from the run"
+        )
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ValueError(
+                f"checkpoint {ckpt} has non-finite (NaN/inf) weights in {name}; training "
+                "diverged before this save: load an earlier checkpoints/step_N or retrain "
+                "(lower train.lr, precision=fp32)"
+            )
 
 
 @dataclass
@@ -149,6 +227,7 @@ def load_run(
         copy_ema_weights(ckpt, model)
     tok_dir = ckpt.parent.parent / "tokenizer"
     tokenizer = load_tokenizer_dir(tok_dir) if tok_dir.is_dir() else None
+    check_loaded(ckpt, meta, model, tokenizer)
     model.to(device).eval()
     return LoadedRun(
         model, kernel_from_meta(meta), schedule_from_meta(meta), tokenizer, cfg, meta["step"], ckpt

@@ -116,8 +116,10 @@ def _bound_kwargs(ev: EvalConfig, loaded) -> dict:
 
 
 def _likelihood(ev: EvalConfig, loaded) -> dict:
+    from xdlm.data.integrity import check_same_tokenizer
     from xdlm.eval.likelihood import evaluate_split
 
+    check_same_tokenizer(loaded.tokenizer, ev.data, f"the run {loaded.checkpoint.parent.parent}")
     kw = _bound_kwargs(ev, loaded)
     common = dict(batch_size=ev.batch_size, max_batches=ev.max_batches)
     m = (loaded.model, loaded.kernel, loaded.schedule, ev.data, ev.split)

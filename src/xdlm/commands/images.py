@@ -153,7 +153,7 @@ def reference_classifier(data_dir: str, seed: int = 0):
     real = _Split(data_dir, "valid")
     if path.is_file():
         clf = SmallCNN(int(real.labels.max()) + 1)
-        clf.load_state_dict(torch.load(path))
+        clf.load_state_dict(torch.load(path, weights_only=True))
         return clf.eval(), real
     train = _Split(data_dir, "train")
     clf = train_classifier(

@@ -21,7 +21,9 @@ the native DiT; `sample.temperature` unset means 0 for xdm, 1 otherwise.
 Infilling: each `[BLANK]` marks `--blank-len` free tokens, `[BLANK:n]` marks n; the text between
 blanks is fixed. `--prompt` and `--infill` texts are prefixed with the tokenizer's BOS (documents
 start with BOS in prepared data). Output: one JSON object per sample (`--out`) with text, tokens,
-settings, seed, NFE and wall time; `--trace` writes the first sample's trajectory as HTML.
+settings, seed, NFE and wall time, written batch by batch as they finish (at most 64 samples
+per batch unless `--batch-size`; Ctrl-C keeps the finished ones and exits with 130); `--trace`
+writes the first sample's trajectory as HTML.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ import torch
 
 from xdlm.builders import build_device, build_sampler, resolve_sampling
 from xdlm.commands.options import add_config_arguments, command_config, shorthand
-from xdlm.config import SampleConfig, choices, merge
+from xdlm.config import SampleConfig, XDLMConfig, choices, merge, validate
 from xdlm.precision import inference_precision
 from xdlm.sampling import fixed_from_template, generate, parse_infill, write_trace_html
+
+DEFAULT_BATCH = 64  # samples per batch unless --batch-size: memory stays bounded
 
 
 def register(sub) -> None:
@@ -78,7 +82,8 @@ def register(sub) -> None:
     shorthand(p, "--class-label", key=S + "class_label", type=int, help="conditional models")
     shorthand(p, "--guidance", key=S + "guidance", type=float, help="CFG scale w (0 = unguided)")
     shorthand(p, "--seed", key=S + "seed", type=int)
-    shorthand(p, "--batch-size", key=S + "batch_size", type=int, help="default: --num-samples")
+    shorthand(p, "--batch-size", key=S + "batch_size", type=int,
+              help=f"default: min(--num-samples, {DEFAULT_BATCH})")  # fmt: skip
     shorthand(p, "--no-ema", key=S + "use_ema", action="store_false", help="raw (non-EMA) weights")
     shorthand(p, "--device", key=S + "device", help="auto, cpu, cuda, cuda:1, mps ...")
     shorthand(p, "--precision", key=S + "precision", choices=choices(SampleConfig, "precision"),
@@ -89,7 +94,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    sample_from_run(args.ckpt, command_config(args).sample, out=args.out, trace=args.trace)
+    try:
+        sample_from_run(args.ckpt, command_config(args).sample, out=args.out, trace=args.trace)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -109,36 +117,71 @@ def sample_from_run(
     from xdlm import runs
 
     s = merge(settings or runs.read_run_config(run_dir).sample, overrides, "sample.")
+    _check(s)
     device = build_device(s.device)
     s = dataclasses.replace(s, device=device)  # records name the device actually used
     loaded = runs.load_run(run_dir, device=device, use_ema=s.use_ema)
     s = resolve_sampling(s, loaded.config.model, loaded.kernel.mask_id)
     seq_len = s.seq_len or loaded.config.data.seq_len
-    batch = s.batch_size or s.num_samples
+    batch = s.batch_size or min(s.num_samples, DEFAULT_BATCH)
     gen = torch.Generator(device).manual_seed(s.seed)
     plan, records, first = build_sampler(s), [], None
     precision = inference_precision(s.precision, device, loaded.model)
-    for start in range(0, s.num_samples, batch):
-        n = min(batch, s.num_samples - start)
-        with precision.autocast(device):
-            result = generate(
-                loaded.model, loaded.kernel, loaded.schedule, batch_size=n, seq_len=seq_len,
-                steps=s.steps, generator=gen, **plan.generate_kwargs(),
-                fixed=_fixed(s, loaded.tokenizer, n, seq_len, device),
-                block_size=s.block_size, context_len=loaded.config.data.seq_len,
-                class_labels=_labels(s, n, device), guidance=s.guidance, record=trace is not None,
-                cache=not loaded.config.model.time_conditioning, device=device,
-            )  # fmt: skip
-        first = result if first is None else first
-        records += [_record(s, loaded, result, i, start) for i in range(n)]
+    sink = _open_sink(out)
+    try:
+        for start in range(0, s.num_samples, batch):
+            n = min(batch, s.num_samples - start)
+            with precision.autocast(device):
+                result = generate(
+                    loaded.model, loaded.kernel, loaded.schedule, batch_size=n, seq_len=seq_len,
+                    steps=s.steps, generator=gen, **plan.generate_kwargs(),
+                    fixed=_fixed(s, loaded.tokenizer, n, seq_len, device),
+                    block_size=s.block_size, context_len=loaded.config.data.seq_len,
+                    class_labels=_labels(s, n, device), guidance=s.guidance,
+                    record=trace is not None, cache=not loaded.config.model.time_conditioning,
+                    device=device,
+                )  # fmt: skip
+            first = result if first is None else first
+            done = [_record(s, loaded, result, i, start) for i in range(n)]
+            _stream(done, sink)
+            records += done
+    except KeyboardInterrupt:
+        where = f"; they are in {out}" if out is not None else ""
+        print(f"\ninterrupted: {len(records)} of {s.num_samples} samples finished{where}")
+        raise
+    finally:
+        if sink is not None:
+            sink.close()
     _report(records, s, final=s.final if plan.sampler.uses_final_step else "none")
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text("".join(json.dumps(r) + "\n" for r in records))
     if trace is not None:
         write_trace_html(first.trajectory, _token_text(loaded.tokenizer), trace)
         print(f"trace of sample 0 written to {trace}")
     return records
+
+
+def _check(s: SampleConfig) -> None:
+    """The `sample` section's ranges (`config.validate`), and at least one sample."""
+    validate(XDLMConfig(sample=s))
+    if s.num_samples < 1:
+        raise ValueError(f"sample.num_samples (--num-samples) must be >= 1, got {s.num_samples}")
+
+
+def _open_sink(out: str | Path | None):
+    if out is None:
+        return None
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    return open(out, "w")
+
+
+def _stream(records: list[dict], sink) -> None:
+    """Print a finished batch and append it to the JSONL output at once (a Ctrl-C later keeps
+    every finished sample)."""
+    for r in records:
+        body = r["text"] if r["text"] is not None else " ".join(map(str, r["tokens"]))
+        print(f"--- sample {r['index']} ---\n{body}", flush=True)
+    if sink is not None:
+        sink.write("".join(json.dumps(r) + "\n" for r in records))
+        sink.flush()
 
 
 def _fixed(s: SampleConfig, tokenizer, batch: int, seq_len: int, device: str):
@@ -189,9 +232,6 @@ def _record(s: SampleConfig, loaded, result, i: int, start: int) -> dict:
 
 
 def _report(records: list[dict], s: SampleConfig, final: str) -> None:
-    for r in records:
-        body = r["text"] if r["text"] is not None else " ".join(map(str, r["tokens"]))
-        print(f"--- sample {r['index']} ---\n{body}")
     batches = {r["batch_start"]: r for r in records}.values()
     nfe = sum(r["nfe"] for r in batches)
     wall = sum(r["wall_time_s"] for r in batches)

@@ -37,16 +37,29 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     if isinstance(path, str) and path.startswith(HF_PREFIX):
         return _read_hf(path, text_field)
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(
+            f"input {path} is a directory; pass the files in it (e.g. {path}/*.txt), "
+            f"each one of {'/'.join(SUFFIXES)}"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"input file {path} does not exist; pass existing {'/'.join(SUFFIXES)} files "
             f"or a Hugging Face dataset as '{HF_PREFIX}NAME[:CONFIG][@SPLIT]'"
         )
     name = path.name.lower()
-    if name.endswith((".txt", ".txt.gz")):
-        return split_documents(_read_text(path))
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        return _read_jsonl(path, text_field)
+    try:
+        if name.endswith((".txt", ".txt.gz")):
+            return split_documents(_read_text(path))
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            return _read_jsonl(path, text_field)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start : err.start + 1]!r} cannot be "
+            "decoded); convert it, e.g. iconv -f latin1 -t utf-8, or leave the binary file out"
+        ) from None
+    except gzip.BadGzipFile as err:
+        raise ValueError(f"{path} is not a valid gzip file ({err}); recompress it") from None
     if name.endswith(".parquet"):
         return _read_parquet(path, text_field)
     raise ValueError(f"unsupported input {path}: expected a file ending in {', '.join(SUFFIXES)}")
@@ -66,11 +79,28 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno} is not valid JSON ({err.msg}); each line of a .jsonl file "
+                    f'must be one object such as {{"{text_field}": "..."}}'
+                ) from None
+            if not isinstance(record, dict):
+                raise ValueError(
+                    f"{path}:{lineno} holds a JSON {type(record).__name__}, not an object; each "
+                    f'line must be one object such as {{"{text_field}": "..."}}'
+                )
             if text_field not in record:
                 raise ValueError(
                     f"{path}:{lineno} has no field {text_field!r} (fields: {sorted(record)}); "
                     "pass text_field=<name>"
+                )
+            kind = type(record[text_field]).__name__
+            if not isinstance(record[text_field], str | None):
+                raise ValueError(
+                    f"{path}:{lineno}: field {text_field!r} is a {kind}, not a string; fix the "
+                    "line or pass another text_field"
                 )
             docs.append(record[text_field])
     return [d.strip() for d in docs if d and d.strip()]

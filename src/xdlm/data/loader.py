@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from xdlm.data.integrity import check_ids, check_split
 from xdlm.data.manifest import Manifest, load_manifest
 from xdlm.data.tokenizers import TextTokenizer, load_tokenizer_dir
 
@@ -65,15 +66,11 @@ class TokenShards:
         self.split = split
         info = self.manifest.splits[split]
         shape = (info.rows, self.manifest.seq_len)
+        checked = check_split(self.directory, self.manifest, split)  # data/integrity.py
+        self._lengths, self._labels = checked.lengths, checked.labels
         self._tokens = np.memmap(
             self.directory / info.file, dtype=self.manifest.dtype, mode="r", shape=shape
         )
-        self._lengths = None
-        if info.lengths_file is not None:
-            self._lengths = np.load(self.directory / info.lengths_file)
-        self._labels = None
-        if info.labels_file is not None:
-            self._labels = np.load(self.directory / info.labels_file)
 
     @property
     def seq_len(self) -> int:
@@ -96,7 +93,9 @@ class TokenShards:
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"row index out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
-        tokens = torch.from_numpy(self._tokens[idx].astype(np.int64))
+        raw = self._tokens[idx]
+        check_ids(raw, self.vocab_size, str(self.directory / self.manifest.splits[self.split].file))
+        tokens = torch.from_numpy(raw.astype(np.int64))
         labels = None
         if self._labels is not None:
             labels = torch.from_numpy(self._labels[idx].astype(np.int64))

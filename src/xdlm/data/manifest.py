@@ -17,8 +17,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
-
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -55,6 +53,7 @@ class Manifest:
     library_version: str
     format_version: int = FORMAT_VERSION
     image: dict | None = None
+    tokenizer_sha256: str | None = None  # TextTokenizer.fingerprint(); None: image tokens / old
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -92,23 +91,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def verify(directory: str | Path) -> Manifest:
-    """Check every split's file size and SHA-256 against the manifest; ValueError on mismatch."""
-    directory = Path(directory)
-    manifest = load_manifest(directory)
-    itemsize = np.dtype(manifest.dtype).itemsize
-    for name, info in manifest.splits.items():
-        path = directory / info.file
-        if not path.is_file():
-            raise FileNotFoundError(f"split {name!r}: {path} is missing; prepare the data again")
-        expected = info.rows * manifest.seq_len * itemsize
-        if path.stat().st_size != expected:
-            raise ValueError(
-                f"split {name!r}: {path} has {path.stat().st_size} bytes, manifest says "
-                f"{expected}; the file is truncated or foreign, prepare the data again"
-            )
-        if sha256_file(path) != info.sha256:
-            raise ValueError(
-                f"split {name!r}: {path} fails its sha256 check; the file changed after "
-                "preparation, prepare the data again"
-            )
-    return manifest
+    """Check every split against the manifest (file size, SHA-256, every id < vocab_size,
+    lengths and labels files) and the tokenizer against its recorded fingerprint; ValueError
+    naming the file and the fix on the first mismatch (`xdlm.data.integrity`)."""
+    from xdlm.data.integrity import verify_dataset
+
+    return verify_dataset(directory)

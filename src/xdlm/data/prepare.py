@@ -22,6 +22,7 @@ import importlib.metadata
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from xdlm.data.tokenizers import TextTokenizer, load_tokenizer
 __all__ = ["prepare", "read_documents", "split_documents", "split_indices"]
 
 MODES = ("wrap", "pad")
+MAX_DOC_CHARS = 200_000  # longer documents are tokenized in pieces (`_encode_long`)
 PAD_OVERFLOW = ("split", "truncate")
 
 
@@ -94,7 +96,7 @@ def prepare(
             tokenizer=tok.spec, vocab_size=tok.vocab_size, mask_id=tok.mask_id,
             pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=seq_len,
             mode=mode, dtype=dtype, splits=splits, sources=[str(s) for s in sources], seed=seed,
-            library_version=_library_version(),
+            library_version=_library_version(), tokenizer_sha256=tok.fingerprint(),
         )  # fmt: skip
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
         _replace_dir(tmp, out_dir)
@@ -157,10 +159,40 @@ def _read_all(sources: list, text_field: str) -> list[str]:
 
 
 def _encoded_docs(tok: TextTokenizer, texts: list[str], batch_docs: int) -> Iterator[np.ndarray]:
-    """Yield BOS ids EOS per document as int64 arrays, tokenizing `batch_docs` at a time."""
+    """Yield BOS ids EOS per document as int64 arrays, tokenizing `batch_docs` at a time;
+    documents over `MAX_DOC_CHARS` are tokenized piece by piece (`_encode_long`)."""
+    bos, eos = np.asarray([tok.bos_id]), np.asarray([tok.eos_id])
     for start in range(0, len(texts), batch_docs):
-        for ids in tok.encode_batch(texts[start : start + batch_docs]):
-            yield np.asarray([tok.bos_id, *ids, tok.eos_id], dtype=np.int64)
+        batch = texts[start : start + batch_docs]
+        short = iter(tok.encode_batch([t for t in batch if len(t) <= MAX_DOC_CHARS]))
+        for text in batch:
+            ids = _encode_long(tok, text) if len(text) > MAX_DOC_CHARS else next(short)
+            yield np.concatenate([bos, np.asarray(ids, dtype=np.int64), eos])
+
+
+def _encode_long(tok: TextTokenizer, text: str, group: int = 4) -> np.ndarray:
+    """Ids of one huge document, tokenized in pieces of at most `MAX_DOC_CHARS` characters cut
+    before whitespace (where pre-tokenizers split anyway), `group` pieces at a time: memory
+    grows with the piece, not the document (a 50 MB line took 19 GB in one piece)."""
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(start + MAX_DOC_CHARS, len(text))
+        if end < len(text):
+            cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+            end = cut if cut > start else end
+        pieces.append(text[start:end])
+        start = end
+    warnings.warn(
+        f"a document of {len(text):,} characters was tokenized in {len(pieces)} pieces of at "
+        f"most {MAX_DOC_CHARS:,} characters cut before whitespace; split such inputs into "
+        "documents (blank lines in .txt, one object per line in .jsonl) if that is not wanted",
+        stacklevel=3,
+    )
+    parts = []
+    for first in range(0, len(pieces), group):
+        encoded = tok.encode_batch(pieces[first : first + group])
+        parts += [np.asarray(ids, dtype=np.int64) for ids in encoded]
+    return np.concatenate(parts)
 
 
 def _wrap_rows(docs: Iterator[np.ndarray], seq_len: int, chunk_rows: int = 4096):

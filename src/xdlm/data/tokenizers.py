@@ -24,6 +24,7 @@ rebuilds it from that directory alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -88,6 +89,14 @@ class TextTokenizer:
             drop = set(self.special_ids.values())
             ids = [i for i in ids if i not in drop]
         return self._tok.decode(ids, skip_special_tokens=skip_special)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the tokenizer's serialized form (vocabulary, merges, normalizer,
+        pre-tokenizer: `tokenizer.json`) and its special tokens. Equal fingerprints tokenize
+        alike; data and a run recorded with different ones must not be mixed."""
+        digest = hashlib.sha256(self._tok.to_str().encode())
+        digest.update(json.dumps(self.special_tokens, sort_keys=True).encode())
+        return digest.hexdigest()
 
     def save(self, directory: str | Path) -> Path:
         """Write `tokenizer.json` and `xdlm_tokenizer.json` into `directory` (created)."""

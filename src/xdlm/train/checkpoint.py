@@ -20,6 +20,7 @@ manifest ids and the config, so `sample`/`eval` need nothing else: they load a r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,7 +31,8 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save_model as st_save_model
 
 from xdlm.models.ema import EMA
-from xdlm.runs import LATEST, load_weights
+from xdlm.runs import LATEST, complete_checkpoints, find_checkpoint, load_weights, readable
+from xdlm.train.safe_load import load_dcp, load_state_file
 
 
 def _fsync_dir(path: Path) -> None:
@@ -58,16 +60,29 @@ def save_checkpoint(
     tmp = ckpt_root / f"{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    st_save_model(model, str(tmp / "model.safetensors"))
-    if ema_state is not None:
-        save_file(
-            {k: v.contiguous() for k, v in ema_state["shadow"].items()},
-            str(tmp / "ema.safetensors"),
-        )
-        train_state = {**train_state, "ema_meta": _ema_meta(ema_state)}
-    torch.save(train_state, tmp / "state.pt")
-    _publish(tmp, final, {**meta, "step": step}, keep_last)
+    with _removed_on_failure(tmp):
+        st_save_model(model, str(tmp / "model.safetensors"))
+        if ema_state is not None:
+            save_file(
+                {k: v.contiguous() for k, v in ema_state["shadow"].items()},
+                str(tmp / "ema.safetensors"),
+            )
+            train_state = {**train_state, "ema_meta": _ema_meta(ema_state)}
+        torch.save(train_state, tmp / "state.pt")
+        _publish(tmp, final, {**meta, "step": step}, keep_last)
     return final
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path | None):
+    """A save that fails (ENOSPC, an exception, Ctrl-C) leaves no partial `tmp` behind: the
+    disk space it took is freed and only complete checkpoints remain."""
+    try:
+        yield
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_sharded_checkpoint(
@@ -99,17 +114,18 @@ def save_sharded_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    if ema_state is not None:
-        state["ema"] = ema_state["shadow"]
-        train_state = {**train_state, "ema_meta": _ema_meta(ema_state)}
-    dcp.save(state, checkpoint_id=tmp / "dcp")
-    dist.barrier()
-    if main:
-        torch.save(train_state, tmp / "state.pt")
-        sharded = {**meta, "step": step, "sharded": True, "world_size": dist.get_world_size()}
-        _publish(tmp, final, sharded, keep_last)
+    with _removed_on_failure(tmp if main else None):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        if ema_state is not None:
+            state["ema"] = ema_state["shadow"]
+            train_state = {**train_state, "ema_meta": _ema_meta(ema_state)}
+        dcp.save(state, checkpoint_id=tmp / "dcp")
+        dist.barrier()
+        if main:
+            torch.save(train_state, tmp / "state.pt")
+            sharded = {**meta, "step": step, "sharded": True, "world_size": dist.get_world_size()}
+            _publish(tmp, final, sharded, keep_last)
     dist.barrier()
     return final
 
@@ -142,20 +158,42 @@ def _write_latest(ckpt_root: Path, name: str) -> None:
 
 
 def _prune(ckpt_root: Path, keep_last: int) -> None:
-    done = sorted(p for p in ckpt_root.glob("step_*") if ".tmp-" not in p.name)
+    done = complete_checkpoints(ckpt_root)
     for old in done[: max(0, len(done) - max(keep_last, 1))]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_root.glob("*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+    remove_partial_saves(ckpt_root.parent)
+
+
+def remove_partial_saves(run_dir: str | Path) -> list[Path]:
+    """Delete what interrupted saves left (`*.tmp-*` under checkpoints/); call only while
+    holding the run's lock (no other writer). Returns what was removed."""
+    stale = list((Path(run_dir) / "checkpoints").glob("*.tmp-*"))
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
+
+
+def has_checkpoint(run_dir: str | Path) -> bool:
+    """Whether `run_dir` holds a complete checkpoint (what `--resume` continues)."""
+    root = Path(run_dir) / "checkpoints"
+    return (root / LATEST).is_file() or bool(complete_checkpoints(root))
+
+
+def newest_checkpoint_name(run_dir: str | Path) -> str | None:
+    """The name of the checkpoint `--resume` would continue from, or None."""
+    return find_checkpoint(run_dir).name if has_checkpoint(run_dir) else None
 
 
 def load_train_state(ckpt: Path, model: torch.nn.Module) -> tuple[dict, dict | None]:
-    """Load weights into `model`; return (train_state, ema_state or None)."""
+    """Resume: load weights into `model`; return (train_state, ema_state or None). `state.pt`
+    is read with `weights_only=True` (`safe_load`): a file that needs more is refused."""
     load_weights(ckpt, model)
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = load_state_file(ckpt / "state.pt")
     ema = None
     if (ckpt / "ema.safetensors").is_file():
-        ema = {"shadow": load_file(str(ckpt / "ema.safetensors")), **state.pop("ema_meta", {})}
+        with readable(ckpt / "ema.safetensors"):
+            shadow = load_file(str(ckpt / "ema.safetensors"))
+        ema = {"shadow": shadow, **state.pop("ema_meta", {})}
     return state, ema
 
 
@@ -165,7 +203,6 @@ def load_sharded_state(
     """Load a DCP checkpoint (`save_sharded_checkpoint`) into `model`, `optimizer` and `ema`
     in place, resharding to the current world size (also to one process, without a process
     group, and to a DDP / unsharded model); returns `state.pt` (train state)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     if optimizer is None:
@@ -175,12 +212,12 @@ def load_sharded_state(
         state = {"model": model_sd, "optim": optim_sd}
     if ema is not None:
         state["ema"] = ema.shadow
-    dcp.load(state, checkpoint_id=ckpt / "dcp")
+    load_dcp(state, ckpt / "dcp")
     if optimizer is not None:
         set_state_dict(
             model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
         )
-    train_state = torch.load(ckpt / "state.pt", weights_only=False)
+    train_state = load_state_file(ckpt / "state.pt")
     if ema is not None:
         ema.load_state_dict({"shadow": ema.shadow, **train_state.get("ema_meta", {})})
     return train_state

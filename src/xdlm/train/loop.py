@@ -38,7 +38,7 @@ from xdlm.builders import (
     lr_at,
     output_size,
 )
-from xdlm.config import XDLMConfig, config_changes, config_from_dict, save_config
+from xdlm.config import XDLMConfig, config_changes, config_from_dict, save_config, validate
 from xdlm.core.fused import fused_diffusion_loss
 from xdlm.core.objective import diffusion_loss, sample_times
 from xdlm.core.schedules import schedule_spec
@@ -49,11 +49,15 @@ from xdlm.precision import model_width, resolve_precision
 from xdlm.runs import find_checkpoint, read_meta
 from xdlm.train import distributed as D
 from xdlm.train.checkpoint import (
+    has_checkpoint,
     load_sharded_state,
     load_train_state,
+    newest_checkpoint_name,
+    remove_partial_saves,
     save_checkpoint,
     save_sharded_checkpoint,
 )
+from xdlm.train.rundir import acquire_run_lock, trim_metrics
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,7 +88,7 @@ class Trainer:
     """Holds the objects of one run; `run()` is the loop."""
 
     def __init__(self, cfg: XDLMConfig, run_dir: str | Path, resume: bool = False):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cfg, self.run_dir = validate(cfg), Path(run_dir)
         self.ctx = D.setup_distributed(cfg.dist, cfg.train.device)
         if self.ctx.is_main:
             self.manifest = ensure_dataset(cfg.data)
@@ -142,9 +146,9 @@ class Trainer:
                 "path": cfg.data.path,
                 "vocab_size": self.manifest.vocab_size,
                 "mask_id": self.manifest.mask_id,
+                "tokenizer_sha256": self.manifest.tokenizer_sha256,
             },
         }
-        self._prepare_run_dir(resume)
         self.loss_fn = diffusion_loss
         if cfg.train.fused_loss:  # the loss fused into the output head: no (B, L, V) logits
             if self.wrapped is not self.model or D.is_sharded(self.model):
@@ -153,6 +157,12 @@ class Trainer:
                     "(it calls model.hidden, bypassing the wrapper's forward)"
                 )
             self.loss_fn = fused_diffusion_loss
+        self.lock = acquire_run_lock(self.run_dir) if self.ctx.is_main else None
+        try:
+            self._prepare_run_dir(resume)
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ setup / resume
 
@@ -160,7 +170,7 @@ class Trainer:
         """Check new-run / resume, write config.yaml once (a resume never rewrites it: each
         checkpoint's meta.json holds the config it was trained with, and a resume that changes
         settings logs them to metrics.jsonl), copy the tokenizer."""
-        has_ckpt = (self.run_dir / "checkpoints" / "latest").is_file()
+        has_ckpt = has_checkpoint(self.run_dir)
         if has_ckpt and not resume:
             raise ValueError(
                 f"{self.run_dir} already holds a run; pass --resume to continue it "
@@ -171,6 +181,10 @@ class Trainer:
                 f"--resume: {self.run_dir} holds no run (no config.yaml, no checkpoint); "
                 "drop --resume to start a new run there"
             )
+        if self.ctx.is_main:  # we hold the lock: temp dirs are from saves that died
+            for stale in remove_partial_saves(self.run_dir):
+                print(f"removed {stale}, left by an interrupted save")
+        D.barrier(self.ctx)
         if resume and has_ckpt:
             self._resume(find_checkpoint(self.run_dir))
         if self.ctx.is_main:
@@ -180,6 +194,11 @@ class Trainer:
             tok, data_tok = self.run_dir / "tokenizer", Path(self.cfg.data.path) / "tokenizer"
             if not tok.is_dir() and data_tok.is_dir():  # image-token data has no tokenizer
                 load_tokenizer_dir(data_tok).save(tok)
+
+    def close(self) -> None:
+        """Release the run directory (its `train.lock`)."""
+        if self.lock is not None:
+            self.lock.release()
 
     def _resume(self, ckpt: Path) -> None:
         meta = read_meta(ckpt)
@@ -191,6 +210,13 @@ class Trainer:
                 f"checkpoint {ckpt} was trained with kernel {meta['kernel']} but the "
                 f"config and data give {self.kernel.spec()}; use the run's own "
                 "config.yaml and data, or start a new --out"
+            )
+        saved, now = meta.get("data", {}).get("tokenizer_sha256"), self.manifest.tokenizer_sha256
+        if saved and now and saved != now:
+            raise ValueError(
+                f"checkpoint {ckpt} was trained on data tokenized with tokenizer {saved[:12]}, "
+                f"but {self.cfg.data.path} was tokenized with {now[:12]} (same vocabulary size "
+                "or not, the ids mean other tokens); resume on the run's own data"
             )
         if meta.get("sharded"):
             state = load_sharded_state(ckpt, self.model, self.optimizer, self.ema)
@@ -206,6 +232,8 @@ class Trainer:
             torch.set_rng_state(mine["torch_rng"])
         self.time_gen.set_state(state["time_rng"])
         self.state = _State(**state["progress"])
+        if self.ctx.is_main:
+            trim_metrics(self.run_dir / "metrics.jsonl", self.state.step)
 
     def save(self) -> Path | None:
         """Checkpoint the current step: rank 0 writes (FSDP: every rank writes its DCP shards);
@@ -226,18 +254,32 @@ class Trainer:
             keep_last=self.cfg.train.keep_last,
         )
         path = None
-        if D.is_sharded(self.model):
-            path = save_sharded_checkpoint(
-                self.run_dir, self.state.step, model=self.model, optimizer=self.optimizer,
-                train_state=train_state, **kwargs,
-            )  # fmt: skip
-        elif self.ctx.is_main:
-            train_state["optimizer"] = self.optimizer.state_dict()
-            path = save_checkpoint(
-                self.run_dir, self.state.step, model=self.model, train_state=train_state, **kwargs
-            )
+        try:
+            if D.is_sharded(self.model):
+                path = save_sharded_checkpoint(
+                    self.run_dir, self.state.step, model=self.model, optimizer=self.optimizer,
+                    train_state=train_state, **kwargs,
+                )  # fmt: skip
+            elif self.ctx.is_main:
+                train_state["optimizer"] = self.optimizer.state_dict()
+                path = save_checkpoint(
+                    self.run_dir, self.state.step, model=self.model, train_state=train_state,
+                    **kwargs,
+                )  # fmt: skip
+        except OSError as err:
+            raise self._save_failed(err) from err
         D.barrier(self.ctx)
         return path if self.ctx.is_main else None
+
+    def _save_failed(self, err: OSError) -> OSError:
+        done = newest_checkpoint_name(self.run_dir)
+        return OSError(
+            err.errno,
+            f"saving step {self.state.step} into {self.run_dir / 'checkpoints'} failed "
+            f"({err.strerror or err}); the partial checkpoint was removed, the newest complete "
+            f"one is {done or 'none'}. Free disk space (or lower train.keep_last) and continue "
+            "with --resume",
+        )
 
     # ------------------------------------------------------------------ one step
 
@@ -449,4 +491,5 @@ def train(cfg: XDLMConfig, run_dir: str | Path, resume: bool = False) -> TrainRe
     try:
         return trainer.run()
     finally:
+        trainer.close()
         D.cleanup(trainer.ctx)

@@ -1,0 +1,28 @@
+"""A tiny char-level run configuration shared by the fault-injection tests (conftest.py builds
+the `tiny_run` fixture from it)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+from xdlm.config import XDLMConfig, load_config
+from xdlm.data.corpora import embedded_corpus_path
+
+
+def write_corpus(path: Path, chars: int = 60_000) -> Path:
+    """The first `chars` characters of the embedded corpus as a text file."""
+    path.write_text(gzip.open(embedded_corpus_path(), "rt").read()[:chars])
+    return path
+
+
+def tiny_cfg(corpus, data_dir, *extra) -> XDLMConfig:
+    """1-layer, 32-wide DiT on 32-character rows; 4 steps, checkpoints at steps 2 and 4."""
+    sets = [
+        f"data.path={data_dir}", f"data.sources=[{corpus}]", "data.tokenizer=char",
+        "data.seq_len=32", "data.batch_size=8", "model.n_layers=1", "model.d_model=32",
+        "model.n_heads=2", "train.steps=4", "train.warmup_steps=1", "train.log_every=1",
+        "train.eval_every=2", "train.eval_batches=1", "train.save_every=2",
+        "train.ema_decay=0.9", "train.precision=fp32", *extra,
+    ]  # fmt: skip
+    return load_config(None, sets)
