@@ -280,7 +280,7 @@ def test_large_split_checks_ids_per_batch(data_copy, monkeypatch):
         shards.rows([0, 1])
 
 
-def test_edited_shard_with_valid_ids_fails_checksum(data_copy):
+def test_edited_shard_with_valid_ids_fails_checksum(data_copy, tiny_corpus, capsys):
     import numpy as np
 
     from xdlm.cli import main
@@ -288,12 +288,16 @@ def test_edited_shard_with_valid_ids_fails_checksum(data_copy):
 
     m = load_manifest(data_copy)
     assert main(["verify", str(data_copy)]) == 0
+    out = data_copy.parent / "fresh"
+    args = ["prepare", str(tiny_corpus), "--out", str(out), "--tokenizer", "char", "--verify"]
+    assert main([*args, "--seq-len", "32"]) == 0
     tokens = np.memmap(data_copy / "train.bin", dtype=m.dtype, mode="r+")
     tokens[0] = 0 if tokens[0] != 0 else 1  # still a valid id
     tokens.flush()
     with pytest.raises(ValueError, match="train.bin fails its sha256 check"):
         _shards(data_copy)  # small file: hashed at every load
     assert main(["verify", str(data_copy)]) == 2
+    assert f"{out}: verified" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("damage", ["truncate-bin", "truncate-lengths", "short-lengths"])

@@ -37,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--text-field", default="text", help="JSONL/parquet/HF text column")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument(
+        "--verify", action="store_true", help="then check it in full (as `xdlm verify DIR`)"
+    )
     p.set_defaults(func=run)
 
 
@@ -72,4 +75,9 @@ def run(args) -> int:
         f"vocab_size={m.vocab_size} mask={m.mask_id} pad={m.pad_id} bos={m.bos_id} "
         f"eos={m.eos_id} -> {args.out}"
     )
+    if args.verify:
+        from xdlm.data.integrity import verify_dataset
+
+        verify_dataset(args.out)
+        print(f"{args.out}: verified (sizes, sha256, every id < {m.vocab_size}, tokenizer)")
     return 0
