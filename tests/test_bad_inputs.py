@@ -48,11 +48,13 @@ def test_trainer_validates_programmatic_configs(tiny_corpus, tiny_run, tmp_path)
 @pytest.mark.parametrize(
     ("flags", "pattern"),
     [
-        (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
-        (["--num-samples", "-5"], "--num-samples must be >= 1, got -5"),
-        (["--seq-len", "-4"], "--seq-len must be >= 1, got -4"),
-        (["--steps", "0"], "--steps must be >= 1, got 0"),
-        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--num-samples", "0"], r"sample.num_samples \(--num-samples\) must be >= 1, got 0"),
+        (["--num-samples", "-5"], r"sample.num_samples must be an integer >= 0 .*got -5"),
+        (["--seq-len", "-4"], r"sample.seq_len must be an integer >= 1 .*got -4"),
+        (["--steps", "0"], r"sample.steps must be an integer >= 1 .*got 0"),
+        (["--batch-size", "0"], r"sample.batch_size must be an integer >= 1 .*got 0"),
+        (["--top-p", "0"], r"sample.top_p must be in \(0.0, 1.0\], got 0.0"),
+        (["--temperature", "-1"], r"sample.temperature must be in \[0.0, inf\), got -1.0"),
     ],
 )
 def test_sample_flags_checked(tiny_run, capsys, flags, pattern):
