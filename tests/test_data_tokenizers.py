@@ -150,3 +150,27 @@ def test_hf_kind_keeps_distinct_specials(shared_data, tmp_path):
     assert tok.decode(tok.encode("Hello world") + [tok.mask_id]) == "Hello world"
     with pytest.raises(ValueError, match="needs source"):
         load_tokenizer("hf")
+
+
+def test_gpt2_mdlm_mode_matches_the_released_models(shared_data, tmp_path):
+    """MDLM / Duo / XDLM OWT: V = 50,258, [MASK] = 50,257, BOS = EOS = PAD = 50,256."""
+    tok = load_tokenizer("gpt2-mdlm", shared_data / "tokenizers" / "gpt2")
+    assert tok.vocab_size == 50_258
+    assert tok.special_ids == {"bos": 50_256, "eos": 50_256, "pad": 50_256, "mask": 50_257}
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.decode([50_256, 15496, 995, 50_257, 50_256]) == "Hello world"
+    again = load_tokenizer_dir(tok.save(tmp_path / "tok"))
+    assert again.special_ids == tok.special_ids and again.shared == ("bos", "eos", "pad")
+
+
+def test_shared_ids_only_where_named():
+    from tokenizers import Tokenizer, models
+
+    base = Tokenizer(models.WordLevel({"a": 0, "[E]": 1, "[M]": 2}, unk_token="a"))
+    shared = {"bos": "[E]", "eos": "[E]", "pad": "[E]", "mask": "[M]"}
+    with pytest.raises(ValueError, match="must be distinct"):
+        TextTokenizer(base, shared, {"kind": "x", "source": "x"})
+    assert TextTokenizer(base, shared, {"kind": "x"}, shared=("bos", "eos", "pad")).eos_id == 1
+    mask_too = {**shared, "mask": "[E]"}
+    with pytest.raises(ValueError, match="only bos, eos and pad"):
+        TextTokenizer(base, mask_too, {"kind": "x"}, shared=("bos", "eos", "pad", "mask"))

@@ -56,6 +56,8 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
                 **overrides,
             )
         )
+    if cfg.backbone == "mdlm-dit":
+        return _mdlm_dit(cfg, vocab_size)
     if cfg.backbone == "hf":
         from xdlm.models.hf import HFDenoiser
 
@@ -68,7 +70,25 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
             trust_remote_code=cfg.trust_remote_code,
             vocab_size=vocab_size,
         )
-    raise ValueError(f"unknown model.backbone {cfg.backbone!r}; choose 'dit' or 'hf'")
+    raise ValueError(f"unknown model.backbone {cfg.backbone!r}; choose 'dit', 'mdlm-dit' or 'hf'")
+
+
+def _mdlm_dit(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
+    """The upstream MDLM-lineage DDiT; its sizes have no preset and must be given."""
+    from xdlm.models.mdlm_dit import MDLMDiT, MDLMDiTConfig
+
+    missing = [k for k in ("n_layers", "d_model", "n_heads") if getattr(cfg, k) is None]
+    if missing:
+        raise ValueError(f"model.backbone=mdlm-dit needs model.{', model.'.join(missing)}")
+    ratio = cfg.mlp_ratio if cfg.mlp_ratio is not None else 4
+    if ratio != int(ratio):
+        raise ValueError(f"model.backbone=mdlm-dit needs an integer mlp_ratio, got {ratio}")
+    return MDLMDiT(
+        MDLMDiTConfig(
+            vocab_size, cfg.n_layers, cfg.d_model, cfg.n_heads, cond_dim=cfg.cond_dim,
+            mlp_ratio=int(ratio), dropout=cfg.dropout, time_input=cfg.time_input,
+        )
+    )  # fmt: skip
 
 
 def output_size(model: torch.nn.Module) -> int:

@@ -1,10 +1,12 @@
 """`xdlm` command line: thin wrappers, one module per command in `xdlm.commands`.
 
 Each command module defines `register(subparsers)`, which adds its parser and sets
-`func=run` (a function of the parsed args returning an exit code).
+`func=run` (a function of the parsed args returning an exit code). A module named after a Python
+keyword carries a trailing underscore (`import_` registers `xdlm import`).
 
     xdlm prepare ...   text -> token shards          xdlm train --config FILE --out RUN_DIR
     xdlm sample ...    few-step generation           xdlm eval ...   likelihood / gen quality
+    xdlm import SOURCE --out RUN_DIR   a released MDLM / UDLM / XDLM checkpoint as a run
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["prepare", "train", "sample", "eval", "consolidate", "images", "verify"]
+COMMANDS = ["prepare", "train", "sample", "eval", "consolidate", "images", "verify", "import_"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,8 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 @dataclass
 class ModelConfig:
     """The denoiser. `backbone="dit"` uses the native DiT preset (+ overrides);
+    `backbone="mdlm-dit"` the upstream MDLM-lineage DDiT (models/mdlm_dit.py; n_layers, d_model,
+    n_heads required, `cond_dim`, `time_input`), as `xdlm import` writes it;
     `backbone="hf"` wraps a transformers model (`hf_name`, `hf_kind`)."""
 
     backbone: Literal["dit", "hf"] = "dit"
@@ -40,6 +42,8 @@ class ModelConfig:
     time_conditioning: bool = False
     num_classes: int = 0
     tie_embeddings: bool = False
+    cond_dim: int = 128  # mdlm-dit only
+    time_input: str = "none"  # mdlm-dit only: none | sigma | t (models/mdlm_dit.py)
     hf_name: str | None = None
     hf_kind: str = "auto"
     hf_dtype: str | None = None

@@ -2,7 +2,8 @@
 
 A diffusion LM outputs logits over `vocab_size` ids, which INCLUDES the absorbing mask id `m`
 (paper: the mask state of the mixed kernel). `TextTokenizer` guarantees that `mask_id`, `pad_id`,
-`bos_id` and `eos_id` are four distinct ids, none of which an ordinary token maps to; special
+`bos_id` and `eos_id` are four distinct ids (unless a kind names roles that share one, see
+`gpt2-mdlm`), none of which an ordinary token maps to; special
 tokens the base vocabulary lacks are appended at the end (so for GPT-2, `mask_id = V - 1`).
 Literal special-token text inside documents (e.g. the string "[MASK]") is encoded as ordinary
 text, never as a special id.
@@ -10,6 +11,10 @@ text, never as a special id.
 Builders (`load_tokenizer(kind, ...)`):
   - `gpt2`: byte-level BPE from a local dir with encoder.json + vocab.bpe, or a hub name
     (default "gpt2"). <|endoftext|> is EOS; [BOS], [PAD], [MASK] are added.
+  - `gpt2-mdlm`: GPT-2 exactly as the released MDLM / Duo / XDLM OpenWebText models use it:
+    V = 50,258 with [MASK] = 50,257 and <|endoftext|> = 50,256 as BOS = EOS = PAD (the one
+    named exception to distinct special ids: `shared=("bos", "eos", "pad")`). PAD is only a
+    stand-in: those models were trained on wrapped rows and never see padding.
   - `bert-base-uncased` / `wordpiece`: WordPiece from a vocab.txt (or a dir holding one) with
     BERT lowercasing, or a hub name. [CLS] is BOS, [SEP] is EOS, [PAD], [MASK] as in BERT.
   - `char`: one id per character of the corpus (sorted, deterministic) + [UNK] and specials.
@@ -32,7 +37,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.trainers import BpeTrainer
 
-KINDS = ("gpt2", "bert-base-uncased", "wordpiece", "char", "bpe", "hf")
+KINDS = ("gpt2", "gpt2-mdlm", "bert-base-uncased", "wordpiece", "char", "bpe", "hf")
 _ROLES = ("bos", "eos", "pad", "mask")
 _META_FILE = "xdlm_tokenizer.json"
 _HF_FILE = "tokenizer.json"
@@ -49,18 +54,24 @@ class TextTokenizer:
         spec: small JSON-able dict recorded in manifests, at least {"kind", "source"}.
     """
 
-    def __init__(self, tokenizer: Tokenizer, special_tokens: dict[str, str], spec: dict):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        special_tokens: dict[str, str],
+        spec: dict,
+        shared: Sequence[str] = (),
+    ):
         self._tok = tokenizer
         self._tok.encode_special_tokens = True  # literal "[MASK]" in text is ordinary text
         self.special_tokens = dict(special_tokens)
+        self.shared = tuple(shared)
         ids = {}
         for role in _ROLES:
             token_id = tokenizer.token_to_id(special_tokens[role])
             if token_id is None:
                 raise ValueError(f"special token {special_tokens[role]!r} ({role}) is not in vocab")
             ids[role] = token_id
-        if len(set(ids.values())) != len(_ROLES):
-            raise ValueError(f"special ids must be distinct, got {ids}")
+        _check_distinct(ids, self.shared)
         self.bos_id, self.eos_id = ids["bos"], ids["eos"]
         self.pad_id, self.mask_id = ids["pad"], ids["mask"]
         self.spec = {**spec, "vocab_size": self.vocab_size}
@@ -103,7 +114,7 @@ class TextTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(directory / _HF_FILE))
-        meta = {"special_tokens": self.special_tokens, "spec": self.spec}
+        meta = {"special_tokens": self.special_tokens, "spec": self.spec, "shared": self.shared}
         (directory / _META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return directory
 
@@ -123,7 +134,22 @@ def load_tokenizer_dir(directory: str | Path) -> TextTokenizer:
     meta = json.loads(meta_path.read_text())
     tok = Tokenizer.from_file(str(directory / _HF_FILE))
     spec = {k: v for k, v in meta["spec"].items() if k != "vocab_size"}
-    return TextTokenizer(tok, meta["special_tokens"], spec)
+    return TextTokenizer(tok, meta["special_tokens"], spec, shared=meta.get("shared", ()))
+
+
+def _check_distinct(ids: dict[str, int], shared: Sequence[str]) -> None:
+    """The mask id is always its own; other roles are distinct unless named in `shared`
+    (roles in `shared` may share one id with each other, e.g. GPT-2's BOS = EOS = PAD)."""
+    unknown = set(shared) - {"bos", "eos", "pad"}
+    if unknown:
+        raise ValueError(f"only bos, eos and pad may share an id, got shared={sorted(unknown)}")
+    own = [ids[r] for r in _ROLES if r not in shared]
+    pooled = {ids[r] for r in shared}
+    if len(set(own)) != len(own) or (pooled & set(own)) or len(pooled) > 1:
+        raise ValueError(
+            f"special ids must be distinct, got {ids}; only the roles in shared={list(shared)} "
+            "may share one id (the tokenizer kind 'gpt2-mdlm' shares BOS = EOS = PAD)"
+        )
 
 
 def load_tokenizer(
@@ -142,6 +168,8 @@ def load_tokenizer(
     """
     if kind == "gpt2":
         return _gpt2(source or "gpt2")
+    if kind == "gpt2-mdlm":
+        return _gpt2_mdlm(source or "gpt2")
     if kind in ("bert-base-uncased", "wordpiece"):
         if kind == "wordpiece" and source is None:
             raise ValueError("kind 'wordpiece' needs source=<vocab.txt or its dir or hub name>")
@@ -165,19 +193,39 @@ def _add_specials(tok: Tokenizer, specials: dict[str, str]) -> None:
 
 
 def _gpt2(source: str | Path) -> TextTokenizer:
-    path = Path(source)
-    if path.is_dir():
-        files = [path / "encoder.json", path / "vocab.bpe"]
-        if not all(f.is_file() for f in files):
-            raise FileNotFoundError(f"gpt2 tokenizer dir {path} needs encoder.json and vocab.bpe")
-        tok = Tokenizer(models.BPE.from_file(str(files[0]), str(files[1])))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-    else:
-        tok = _from_hub(str(source), "gpt2")
+    tok = _gpt2_base(source)
     specials = {"bos": "[BOS]", "eos": "<|endoftext|>", "pad": "[PAD]", "mask": "[MASK]"}
     _add_specials(tok, {r: specials[r] for r in _ROLES})
     return TextTokenizer(tok, specials, {"kind": "gpt2", "source": str(source)})
+
+
+def _gpt2_base(source: str | Path) -> Tokenizer:
+    path = Path(source)
+    if not path.is_dir():
+        return _from_hub(str(source), "gpt2")
+    files = [path / "encoder.json", path / "vocab.bpe"]
+    if not all(f.is_file() for f in files):
+        raise FileNotFoundError(f"gpt2 tokenizer dir {path} needs encoder.json and vocab.bpe")
+    tok = Tokenizer(models.BPE.from_file(str(files[0]), str(files[1])))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _gpt2_mdlm(source: str | Path) -> TextTokenizer:
+    """GPT-2 exactly as the MDLM / Duo / XDLM OpenWebText models use it: the 50,257 BPE ids, then
+    [MASK] = 50,257 (V = 50,258); <|endoftext|> = 50,256 is BOS, EOS and PAD at once."""
+    tok = _gpt2_base(source)
+    if tok.get_vocab_size(with_added_tokens=True) != 50_257:
+        raise ValueError(
+            f"gpt2-mdlm needs the 50,257-token GPT-2 vocabulary, got "
+            f"{tok.get_vocab_size(with_added_tokens=True)} ids from {source}"
+        )
+    eot = "<|endoftext|>"
+    tok.add_special_tokens([AddedToken(eot, special=True), AddedToken("[MASK]", special=True)])
+    specials = {"bos": eot, "eos": eot, "pad": eot, "mask": "[MASK]"}
+    spec = {"kind": "gpt2-mdlm", "source": str(source)}
+    return TextTokenizer(tok, specials, spec, shared=("bos", "eos", "pad"))
 
 
 def _wordpiece(kind: str, source: str | Path) -> TextTokenizer:

@@ -1,0 +1,183 @@
+"""Turn a released MDLM-lineage checkpoint into an xdlm run directory (`xdlm import`).
+
+    import_checkpoint("mdlm.ckpt", "runs/mdlm-owt", k=0.0)                  # Lightning .ckpt
+    import_checkpoint("kuleshov-group/mdlm-owt", "runs/mdlm-owt")           # Hub id or HF dir
+    import_checkpoint("Mzero17/XDLM", "runs/xdlm", file="owt/last.ckpt", k=0.1)   # .ckpt on the Hub
+
+The run directory is the one `xdlm train` writes (checkpoints/step_N/ with model.safetensors,
+ema.safetensors when the source has an EMA, meta.json with the kernel (V, mask id, k), the
+log-linear schedule (ε = 1e-3, as upstream) and the config; tokenizer/), so `xdlm sample` and
+`xdlm eval` load it like a trained run. Defaults, each overridable:
+
+  - architecture: from config.json (HF repos), else from the tensor shapes, with
+    n_heads = d_model / 64 (every upstream preset: tiny 512/8, small 768/12, medium 1024/16);
+  - time input: "sigma" when config.json says `time_conditioning: true`, else "none" (the
+    Lightning files do not say: pass `time_input="sigma"` for UDLM / time-conditioned runs);
+  - tokenizer: V = 50,258 -> `gpt2-mdlm`, V = 30,522 -> `bert-base-uncased`;
+  - k: config.json `model_type` mdlm -> 0, udlm -> 1; otherwise it must be given (XDLM: 0.1).
+    k = 1 gives the pure uniform kernel without a mask state (UDLM).
+
+Nothing is executed from the source: a .ckpt goes through `models.safe_pickle.safe_load`,
+config.json is read as JSON, weights as safetensors or a weights-only `torch.load`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from xdlm.config import DataConfig, KernelConfig, ModelConfig, XDLMConfig, save_config
+from xdlm.models.upstream import UpstreamWeights, read_hf_dir, read_lightning
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_TOKENIZER_BY_V = {50_258: "gpt2-mdlm", 30_522: "bert-base-uncased"}
+_K_BY_MODEL_TYPE = {"mdlm": 0.0, "udlm": 1.0}
+SIGMA_EPS = 1e-3  # upstream LogLinear noise ε
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """Settings a source file may not record; None = the default in the module docstring."""
+
+    k: float | None = None
+    n_heads: int | None = None
+    time_input: str | None = None
+    tokenizer: str | None = None
+    tokenizer_source: str | None = None
+    seq_len: int | None = None
+    file: str | None = None
+    revision: str | None = None
+
+
+def read_source(source: str, file: str | None = None, revision: str | None = None):
+    """UpstreamWeights from a .ckpt file, a HF repo dir, or a Hub id (downloaded)."""
+    path = Path(source)
+    if path.is_file():
+        return read_lightning(path)
+    if path.is_dir():
+        if file is not None:
+            return read_lightning(path / file)
+        return read_hf_dir(path)
+    if not _HUB_ID.fullmatch(source):
+        raise FileNotFoundError(f"{source} is neither a file, a directory nor a Hub id owner/name")
+    if file is not None:
+        return read_lightning(_download(source, file, revision))
+    return read_hf_dir(_download(source, None, revision))
+
+
+def _download(repo: str, file: str | None, revision: str | None) -> Path:
+    """One file (`file`) or the config + weights of a Hub repo; needs the internet."""
+    import huggingface_hub as hub
+
+    try:
+        if file is not None:
+            return Path(hub.hf_hub_download(repo, file, revision=revision))
+        patterns = ["config.json", "model.safetensors", "pytorch_model.bin"]
+        return Path(hub.snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as err:  # offline / missing repo / missing file: many types
+        raise ValueError(
+            f"could not download {repo}{' ' + file if file else ''} from the HF Hub ({err}); "
+            "download it elsewhere and pass the local file or directory"
+        ) from err
+
+
+def model_config(w: UpstreamWeights, opts: ImportOptions) -> ModelConfig:
+    """The mdlm-dit ModelConfig: config.json where present, else the tensor shapes."""
+    hf = w.hf_config
+    d_model = int(w.weights["embed.weight"].shape[1])
+    n_layers = len({k.split(".")[1] for k in w.weights if k.startswith("blocks.")})
+    n_heads = opts.n_heads or hf.get("n_heads") or d_model // 64
+    time_input = opts.time_input or ("sigma" if hf.get("time_conditioning") else "none")
+    return ModelConfig(
+        backbone="mdlm-dit", n_layers=n_layers, d_model=d_model, n_heads=int(n_heads),
+        mlp_ratio=w.weights["blocks.0.mlp_in.weight"].shape[0] / d_model,
+        cond_dim=int(w.weights["time_in.weight"].shape[0]), time_input=time_input,
+        time_conditioning=time_input != "none",
+    )  # fmt: skip
+
+
+def kernel_k(w: UpstreamWeights, opts: ImportOptions) -> float:
+    if opts.k is not None:
+        return float(opts.k)
+    model_type = w.hf_config.get("model_type")
+    if model_type in _K_BY_MODEL_TYPE:
+        return _K_BY_MODEL_TYPE[model_type]
+    raise ValueError(
+        "the source does not say which kernel it was trained with; pass --k "
+        "(0 for MDLM, 1 for UDLM, the paper's 0.1 for XDLM)"
+    )
+
+
+def import_tokenizer(vocab_size: int, opts: ImportOptions):
+    """The tokenizer of the source (see the module docstring), checked against V."""
+    from xdlm.data.tokenizers import load_tokenizer
+
+    kind = opts.tokenizer or _TOKENIZER_BY_V.get(vocab_size)
+    if kind is None:
+        raise ValueError(
+            f"no default tokenizer for V = {vocab_size}; pass --tokenizer and --tokenizer-source"
+        )
+    tok = load_tokenizer(kind, opts.tokenizer_source)
+    if tok.vocab_size != vocab_size:
+        raise ValueError(
+            f"tokenizer {kind} has {tok.vocab_size} ids but the model outputs {vocab_size}"
+        )
+    return tok
+
+
+def import_checkpoint(source: str, out: str | Path, opts: ImportOptions | None = None) -> Path:
+    """Write the run directory `out` for `source`; returns the checkpoint directory."""
+    from xdlm.builders import build_model
+    from xdlm.core.schedules import make_schedule, schedule_spec
+    from xdlm.train.checkpoint import save_checkpoint
+
+    opts = opts or ImportOptions()
+    w = read_source(source, opts.file, opts.revision)
+    V = int(w.weights["embed.weight"].shape[0])
+    k, tok = kernel_k(w, opts), import_tokenizer(V, opts)
+    seq_len = opts.seq_len or int(w.hf_config.get("model_length", 1024))
+    cfg = XDLMConfig(
+        model=model_config(w, opts),
+        kernel=KernelConfig(k=k, use_mask=k < 1.0, schedule="loglinear", eps=SIGMA_EPS),
+        data=DataConfig(tokenizer=tok.spec["kind"], tokenizer_source=opts.tokenizer_source,
+                        tokenizer_vocab_size=None, seq_len=seq_len, mode="wrap"),
+    )  # fmt: skip
+    model = build_model(cfg.model, V)
+    model.load_state_dict(w.weights, strict=True)
+    kernel = _kernel(V, tok.mask_id, k)
+    meta = {
+        "kernel": kernel.spec(),
+        "schedule": schedule_spec(make_schedule("loglinear", eps=SIGMA_EPS)),
+        "config": cfg.to_dict(),
+        "data": {"path": "", "vocab_size": V, "mask_id": tok.mask_id},
+        "imported": {"source": str(source), "file": opts.file, "format": w.source_format,
+                     "ema": w.ema is not None},
+    }  # fmt: skip
+    ema = None if w.ema is None else _ema_state(w)
+    out = Path(out)
+    ckpt = save_checkpoint(
+        out, w.step, model=model, ema_state=ema, train_state={"imported_from": str(source)},
+        meta=meta, keep_last=1,
+    )  # fmt: skip
+    tok.save(out / "tokenizer")
+    save_config(cfg, out / "config.yaml")
+    return ckpt
+
+
+def _kernel(V: int, mask_id: int, k: float):
+    from xdlm.core.kernel import MixedKernel
+
+    return MixedKernel.udlm(V) if k == 1.0 else MixedKernel(V, mask_id, k)
+
+
+def _ema_state(w: UpstreamWeights) -> dict:
+    """Our EMA state layout (models/ema.py) around the imported shadow weights."""
+    decay = w.ema_meta.get("decay")
+    updates = w.ema_meta.get("num_updates")
+    return {
+        "shadow": {name: t.float() for name, t in w.ema.items()},
+        "decay": float(decay) if isinstance(decay, float) else 0.9999,
+        "warmup": True,
+        "num_updates": int(updates) if isinstance(updates, int) else 0,
+    }
