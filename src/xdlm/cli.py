@@ -7,6 +7,7 @@ keyword carries a trailing underscore (`import_` registers `xdlm import`).
     xdlm prepare ...   text -> token shards          xdlm train --config FILE --out RUN_DIR
     xdlm sample ...    few-step generation           xdlm eval ...   likelihood / gen quality
     xdlm import SOURCE --out RUN_DIR   a released MDLM / UDLM / XDLM checkpoint as a run
+    xdlm reproduce zero-shot|gen-ppl|llada ...   a paper's evaluation beside its number
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ["prepare", "train", "sample", "eval", "consolidate", "images", "verify", "import_"]
+COMMANDS = [
+    "prepare", "train", "sample", "eval", "consolidate", "images", "verify", "import_", "reproduce",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
