@@ -133,6 +133,21 @@ def test_hf_dir_layout(tmp_path, fmt):
         assert _rel_err(model.double()(ids, t), want) <= TOL
 
 
+def test_flat_backbone_layout(tmp_path):
+    """A re-upload storing the backbone's own state_dict (no `backbone.` prefix)."""
+    sd = upstream_state_dict(V, torch.Generator().manual_seed(3))
+    (tmp_path / "config.json").write_text(json.dumps({"n_heads": SIZES["heads"]}))
+    save_file(
+        {k.removeprefix("backbone."): v for k, v in sd.items()}, str(tmp_path / "model.safetensors")
+    )
+    model = _native(sd)
+    model.load_state_dict(read_hf_dir(tmp_path).weights)
+    ids, t = _inputs()
+    want = reference_logits(sd, ids, torch.zeros_like(t), SIZES["heads"])
+    with torch.no_grad():
+        assert _rel_err(model.double()(ids, t), want) <= TOL
+
+
 def test_unknown_upstream_keys_are_refused(tmp_path):
     sd = upstream_state_dict(V, torch.Generator().manual_seed(0))
     sd["backbone.cond_map.embedding_table.weight"] = torch.zeros(3, SIZES["cond"])

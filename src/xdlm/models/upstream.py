@@ -8,7 +8,8 @@ Two upstream file formats hold the same DDiT under `backbone.*`:
     `rotary_emb.inv_freq`, are not in it); read with `safe_pickle.safe_load`;
   - a Hugging Face custom-code repo (e.g. kuleshov-group/mdlm-owt): `config.json` (read as JSON;
     its `modeling_*.py` is never run) and `model.safetensors` or `pytorch_model.bin` with the
-    same `backbone.<name>` keys (the released weights; no separate EMA).
+    same `backbone.<name>` keys (the released weights; no separate EMA). A "flat" file holding
+    the backbone's own keys without the prefix is accepted too.
 
 Upstream name (after `backbone.`)         ->  MDLMDiT name
   vocab_embed.embedding                        embed.weight
@@ -81,11 +82,15 @@ def native_name(upstream: str) -> str:
 
 def backbone_tensors(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """The `backbone.*` entries (in file order) without the prefix; `_orig_mod.` (a compiled
-    backbone) is stripped too. Other entries (noise schedule, ...) are left out."""
+    backbone) is stripped too. Other entries (noise schedule, ...) are left out. A "flat" file
+    (the backbone's own state_dict, no `backbone.` prefix, as some re-uploads store it) is
+    taken as it is."""
     out = {}
     for key, value in state_dict.items():
         if key.startswith(PREFIX):
             out[key[len(PREFIX) :].removeprefix("_orig_mod.")] = value
+    if not out and "vocab_embed.embedding" in state_dict:
+        return dict(state_dict)
     if not out:
         raise ValueError(
             f"no '{PREFIX}*' weights in the checkpoint (keys start {sorted(state_dict)[:5]}); "
