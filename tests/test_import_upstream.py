@@ -249,3 +249,13 @@ def test_builder_mdlm_dit_needs_sizes():
     logits = model(torch.zeros(2, 5, dtype=torch.long), torch.rand(2))
     assert logits.shape == (2, 5, 10)  # zero-initialised head: uniform logits at init
     assert torch.allclose(logits.log_softmax(-1), torch.full_like(logits, -math.log(10)))
+
+
+def test_non_checkpoint_files_are_refused(tmp_path):
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    torch.save({"state_dict": {}}, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)
+    for name in ("junk.ckpt", "old.ckpt"):
+        with pytest.raises(ValueError, match="zip-format"):
+            safe_load(tmp_path / name)
+    with pytest.raises(FileNotFoundError):
+        safe_load(tmp_path / "missing.ckpt")

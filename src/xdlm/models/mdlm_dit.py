@@ -163,6 +163,7 @@ class MDLMDiT(nn.Module):
         self.final_norm = ScaledLayerNorm(cfg.d_model, cfg.norm_eps)
         self.final_modulation = nn.Linear(cfg.cond_dim, 2 * cfg.d_model)
         self.output_head = nn.Linear(cfg.d_model, cfg.vocab_size)
+        self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.init_weights()
 
     @torch.no_grad()
@@ -212,12 +213,21 @@ class MDLMDiT(nn.Module):
             raise ValueError(f"z_t must be (B, L) token ids, got shape {tuple(z_t.shape)}")
         x = self.embed(z_t)
         c = self.conditioning(t, z_t.shape[0], x)
-        cos, sin = rotary_cos_sin(z_t.shape[1], self.cfg.head_dim, self.cfg.rope_base, x)
+        cos, sin = self._rotary(z_t.shape[1], x)
         key_mask = _key_mask(attention_mask, z_t.shape)
         for block in self.blocks:
             x = block(x, cos, sin, c, key_mask)
         shift, scale = self.final_modulation(c)[:, None].chunk(2, dim=-1)
         return self.output_head(_modulate(self.final_norm(x), shift, scale).to(x.dtype))
+
+    def _rotary(self, seq_len: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """RoPE tables for this length, dtype and device, computed once (not state)."""
+        key = (seq_len, like.dtype, like.device)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rotary_cos_sin(
+                seq_len, self.cfg.head_dim, self.cfg.rope_base, like
+            )
+        return self._rope_cache[key]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

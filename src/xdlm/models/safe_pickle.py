@@ -95,7 +95,10 @@ def safe_load(path: str | Path) -> dict:
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as err:  # not a zip / pickle: many exception types
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({err})") from err
+        raise ValueError(
+            f"{path} is not a zip-format PyTorch checkpoint ({err}); files written by "
+            "torch.save since PyTorch 1.6 are (Lightning .ckpt included); legacy ones are not read"
+        ) from err
     refused = sorted(n for n in names if not is_metadata_global(n))
     if refused:
         raise ValueError(
