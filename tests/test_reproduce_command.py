@@ -53,10 +53,11 @@ def test_reproduce_zero_shot_on_local_texts(imported_run, tmp_path, capsys):
     docs.write_text("".join(json.dumps(d) + "\n" for d in lines))
     out = tmp_path / "zs.json"
     rc = main(["reproduce", "zero-shot", "--ckpt", str(imported_run), "--benchmarks", "ptb",
-               "--texts", f"ptb={docs}", "--seq-len", "16", "--out", str(out)])  # fmt: skip
+               "--texts", f"ptb={docs}", "--out", str(out)])  # fmt: skip
     assert rc == 0
     res = json.loads(out.read_text())
-    assert res["results"]["ptb"]["rules"]["insert_eos"] is False
+    rules = res["results"]["ptb"]["rules"]
+    assert rules["insert_eos"] is False and rules["seq_len"] == 16  # the run's L by default
     assert res["comparison"][0]["paper"] is None  # no published zero-shot value recorded
     assert "ptb" in capsys.readouterr().out
 

@@ -6,7 +6,8 @@
     xdlm reproduce llada --model Mzero17/LLaDA-XDLM --tasks mbpp --trust-remote-code
 
 zero-shot: PTB, WikiText-2/103, LM1B, LAMBADA, AG News, PubMed, ArXiv, OWT valid under the
-upstream rules (xdlm.eval.protocols: detokenisers, wrap without per-document EOS, L = 1024).
+upstream rules (xdlm.eval.protocols: detokenisers, wrap without per-document EOS, L = the run's
+length, 1024 for the OpenWebText models the papers evaluate zero-shot).
 gen-ppl: 800 samples of L = 1024 per T scored by GPT-2 Large under the upstream rules, with the
 all-token entropy beside it. llada: lm-eval tasks through the xdlm harness adapter (the paper
 used opencompass; prompts differ, see docs/reproduce.md). Published values come from
@@ -66,7 +67,7 @@ def _common(q) -> None:
     q.add_argument("--batch-size", type=int, default=None)
     q.add_argument("--seed", type=int, default=None)
     q.add_argument("--device", default="cpu")
-    q.add_argument("--seq-len", type=int, default=1024)
+    q.add_argument("--seq-len", type=int, default=None, help="default: the run's L (1024 OWT)")
 
 
 def run(args) -> int:
@@ -98,17 +99,18 @@ def run(args) -> int:
 
 def _run_run(R, args, loaded):
     """zero-shot / gen-ppl on a run directory: (results, {key: our number}, paper model)."""
+    seq_len = args.seq_len or loaded.config.data.seq_len
     if args.table == "zero-shot":
         texts = dict(_texts(item) for item in args.texts)
         results = R.zero_shot_table(
-            loaded, args.benchmarks, texts=texts, seq_len=args.seq_len, max_rows=args.max_rows,
+            loaded, args.benchmarks, texts=texts, seq_len=seq_len, max_rows=args.max_rows,
             batch_size=args.batch_size or 16, t_samples=args.t_samples, seed=args.seed or 0,
         )  # fmt: skip
         return results, {k: v["ppl"] for k, v in results.items()}, args.paper_model
     scorer = R.load_hf_scorer(args.scorer, args.device)
     results = R.gen_ppl_table(
         loaded, args.steps, scorer=scorer, num_samples=args.num_samples,
-        batch_size=args.batch_size or 8, seq_len=args.seq_len, seed=args.seed or 1,
+        batch_size=args.batch_size or 8, seq_len=seq_len, seed=args.seed or 1,
         device=args.device, sampler=args.sampler,
     )  # fmt: skip
     return results, {str(t): v["gen_ppl"] for t, v in results.items()}, args.paper_model
