@@ -124,7 +124,7 @@ def test_hf_dir_layout(tmp_path, fmt):
     else:
         torch.save(sd, tmp_path / "pytorch_model.bin")
     w = read_hf_dir(tmp_path)
-    assert w.ema is None and w.hf_config["model_type"] == "mdlm"
+    assert w.ema is None and w.hints["model_type"] == "mdlm"
     model = _native(sd)
     model.load_state_dict(w.weights)
     ids, t = _inputs()
@@ -259,3 +259,32 @@ def test_non_checkpoint_files_are_refused(tmp_path):
             safe_load(tmp_path / name)
     with pytest.raises(FileNotFoundError):
         safe_load(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parametrize(
+    "config, want",
+    [  # MDLM / UDLM repos: top-level diffusion + time_conditioning; Duo / XDLM: algo.*
+        ({"diffusion": "absorbing_state", "time_conditioning": False,
+          "model": {"n_heads": 4, "length": 32}},
+         {"model_type": "mdlm", "time_conditioning": False, "n_heads": 4, "model_length": 32}),
+        ({"algo": {"name": "xdlm", "time_conditioning": True}, "model": {"n_heads": 4}},
+         {"algo": "xdlm", "time_conditioning": True, "n_heads": 4}),
+    ],
+)  # fmt: skip
+def test_lightning_hparams_are_read_as_data(tmp_path, config, want):
+    """A real omegaconf DictConfig in hyper_parameters loads inert and is read back as data."""
+    omegaconf = pytest.importorskip("omegaconf")
+    sd = upstream_state_dict(V, torch.Generator().manual_seed(0))
+    hp = {"config": omegaconf.OmegaConf.create(config)}
+    torch.save({"state_dict": sd, "hyper_parameters": hp}, tmp_path / "hp.ckpt")
+    w = read_lightning(tmp_path / "hp.ckpt")
+    assert {k: w.hints[k] for k in want} == want
+    if want.get("model_type") == "mdlm":  # everything the import needs comes from the file
+        from xdlm.importing import kernel_k, model_config
+
+        cfg = model_config(w, ImportOptions())
+        assert kernel_k(w, ImportOptions()) == 0.0 and cfg.n_heads == 4
+        assert cfg.time_input == "none"
+    if want.get("algo") == "xdlm":  # k is never guessed for XDLM
+        with pytest.raises(ValueError, match="'xdlm'"):
+            import_checkpoint(str(tmp_path / "hp.ckpt"), tmp_path / "run")

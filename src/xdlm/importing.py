@@ -9,12 +9,13 @@ ema.safetensors when the source has an EMA, meta.json with the kernel (V, mask i
 log-linear schedule (ε = 1e-3, as upstream) and the config; tokenizer/), so `xdlm sample` and
 `xdlm eval` load it like a trained run. Defaults, each overridable:
 
-  - architecture: from config.json (HF repos), else from the tensor shapes, with
-    n_heads = d_model / 64 (every upstream preset: tiny 512/8, small 768/12, medium 1024/16);
-  - time input: "sigma" when config.json says `time_conditioning: true`, else "none" (the
-    Lightning files do not say: pass `time_input="sigma"` for UDLM / time-conditioned runs);
+  - architecture: from the tensor shapes; n_heads from config.json (HF repos) or the hydra
+    config saved in a .ckpt (read as data, `safe_pickle.plain`), else d_model / 64 (every
+    upstream preset: tiny 512/8, small 768/12, medium 1024/16);
+  - time input: "sigma" when the source's config says `time_conditioning: true`, else "none";
   - tokenizer: V = 50,258 -> `gpt2-mdlm`, V = 30,522 -> `bert-base-uncased`;
-  - k: config.json `model_type` mdlm -> 0, udlm -> 1; otherwise it must be given (XDLM: 0.1).
+  - k: `model_type` mdlm -> 0, udlm -> 1 (config.json, or the .ckpt config's algorithm);
+    otherwise it must be given (XDLM: 0.1; its `algo.k1` is not read as k without a check).
     k = 1 gives the pure uniform kernel without a mask state (UDLM).
 
 Nothing is executed from the source: a .ckpt goes through `models.safe_pickle.safe_load`,
@@ -84,7 +85,7 @@ def _download(repo: str, file: str | None, revision: str | None) -> Path:
 
 def model_config(w: UpstreamWeights, opts: ImportOptions) -> ModelConfig:
     """The mdlm-dit ModelConfig: config.json where present, else the tensor shapes."""
-    hf = w.hf_config
+    hf = w.hints
     d_model = int(w.weights["embed.weight"].shape[1])
     n_layers = len({k.split(".")[1] for k in w.weights if k.startswith("blocks.")})
     n_heads = opts.n_heads or hf.get("n_heads") or d_model // 64
@@ -100,11 +101,12 @@ def model_config(w: UpstreamWeights, opts: ImportOptions) -> ModelConfig:
 def kernel_k(w: UpstreamWeights, opts: ImportOptions) -> float:
     if opts.k is not None:
         return float(opts.k)
-    model_type = w.hf_config.get("model_type")
+    model_type = w.hints.get("model_type")
     if model_type in _K_BY_MODEL_TYPE:
         return _K_BY_MODEL_TYPE[model_type]
+    algo = f" (its config names the algorithm {w.hints['algo']!r})" if "algo" in w.hints else ""
     raise ValueError(
-        "the source does not say which kernel it was trained with; pass --k "
+        f"the source does not say which kernel it was trained with{algo}; pass --k "
         "(0 for MDLM, 1 for UDLM, the paper's 0.1 for XDLM)"
     )
 
@@ -136,7 +138,7 @@ def import_checkpoint(source: str, out: str | Path, opts: ImportOptions | None =
     w = read_source(source, opts.file, opts.revision)
     V = int(w.weights["embed.weight"].shape[0])
     k, tok = kernel_k(w, opts), import_tokenizer(V, opts)
-    seq_len = opts.seq_len or int(w.hf_config.get("model_length", 1024))
+    seq_len = opts.seq_len or int(w.hints.get("model_length", 1024))
     cfg = XDLMConfig(
         model=model_config(w, opts),
         kernel=KernelConfig(k=k, use_mask=k < 1.0, schedule="loglinear", eps=SIGMA_EPS),

@@ -56,11 +56,14 @@ METADATA_NAMES = frozenset(
 class Inert:
     """Stands in for any metadata object of the checkpoint: records, never executes."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        self.args, self.kwargs, self.state, self.items = args, kwargs, None, []
-
     def __new__(cls, *args, **kwargs):
-        return super().__new__(cls)
+        # pickle's NEWOBJ calls only __new__ (then BUILD -> __setstate__); REDUCE calls the class
+        obj = super().__new__(cls)
+        obj.args, obj.kwargs, obj.state, obj.items = args, kwargs, None, []
+        return obj
+
+    def __init__(self, *args, **kwargs) -> None:
+        """Everything was recorded by __new__."""
 
     def __setstate__(self, state) -> None:
         self.state = state
@@ -114,3 +117,20 @@ def safe_load(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a {type(data).__name__}, not a checkpoint dict")
     return data
+
+
+def plain(obj):
+    """Metadata read back as plain Python: an omegaconf container or node that loaded as `Inert`
+    becomes the dict / list / value it held (its recorded `_content` / `_val` state); other
+    `Inert` objects become None. Reading only: nothing of the original classes runs."""
+    if isinstance(obj, Inert):
+        state = obj.state if isinstance(obj.state, dict) else {}
+        for key in ("_content", "_val"):
+            if key in state:
+                return plain(state[key])
+        return None
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj

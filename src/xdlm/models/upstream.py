@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from xdlm.models.safe_pickle import safe_load
+from xdlm.models.safe_pickle import plain, safe_load
 
 _RULES = [
     (r"vocab_embed\.embedding", "embed.weight"),
@@ -59,12 +59,13 @@ PREFIX = "backbone."
 @dataclass
 class UpstreamWeights:
     """Backbone weights renamed for MDLMDiT, the EMA average when the file has one, and what the
-    file says about the architecture (`hf_config`: config.json of a HF repo, else {})."""
+    file says about the model (`hints`: config.json of a HF repo, or `lightning_hints` of a
+    .ckpt's saved config; keys n_heads, model_length, time_conditioning, model_type, ...)."""
 
     weights: dict[str, Tensor]
     ema: dict[str, Tensor] | None
     ema_meta: dict = field(default_factory=dict)
-    hf_config: dict = field(default_factory=dict)
+    hints: dict = field(default_factory=dict)
     step: int = 0
     source_format: str = ""
 
@@ -150,9 +151,36 @@ def read_lightning(path: str | Path) -> UpstreamWeights:
         ema = ema_by_name(upstream, list(data["ema"]["shadow_params"]))
         meta = {k: data["ema"].get(k) for k in ("decay", "num_updates")}
     step = data.get("global_step", 0)
+    hparams = data.get("hyper_parameters")
+    config = plain(hparams.get("config")) if isinstance(hparams, dict) else None
     return UpstreamWeights(
-        rename(upstream), ema, meta, {}, int(step) if isinstance(step, int) else 0, "lightning"
-    )
+        rename(upstream), ema, meta, lightning_hints(config),
+        int(step) if isinstance(step, int) else 0, "lightning",
+    )  # fmt: skip
+
+
+# The diffusion of a run as its saved config names it -> our `model_type` (k 0 or 1).
+_ALGO_TYPES = {"mdlm": "mdlm", "udlm": "udlm", "absorbing_state": "mdlm", "uniform": "udlm"}
+
+
+def lightning_hints(config) -> dict:
+    """What the hydra config saved in a .ckpt says, in config.json's keys: n_heads and
+    model_length (`model.*`), time_conditioning (`algo.*` in Duo / XDLM, top level in MDLM /
+    UDLM), model_type (`algo.name`, else `diffusion`: mdlm / udlm only) and `algo` (the name as
+    saved, e.g. xdlm, for the error message). {} when there is no readable config."""
+    if not isinstance(config, dict):
+        return {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    algo = config.get("algo") if isinstance(config.get("algo"), dict) else {}
+    name = algo.get("name") or config.get("diffusion")
+    hints = {
+        "n_heads": model.get("n_heads"),
+        "model_length": model.get("length"),
+        "time_conditioning": algo.get("time_conditioning", config.get("time_conditioning")),
+        "model_type": _ALGO_TYPES.get(name),
+        "algo": name,
+    }
+    return {k: v for k, v in hints.items() if v is not None}
 
 
 def read_hf_dir(path: str | Path) -> UpstreamWeights:
