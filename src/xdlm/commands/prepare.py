@@ -24,7 +24,9 @@ def register(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument(
-        "--tokenizer", default="gpt2", help="gpt2 | bert-base-uncased | wordpiece | char | bpe"
+        "--tokenizer",
+        default="gpt2",
+        help="gpt2 | gpt2-mdlm | bert-base-uncased | wordpiece | char | bpe | hf",
     )
     p.add_argument(
         "--tokenizer-source", default=None, help="local tokenizer files or HF name (gpt2/wordpiece)"
