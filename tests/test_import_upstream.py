@@ -209,9 +209,9 @@ def test_metadata_objects_load_as_inert(tmp_path, monkeypatch):
 
 
 def test_import_writes_a_loadable_run(tmp_path, shared_data):
-    """End to end with the exact GPT-2 mode: V = 50,258, mask 50,257; load_model gives the EMA
+    """End to end with the exact GPT-2 mode: V = 50,258, mask 50,257; load_run gives the EMA
     weights by default and the raw ones with use_ema=False, each equal to the reference."""
-    from xdlm.train.checkpoint import load_model
+    from xdlm.runs import load_run
 
     vocab = 50_258
     gen = torch.Generator().manual_seed(0)
@@ -222,12 +222,14 @@ def test_import_writes_a_loadable_run(tmp_path, shared_data):
     opts = ImportOptions(k=0.0, n_heads=SIZES["heads"], seq_len=64,
                          tokenizer_source=str(shared_data / "tokenizers" / "gpt2"))  # fmt: skip
     ckpt = import_checkpoint(str(tmp_path / "mdlm.ckpt"), tmp_path / "run", opts)
+    with pytest.raises(ValueError, match="already holds a run"):
+        import_checkpoint(str(tmp_path / "mdlm.ckpt"), tmp_path / "run", opts)
     meta = json.loads((ckpt / "meta.json").read_text())
     assert meta["kernel"] == {"vocab_size": vocab, "mask_id": 50_257, "k": 0.0}
     assert meta["schedule"] == {"name": "loglinear", "eps": 1e-3} and meta["step"] == 1234
     ids, t = _inputs(vocab)
     for use_ema, upstream in [(True, with_shadow(sd, shadow)), (False, sd)]:
-        loaded = load_model(tmp_path / "run", use_ema=use_ema)
+        loaded = load_run(tmp_path / "run", use_ema=use_ema)
         assert loaded.tokenizer.special_ids == {"bos": 50256, "eos": 50256, "pad": 50256,
                                                 "mask": 50257}  # fmt: skip
         want = reference_logits(upstream, ids, torch.zeros_like(t), SIZES["heads"])

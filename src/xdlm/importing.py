@@ -51,7 +51,9 @@ class ImportOptions:
     revision: str | None = None
 
 
-def read_source(source: str, file: str | None = None, revision: str | None = None):
+def read_source(
+    source: str, file: str | None = None, revision: str | None = None
+) -> UpstreamWeights:
     """UpstreamWeights from a .ckpt file, a HF repo dir, or a Hub id (downloaded)."""
     path = Path(source)
     if path.is_file():
@@ -84,12 +86,13 @@ def _download(repo: str, file: str | None, revision: str | None) -> Path:
 
 
 def model_config(w: UpstreamWeights, opts: ImportOptions) -> ModelConfig:
-    """The mdlm-dit ModelConfig: config.json where present, else the tensor shapes."""
-    hf = w.hints
+    """The mdlm-dit ModelConfig: sizes from the tensor shapes, the rest from the source's
+    hints (config.json / the .ckpt's saved config), options first."""
+    hints = w.hints
     d_model = int(w.weights["embed.weight"].shape[1])
     n_layers = len({k.split(".")[1] for k in w.weights if k.startswith("blocks.")})
-    n_heads = opts.n_heads or hf.get("n_heads") or d_model // 64
-    time_input = opts.time_input or ("sigma" if hf.get("time_conditioning") else "none")
+    n_heads = opts.n_heads or hints.get("n_heads") or d_model // 64
+    time_input = opts.time_input or ("sigma" if hints.get("time_conditioning") else "none")
     return ModelConfig(
         backbone="mdlm-dit", n_layers=n_layers, d_model=d_model, n_heads=int(n_heads),
         mlp_ratio=w.weights["blocks.0.mlp_in.weight"].shape[0] / d_model,
@@ -135,6 +138,8 @@ def import_checkpoint(source: str, out: str | Path, opts: ImportOptions | None =
     from xdlm.train.checkpoint import save_checkpoint
 
     opts = opts or ImportOptions()
+    if (Path(out) / "checkpoints").exists():
+        raise ValueError(f"{out} already holds a run; pass a new --out directory")
     w = read_source(source, opts.file, opts.revision)
     V = int(w.weights["embed.weight"].shape[0])
     k, tok = kernel_k(w, opts), import_tokenizer(V, opts)

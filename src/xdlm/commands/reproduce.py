@@ -82,9 +82,9 @@ def run(args) -> int:
         ours = {task: _headline(metrics) for task, metrics in results.items()}
         model = args.paper_model or "LLaDA-XDLM"
     else:
-        from xdlm.train.checkpoint import load_model
+        from xdlm.runs import load_run
 
-        loaded = load_model(args.ckpt, device=args.device)
+        loaded = load_run(args.ckpt, device=args.device)
         results, ours, model = _run_run(R, args, loaded)
     rows = R.comparison(
         ours, args.table.replace("-", "_"), model, R.paper_values(args.paper_values)
