@@ -290,3 +290,28 @@ def test_lightning_hparams_are_read_as_data(tmp_path, config, want):
     if want.get("algo") == "xdlm":  # k is never guessed for XDLM
         with pytest.raises(ValueError, match="'xdlm'"):
             import_checkpoint(str(tmp_path / "hp.ckpt"), tmp_path / "run")
+
+
+def test_udlm_hf_dir_imports_as_the_uniform_kernel(tmp_path, shared_data):
+    """kuleshov-group/udlm-lm1b's layout: model_type udlm, time-conditioned, BERT V = 30,522,
+    L = 128 -> k = 1 without a mask state, time input sigma, the bert-base-uncased tokenizer."""
+    from xdlm.runs import load_run
+
+    vocab = 30_522
+    sd = upstream_state_dict(vocab, torch.Generator().manual_seed(4), {**SIZES, "layers": 1})
+    src = tmp_path / "udlm-lm1b"
+    src.mkdir()
+    config = {"model_type": "udlm", "vocab_size": vocab, "n_heads": SIZES["heads"],
+              "model_length": 128, "time_conditioning": True}  # fmt: skip
+    (src / "config.json").write_text(json.dumps(config))
+    save_file(sd, str(src / "model.safetensors"))
+    opts = ImportOptions(tokenizer_source=str(shared_data / "tokenizers" / "bert-base-uncased"))
+    import_checkpoint(str(src), tmp_path / "run", opts)
+    run = load_run(tmp_path / "run")
+    assert run.kernel.spec() == {"vocab_size": vocab, "mask_id": None, "k": 1.0}
+    assert run.config.data.seq_len == 128 and run.config.model.time_input == "sigma"
+    assert run.tokenizer.special_ids == {"bos": 101, "eos": 102, "pad": 0, "mask": 103}
+    ids, t = _inputs(vocab)
+    want = reference_logits(sd, ids, -torch.log1p(-(1 - 1e-3) * t), SIZES["heads"])
+    with torch.no_grad():
+        assert _rel_err(run.model.double()(ids, t), want) <= TOL

@@ -34,6 +34,11 @@ def test_comparison_rows_and_missing_values():
     assert "n/a" in text and "source: MzeroMiko/XDLM README" in text
 
 
+def test_llada_needs_the_remote_code_flag(capsys):
+    assert main(["reproduce", "llada", "--model", "Mzero17/LLaDA-XDLM"]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+
+
 @pytest.fixture
 def imported_run(tmp_path, shared_data):
     gen = torch.Generator().manual_seed(0)

@@ -151,14 +151,14 @@ def llada_table(
     dtype: str = "bfloat16", trust_remote_code: bool = False, limit: int | None = None,
 ) -> dict[str, dict]:  # fmt: skip
     """lm-eval `tasks` on a LLaDA-family model through the xdlm harness adapter."""
-    import lm_eval
-
-    import xdlm.eval.lm_eval_adapter  # noqa: F401  (registers the "xdlm" model)
-
     if not trust_remote_code:
         raise ValueError(
             f"{model} is a remote-code model; pass --trust-remote-code to run its code"
         )
+    import lm_eval
+
+    import xdlm.eval.lm_eval_adapter  # noqa: F401  (registers the "xdlm" model)
+
     args = {"pretrained": model, "trust_remote_code": True, "k": k, "steps": steps,
             "gen_length": gen_length, "dtype": dtype}  # fmt: skip
     if block_length is not None:
