@@ -23,8 +23,9 @@ from upstream_fixtures import (
 )
 
 from xdlm.builders import build_model
+from xdlm.commands.import_ import import_checkpoint
 from xdlm.config import ModelConfig
-from xdlm.importing import ImportOptions, import_checkpoint
+from xdlm.importing import ImportOptions
 from xdlm.models.mdlm_dit import MDLMDiT, MDLMDiTConfig
 from xdlm.models.safe_pickle import Inert, safe_load
 from xdlm.models.upstream import read_hf_dir, read_lightning

@@ -1,10 +1,11 @@
-"""Turn a released MDLM-lineage checkpoint into an xdlm run directory (`xdlm import`).
+"""Convert a released MDLM-lineage checkpoint into an xdlm run (`xdlm import`).
 
-    import_checkpoint("mdlm.ckpt", "runs/mdlm-owt", k=0.0)                  # Lightning .ckpt
-    import_checkpoint("kuleshov-group/mdlm-owt", "runs/mdlm-owt")           # Hub id or HF dir
-    import_checkpoint("Mzero17/XDLM", "runs/xdlm", file="owt/last.ckpt", k=0.1)   # .ckpt on the Hub
+    convert("mdlm.ckpt", ImportOptions(k=0.0))                            # Lightning .ckpt
+    convert("kuleshov-group/mdlm-owt")                                     # Hub id or HF dir
+    convert("Mzero17/XDLM", ImportOptions(file="PATH/last.ckpt", k=0.1))   # a .ckpt on the Hub
 
-The run directory is the one `xdlm train` writes (checkpoints/step_N/ with model.safetensors,
+`xdlm.commands.import_.import_checkpoint(source, out, opts)` writes the result as a run
+directory, the one `xdlm train` writes (checkpoints/step_N/ with model.safetensors,
 ema.safetensors when the source has an EMA, meta.json with the kernel (V, mask id, k), the
 log-linear schedule (ε = 1e-3, as upstream) and the config; tokenizer/), so `xdlm sample` and
 `xdlm eval` load it like a trained run. Defaults, each overridable:
@@ -28,7 +29,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from xdlm.config import DataConfig, KernelConfig, ModelConfig, XDLMConfig, save_config
+import torch
+
+from xdlm.config import DataConfig, KernelConfig, ModelConfig, XDLMConfig
 from xdlm.models.upstream import UpstreamWeights, read_hf_dir, read_lightning
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -131,15 +134,25 @@ def import_tokenizer(vocab_size: int, opts: ImportOptions):
     return tok
 
 
-def import_checkpoint(source: str, out: str | Path, opts: ImportOptions | None = None) -> Path:
-    """Write the run directory `out` for `source`; returns the checkpoint directory."""
+@dataclass(frozen=True)
+class ImportedRun:
+    """Everything a run directory holds, converted from the source (`write_run` in
+    `xdlm.commands.import_` puts it on disk with the training checkpoint writer)."""
+
+    model: torch.nn.Module
+    ema_state: dict | None
+    meta: dict
+    config: XDLMConfig
+    tokenizer: object
+    step: int
+
+
+def convert(source: str, opts: ImportOptions | None = None) -> ImportedRun:
+    """Read `source` and build the run: MDLMDiT with the weights, kernel, schedule, tokenizer."""
     from xdlm.builders import build_model
     from xdlm.core.schedules import make_schedule, schedule_spec
-    from xdlm.train.checkpoint import save_checkpoint
 
     opts = opts or ImportOptions()
-    if (Path(out) / "checkpoints").exists():
-        raise ValueError(f"{out} already holds a run; pass a new --out directory")
     w = read_source(source, opts.file, opts.revision)
     V = int(w.weights["embed.weight"].shape[0])
     k, tok = kernel_k(w, opts), import_tokenizer(V, opts)
@@ -152,9 +165,8 @@ def import_checkpoint(source: str, out: str | Path, opts: ImportOptions | None =
     )  # fmt: skip
     model = build_model(cfg.model, V)
     model.load_state_dict(w.weights, strict=True)
-    kernel = _kernel(V, tok.mask_id, k)
     meta = {
-        "kernel": kernel.spec(),
+        "kernel": _kernel(V, tok.mask_id, k).spec(),
         "schedule": schedule_spec(make_schedule("loglinear", eps=SIGMA_EPS)),
         "config": cfg.to_dict(),
         "data": {"path": "", "vocab_size": V, "mask_id": tok.mask_id},
@@ -162,14 +174,7 @@ def import_checkpoint(source: str, out: str | Path, opts: ImportOptions | None =
                      "ema": w.ema is not None},
     }  # fmt: skip
     ema = None if w.ema is None else _ema_state(w)
-    out = Path(out)
-    ckpt = save_checkpoint(
-        out, w.step, model=model, ema_state=ema, train_state={"imported_from": str(source)},
-        meta=meta, keep_last=1,
-    )  # fmt: skip
-    tok.save(out / "tokenizer")
-    save_config(cfg, out / "config.yaml")
-    return ckpt
+    return ImportedRun(model, ema, meta, cfg, tok, w.step)
 
 
 def _kernel(V: int, mask_id: int, k: float):

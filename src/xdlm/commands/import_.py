@@ -15,6 +15,7 @@ See xdlm.importing for the defaults (architecture, time input, tokenizer, k).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from xdlm.models.mdlm_dit import TIME_INPUTS
 
@@ -40,8 +41,34 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def import_checkpoint(source: str, out: str | Path, opts=None) -> Path:
+    """Convert `source` (xdlm.importing.convert) and write it as the run directory `out`;
+    returns the checkpoint directory."""
+    from xdlm.importing import convert
+
+    if (Path(out) / "checkpoints").exists():
+        raise ValueError(f"{out} already holds a run; pass a new --out directory")
+    return write_run(convert(source, opts), Path(out))
+
+
+def write_run(run, out: Path) -> Path:
+    """The run directory of `xdlm train` (checkpoints/, tokenizer/, config.yaml) for an
+    `ImportedRun`; the weights go through the training checkpoint writer."""
+    from xdlm.config import save_config
+    from xdlm.train.checkpoint import save_checkpoint
+
+    ckpt = save_checkpoint(
+        out, run.step, model=run.model, ema_state=run.ema_state,
+        train_state={"imported_from": run.meta["imported"]["source"]}, meta=run.meta,
+        keep_last=1,
+    )  # fmt: skip
+    run.tokenizer.save(out / "tokenizer")
+    save_config(run.config, out / "config.yaml")
+    return ckpt
+
+
 def run(args) -> int:
-    from xdlm.importing import ImportOptions, import_checkpoint
+    from xdlm.importing import ImportOptions
 
     opts = ImportOptions(
         k=args.k, n_heads=args.n_heads, time_input=args.time_input, tokenizer=args.tokenizer,
