@@ -32,7 +32,7 @@ class ModelConfig:
     n_heads required, `cond_dim`, `time_input`), as `xdlm import` writes it;
     `backbone="hf"` wraps a transformers model (`hf_name`, `hf_kind`)."""
 
-    backbone: Literal["dit", "hf"] = "dit"
+    backbone: Literal["dit", "mdlm-dit", "hf"] = "dit"
     preset: str = "tiny"
     n_layers: int | None = None
     d_model: int | None = None
@@ -43,7 +43,7 @@ class ModelConfig:
     num_classes: int = 0
     tie_embeddings: bool = False
     cond_dim: int = 128  # mdlm-dit only
-    time_input: str = "none"  # mdlm-dit only: none | sigma | t (models/mdlm_dit.py)
+    time_input: Literal["none", "sigma", "t"] = "none"  # mdlm-dit only (models/mdlm_dit.py)
     hf_name: str | None = None
     hf_kind: str = "auto"
     hf_dtype: str | None = None

@@ -44,7 +44,7 @@ def register(sub) -> None:
     g.add_argument("--steps", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024])
     g.add_argument("--num-samples", type=int, default=800)
     g.add_argument("--scorer", default=GEN_PPL_SCORER, help="HF causal LM (name or local dir)")
-    g.add_argument("--sampler", default="ancestral")
+    g.add_argument("--sampler", default="ancestral", choices=["ancestral", "remdm", "confidence"])
     ll = which.add_parser("llada", help="LLaDA / LLaDA-XDLM benchmarks via lm-eval")
     ll.add_argument("--model", required=True, help="Hub id or local HF dir")
     ll.add_argument("--tasks", nargs="+", default=["mbpp"])
@@ -107,11 +107,15 @@ def _run_run(R, args, loaded):
             batch_size=args.batch_size or 16, t_samples=args.t_samples, seed=args.seed or 0,
         )  # fmt: skip
         return results, {k: v["ppl"] for k, v in results.items()}, args.paper_model
+    from xdlm.builders import build_sampler
+    from xdlm.config import SampleConfig
+
+    plan = build_sampler(SampleConfig(sampler=args.sampler))
     scorer = R.load_hf_scorer(args.scorer, args.device)
     results = R.gen_ppl_table(
         loaded, args.steps, scorer=scorer, num_samples=args.num_samples,
         batch_size=args.batch_size or 8, seq_len=seq_len, seed=args.seed or 1,
-        device=args.device, sampler=args.sampler,
+        device=args.device, sampler=plan.sampler, final=plan.final, grid=plan.grid,
     )  # fmt: skip
     return results, {str(t): v["gen_ppl"] for t, v in results.items()}, args.paper_model
 

@@ -122,7 +122,8 @@ def gen_ppl_table(
 ) -> dict[int, dict]:  # fmt: skip
     """Per T: samples in batches of `batch_size`, each batch scored as upstream scores one
     sample batch (`upstream_gen_ppl`), nats and counts summed; entropy over all samples.
-    `sampling` goes to `generate` (sampler, final, ...)."""
+    `sampling` goes to `generate` (sampler, final, grid objects, e.g. from
+    `xdlm.builders.build_sampler`; the ancestral sampler and the paper's grid by default)."""
     from xdlm.eval.sweep import SamplingSetting, generate_many
 
     model, hf_tok = scorer
