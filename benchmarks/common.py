@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         **cpu_description(),
         "auto_precision": resolve_precision("auto", "cpu", width=768).describe(),
+        "load_avg_1min": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 

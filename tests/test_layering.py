@@ -128,9 +128,11 @@ def test_no_dead_definitions():
 
 def test_the_chunk_size_is_defined_once_and_documented_as_it_is():
     """Regression: `CHUNK_ELEMENTS` was defined in core/fused.py and core/logit_stats.py, and
-    `fused_nelbo`'s docstring said 64 MB chunks while the constant gave 16 MB."""
-    from xdlm.core import fused, logit_stats
+    `fused_nelbo`'s docstring said 64 MB chunks while the constant gave 16 MB. The fused loss
+    now measures its rows per chunk (core/fused_plan.py) under one memory cap, documented as
+    what it is."""
+    from xdlm.core import fused_plan
 
     assert "CHUNK_ELEMENTS =" not in (SRC / "core" / "fused.py").read_text()
-    assert fused.CHUNK_ELEMENTS is logit_stats.CHUNK_ELEMENTS
-    assert f"~{fused.CHUNK_ELEMENTS * 4 // 2**20} MB of float32" in fused.fused_nelbo.__doc__
+    cap_mb = fused_plan.MAX_CHUNK_ELEMENTS * 4 // 2**20
+    assert f"{cap_mb} MB of float32" in (SRC / "core" / "fused_plan.py").read_text()

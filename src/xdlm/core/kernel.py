@@ -208,45 +208,12 @@ class MixedKernel:
             )
         return self._nelbo(logits, x0, z_t, _expand(alpha, 2), _expand(dalpha, 2))
 
-    def nelbo_rows(
-        self,
-        logits: Tensor,
-        x0: Tensor,
-        z_t: Tensor,
-        alpha: Tensor,
-        dalpha: Tensor,
-        small_lambda: bool | None = None,
-    ) -> Tensor:
-        """`nelbo` on flat rows with a time per row: logits (N, V), x0, z_t, α, α' (N,) -> (N,).
-
-        The per-chunk entry point of the fused loss (`xdlm.core.fused`): the same formula as
-        `nelbo`, for any subset of positions. `small_lambda`: `has_small_lambda` of all chunks'
-        α, decided once by the caller (None: decided here, one host sync per call).
-        """
-        self._check_vocab(logits.shape[-1], "logits")
-        n = logits.shape[0]
-        if logits.dim() != 2 or any(t.shape != (n,) for t in (x0, z_t, alpha, dalpha)):
-            raise ValueError(
-                f"nelbo_rows needs logits (N, V) and x0, z_t, alpha, dalpha (N,); got logits "
-                f"{tuple(logits.shape)}, x0 {tuple(x0.shape)}, z_t {tuple(z_t.shape)}, "
-                f"alpha {tuple(alpha.shape)}, dalpha {tuple(dalpha.shape)}"
-            )
-        return self._nelbo(logits, x0, z_t, alpha, dalpha, small_lambda)
-
     def has_small_lambda(self, alpha: Tensor) -> bool:
         """Whether some α has λ = V·α/(k·β) < 1, where ḡ needs the cancellation-free path
         (α < k/(V + k); never at k = 0). One host sync on an accelerator."""
         return self.k > 0 and bool((alpha < self.k / (self.vocab_size + self.k)).any())
 
-    def _nelbo(
-        self,
-        logits: Tensor,
-        x0: Tensor,
-        z_t: Tensor,
-        alpha: Tensor,
-        dalpha: Tensor,
-        small_lambda: bool | None = None,
-    ):
+    def _nelbo(self, logits: Tensor, x0: Tensor, z_t: Tensor, alpha: Tensor, dalpha: Tensor):
         """ℓ for logits (..., V), x0, z_t (...) and α, α' broadcastable to x0.
 
         Evaluated without cancellation (docs/math.md, "float32 at small α"): with
@@ -260,29 +227,46 @@ class MixedKernel:
         dtype = torch.promote_types(logits.dtype, torch.float32)
         a = alpha.to(torch.float64).expand(x0.shape)
         w = -dalpha.to(torch.float64).expand(x0.shape)
+        c = self.gbar_offset(a) if self.k > 0 else None  # log λ, λ = V·α/(k·β)
+        lp_x, lp_z, sp = logit_stats(
+            logits, x0, z_t, None if c is None else c.to(dtype), self.mask_id
+        )
+        v_gbar = None
+        if c is not None:
+            small = self.has_small_lambda(a)  # one host sync per call on an accelerator
+            v_gbar = self._v_gbar(logits, sp, c) if small else F.softplus(c) - sp.double()
+        return self.nelbo_from_stats(lp_x, lp_z, v_gbar, x0, z_t, a, w).to(dtype)
+
+    def gbar_offset(self, a: Tensor) -> Tensor:
+        """c = log λ = log(V·α/(k·β)) (float64); α → 0.5 where β = 0 (ḡ's factor is 0 there)."""
+        return _Gterms.offset(self, torch.where(a < 1.0, a, torch.full_like(a, 0.5)))
+
+    def nelbo_from_stats(
+        self, lp_x: Tensor, lp_z: Tensor, v_gbar: Tensor | None, x0: Tensor, z_t: Tensor, a, w
+    ) -> Tensor:
+        """ℓ (float64) from its row statistics: lp_x = log p_θ(x), lp_z = log p_θ(z) and V·ḡ
+        (`_v_gbar`; None when k = 0); a = α_t and w = −α'_t (float64), all shaped like x0.
+
+        ℓ depends on the logits only through these three numbers per position, which is what
+        lets the fused loss (`core/fused_chunk.py`) differentiate it row by row in closed form.
+        """
         b = 1.0 - a
         if self.k == 0.0:
-            lp_x, _, _ = logit_stats(logits, x0, z_t, None, self.mask_id)
             weight = w / torch.where(b > 0, b, torch.ones_like(b))  # α = 1: nothing is masked
-            loss = torch.where(self._is_mask(z_t), weight * -lp_x.double(), torch.zeros_like(b))
-            return loss.to(dtype)
+            return torch.where(self._is_mask(z_t), weight * -lp_x.double(), torch.zeros_like(b))
         open_ = b > 0
         a_g = torch.where(open_, a, torch.full_like(a, 0.5))  # finite ḡ where β = 0
-        c = _Gterms.offset(self, a_g)  # log λ, λ = V·α/(k·β)
-        lp_x, lp_z, sp = logit_stats(logits, x0, z_t, c.to(dtype), self.mask_id)
         V, k = self.vocab_size, self.k
         p_x, p_z = lp_x.double().exp(), lp_z.double().exp()
         is_x = (z_t == x0).double()
-        r_z = torch.where(self._is_mask(z_t), k / V + 1.0 - k, k / V).to(a)
+        # r(z) built in a's float64 (torch.where of two Python floats would round to float32)
+        r_z = torch.full_like(a, k / V).masked_fill(self._is_mask(z_t), k / V + 1.0 - k)
         u_z = a * (is_x - p_z) / (a * p_z + b * r_z)
         u_x = a * (1.0 - p_x) / (a * p_x + b * (k / V))
-        if small_lambda is None:
-            small_lambda = self.has_small_lambda(a_g)
-        gbar = (self._v_gbar(logits, sp, c) if small_lambda else F.softplus(c) - sp.double()) / V
-        g_term = torch.where(open_, k * (1.0 - a_g) / a_g * gbar, torch.zeros_like(a))
+        g_term = torch.where(open_, k * (1.0 - a_g) / a_g * v_gbar / V, torch.zeros_like(a))
         inner = log1p_remainder(u_z) / a + torch.log1p(u_x) + g_term
         rho = r_z / (a * is_x + b * r_z)
-        return (w * rho * inner).to(dtype)
+        return w * rho * inner
 
     def _v_gbar(self, logits: Tensor, sp: Tensor, c: Tensor) -> Tensor:
         """V·ḡ_α (...) in float64: softplus(c) − S where λ = e^c ≥ 1, and the cancellation-free
@@ -411,7 +395,8 @@ class _Gterms:
 
     log f_α(x, z), log f_α(p_θ, z), log f_α(x, x), log f_α(p_θ, x), log r(z), ρ_α(z) and
     ḡ_α = (1/V)·[softplus(c) − S], S = Σ_e softplus(log p_θ(e) + c), c = log(V·α/(k·β)), which
-    is (1/V)·Σ_{e≠m} g_α(e) written without cancelling V large logs. `sp` is S (None if k = 0).
+    is (1/V)·Σ_{e≠m} g_α(e) written without cancelling V large logs. `sp` is S (None if k = 0
+    or ḡ is not needed).
     """
 
     def __init__(
@@ -434,7 +419,7 @@ class _Gterms:
         self.log_fx_x = torch.log(a + b * k / V)
         self.log_fp_x = torch.logaddexp(torch.log(a) + lp_x, torch.log(b * k / V))
         self.rho = torch.exp(self.log_r_z - self.log_fx_z)
-        if k > 0:
+        if k > 0 and sp is not None:
             self.gbar = (F.softplus(self.offset(kern, a)) - sp) / V
 
     @staticmethod
