@@ -162,6 +162,7 @@ def run_child(case: str, V: int, B: int, L: int, device: str) -> dict:
         "warmup_s": warmup,
         "peak_mb": (peak - base) / 2**20,
         "chunk": {str(k[4]): p.chosen for k, p in fused_plan._PROBES.items()},
+        "probe_per_row_s": {str(k[4]): p.per_row_s for k, p in fused_plan._PROBES.items()},
     }
 
 
@@ -174,6 +175,22 @@ def run_case(case: str, V: int, B: int, L: int, device: str) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.loss_bench", case, str(V), str(B), str(L), device]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def vs_ce(cases: dict) -> dict:
+    """Ratios to CE: of the medians, and the median of the per-repeat ratios (each repeat runs
+    every case once, so its ratio shares that repeat's machine load)."""
+    ce = cases["ce"]
+    out = {}
+    for c, r in cases.items():
+        per_repeat = [a["time_s"] / b["time_s"] for a, b in zip(r["runs"], ce["runs"], strict=True)]
+        out[c] = {
+            "time": r["time_s"] / ce["time_s"],
+            "time_per_repeat": statistics.median(per_repeat),
+            "time_per_repeat_all": per_repeat,
+            "mem": r["peak_mb"] / ce["peak_mb"],
+        }
+    return out
 
 
 SIZES = {"30522": (30522, 8, 128), "50258": (50258, 8, 128), "126464": (126464, 2, 1024)}
@@ -212,11 +229,7 @@ def bench(
                 "peak_mb": statistics.median(r["peak_mb"] for r in rs),
                 "runs": rs,
             }
-        ce = row["cases"]["ce"]
-        row["vs_ce"] = {
-            c: {"time": r["time_s"] / ce["time_s"], "mem": r["peak_mb"] / ce["peak_mb"]}
-            for c, r in row["cases"].items()
-        }
+        row["vs_ce"] = vs_ce(row["cases"])
         rows.append(row)
         if on_row is not None:
             on_row(rows)
@@ -239,9 +252,9 @@ BEGIN, END = "<!-- BEGIN LOSS RESULTS (benchmarks/loss_bench.py) -->", "<!-- END
 def table(rows: list[dict]) -> list[str]:
     """Markdown: one line per (size, case) with time, peak memory and both ratios to CE."""
     out = [
-        "| V | B×L | case | time s (median) | peak MB | time / CE | mem / CE | "
-        "mem / unfused | chunk rows |",
-        "|" + "---|" * 9,
+        "| V | B×L | case | time s (median) | peak MB | time / CE | time / CE per repeat "
+        "(median; range) | mem / CE | mem / unfused | chunk rows |",
+        "|" + "---|" * 10,
     ]
     for r in rows:
         size, unf = (f"{r['V']}", f"{r['B']}×{r['L']}"), r["cases"].get("unfused")
@@ -249,16 +262,18 @@ def table(rows: list[dict]) -> list[str]:
             if case in r["skipped"]:
                 out.append(
                     f"| {size[0]} | {size[1]} | {LABELS[case]} | skipped: "
-                    f"{r['skipped'][case]} | | | | | |"
+                    f"{r['skipped'][case]} | | | | | | |"
                 )
                 continue
             c, q = r["cases"][case], r["vs_ce"][case]
             mem_unf = f"{c['peak_mb'] / unf['peak_mb']:.2f}" if unf else "–"
             variant = "recompute" if case == "fused_recompute" else "stored"
             chunk = sorted({r["chunk"][variant] for r in c["runs"] if variant in r["chunk"]})
+            rng = q["time_per_repeat_all"]
             out.append(
                 f"| {size[0]} | {size[1]} | {LABELS[case]} | {c['time_s']:.2f} | "
-                f"{c['peak_mb']:.0f} | {q['time']:.2f} | {q['mem']:.2f} | {mem_unf} | "
+                f"{c['peak_mb']:.0f} | {q['time']:.2f} | {q['time_per_repeat']:.2f}; "
+                f"{min(rng):.2f}–{max(rng):.2f} | {q['mem']:.2f} | {mem_unf} | "
                 f"{', '.join(map(str, chunk))} |"
             )
     return out
@@ -277,6 +292,16 @@ def write_doc(data: dict, doc) -> None:
     after = rest.split(END)[1]
     block = "\n".join([BEGIN, head, "", *table(data["loss"]), END])
     doc.write_text(before + block + after)
+
+
+def render_saved(path, doc) -> None:
+    """Rewrite the docs block from a saved JSON (e.g. after an interrupted or partial run)."""
+    import json as _json
+
+    data = _json.loads(path.read_text())
+    for row in data["loss"]:
+        row["vs_ce"] = vs_ce(row["cases"])
+    write_doc(data, doc)
 
 
 def main() -> None:

@@ -160,7 +160,8 @@ def test_fused_second_backward_and_no_grad_values():
 
 def test_chunk_probe_times_each_candidate_then_keeps_the_fastest():
     assert candidates(10_000, 126_464) == (32, 64, 128, 256)  # 2^25 logits cap: 265 rows
-    assert candidates(100, 50) == (16, 32, 64)  # capped by the rows of the first call
+    assert candidates(1024, 30_522) == (32, 64, 128, 256)  # a quarter of the first call's rows
+    assert candidates(100, 50) == (16,)
     probe = ChunkProbe((16, 32, 64))
     fake = {16: 3.0, 32: 1.0, 64: 2.0}  # seconds per row
     seen = []

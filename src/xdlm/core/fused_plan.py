@@ -8,7 +8,7 @@ anyway: the first chunks use each candidate size in turn and time the whole per-
 row (no extra computation, only some chunks of a less good size); once every candidate has
 `PROBE_SAMPLES` timings the fastest is kept for the rest of the process. Candidates are the
 `N_CANDIDATES` largest powers of two ≥ `MIN_ROWS` with at most `MAX_CHUNK_ELEMENTS` logits per
-chunk and at most the rows of the first call. On a shared machine one timing can be disturbed;
+chunk and at most a quarter of the rows of the first call. On a shared machine one timing can be disturbed;
 the minimum of the samples is used.
 """
 
@@ -53,8 +53,9 @@ _PROBES: dict[tuple, ChunkProbe] = {}
 
 
 def candidates(n_rows: int, vocab_size: int) -> tuple[int, ...]:
-    """Powers of two from MIN_ROWS up to the memory cap and to n_rows; the largest few."""
-    cap = max(MIN_ROWS, min(MAX_CHUNK_ELEMENTS // vocab_size, n_rows))
+    """Powers of two from MIN_ROWS up to the memory cap and a quarter of n_rows (so the two
+    chunk buffers stay below half of one (N, V) tensor); the largest few."""
+    cap = max(MIN_ROWS, min(MAX_CHUNK_ELEMENTS // vocab_size, n_rows // 4))
     sizes = [MIN_ROWS]
     while sizes[-1] * 2 <= cap:
         sizes.append(sizes[-1] * 2)
