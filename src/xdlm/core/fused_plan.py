@@ -8,8 +8,8 @@ anyway: the first chunks use each candidate size in turn and time the whole per-
 row (no extra computation, only some chunks of a less good size); once every candidate has
 `PROBE_SAMPLES` timings the fastest is kept for the rest of the process. Candidates are the
 `N_CANDIDATES` largest powers of two ≥ `MIN_ROWS` with at most `MAX_CHUNK_ELEMENTS` logits per
-chunk and at most a quarter of the rows of the first call. On a shared machine one timing can be disturbed;
-the minimum of the samples is used.
+chunk and at most a quarter of the rows of the first call. On a shared machine one timing can be
+disturbed; the minimum of the samples is used.
 """
 
 from __future__ import annotations
