@@ -17,7 +17,8 @@ the fused cases warm-up calls until the chunk probe has settled, then one timed 
 the median over the processes. Peak memory is the extra over the inputs: on CPU VmHWM after
 resetting the high-water mark (/proc/self/clear_refs) once the inputs exist, minus VmRSS then;
 on CUDA `max_memory_allocated` minus the allocation after the inputs. JSON:
-benchmarks/results/loss.json (loss_quick.json with --quick).
+benchmarks/results/loss.json (loss_quick.json with --quick); `python -m benchmarks.loss_bench
+render` rewrites the docs table from loss.json.
 """
 
 from __future__ import annotations
@@ -287,6 +288,8 @@ def write_doc(data: dict, doc) -> None:
         f"{m['threads']} threads, fp32, k = {K}, D = {D}; each case in a fresh process, "
         f"median over {data['repeats']} processes (fused: after the chunk probe settled)."
     )
+    if data.get("note"):
+        head += " " + data["note"]
     text = doc.read_text()
     before, rest = text.split(BEGIN)
     after = rest.split(END)[1]
@@ -308,10 +311,10 @@ def main() -> None:
     import argparse
     from pathlib import Path
 
-    from benchmarks.common import machine, save
+    from benchmarks.common import RESULTS, machine, save
 
     parser = argparse.ArgumentParser(description="all loss cases; JSON to benchmarks/results")
-    parser.add_argument("mode", choices=["all"])
+    parser.add_argument("mode", choices=["all", "render"], help="render: docs from loss.json")
     parser.add_argument("--quick", action="store_true", help="only V = 30522, 50258 at 8×128")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
@@ -319,6 +322,10 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), help="V of the sizes to run")
     args = parser.parse_args()
+    doc = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
+    if args.mode == "render":
+        render_saved(RESULTS / "loss.json", doc)
+        return
     data = {"machine": machine(), "repeats": args.repeats}
     name = "loss_quick" if args.quick else "loss"
     only = [SIZES[v] for v in args.sizes] if args.sizes else None
@@ -328,10 +335,10 @@ def main() -> None:
 
     data["loss"] = bench(args.quick, args.repeats, args.device, args.cases, on_row, only)
     if args.docs:
-        write_doc(data, Path(__file__).resolve().parents[1] / "docs" / "performance.md")
+        write_doc(data, doc)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["all"]:
+if __name__ == "__main__" and sys.argv[1:2] in (["all"], ["render"]):
     main()
 elif __name__ == "__main__":
     case, V, B, L = sys.argv[1], *map(int, sys.argv[2:5])
