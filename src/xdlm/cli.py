@@ -17,8 +17,9 @@ import importlib
 import sys
 
 COMMANDS = [
-    "prepare", "train", "sample", "eval", "consolidate", "images", "verify", "import_", "reproduce",
-]
+    "prepare", "train", "sample", "eval", "export", "consolidate", "images",
+    "verify", "import_", "reproduce",
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"xdlm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -212,7 +212,14 @@ class LoadedRun:
 def load_run(
     path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
 ) -> LoadedRun:
-    """Load RUN_DIR (its latest checkpoint) or a checkpoint dir for inference."""
+    """Load RUN_DIR (its latest checkpoint), a checkpoint dir, an `xdlm export` dir or a Hub id
+    of one for inference. An export holds one set of weights (chosen when exporting), so
+    `use_ema` applies to runs and checkpoints."""
+    from xdlm.hub import is_export, load_export, resolve_model_path
+
+    path = resolve_model_path(path)
+    if is_export(path):
+        return load_export(path, device)
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
     if meta.get("sharded"):
