@@ -17,8 +17,8 @@ import importlib
 import sys
 
 COMMANDS = [
-    "prepare", "train", "sample", "eval", "export", "consolidate", "images",
-    "verify", "import_", "reproduce",
+    "prepare", "train", "sample", "eval", "export", "plot", "consolidate", "images", "verify",
+    "import_", "reproduce",
 ]  # fmt: skip
 
 
