@@ -17,8 +17,8 @@ import importlib
 import sys
 
 COMMANDS = [
-    "prepare", "train", "sample", "eval", "export", "plot", "consolidate", "images", "verify",
-    "import_", "reproduce",
+    "prepare", "train", "sample", "eval", "export", "plot", "lmeval", "consolidate", "images",
+    "verify", "import_", "reproduce",
 ]  # fmt: skip
 
 
@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
