@@ -138,3 +138,13 @@ def test_resume_detects_a_truncated_shard(tmp_path, corpus_file, monkeypatch):
 def test_bad_num_proc(tmp_path, corpus_file):
     with pytest.raises(ValueError, match="num_proc must be an int >= 1"):
         prepare(corpus_file, tmp_path / "out", tokenizer="char", num_proc=0)
+
+
+def test_prepare_help_lists_every_tokenizer_kind(capsys):
+    from xdlm.cli import main
+    from xdlm.data.tokenizers import KINDS
+
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    out = capsys.readouterr().out
+    assert all(kind in out for kind in KINDS) and "--num-proc" in out and "--no-resume" in out
