@@ -100,6 +100,12 @@ def test_export_sample_round_trip_reads_weights_only(run_dir, tmp_path, monkeypa
     a = sample_from_run(run_dir, steps=4, num_samples=2, seed=3, prompt="It")
     b = sample_from_run(out, steps=4, num_samples=2, seed=3, prompt="It")
     assert [r["tokens"] for r in a] == [r["tokens"] for r in b]
+    jsonl = tmp_path / "s.jsonl"
+    argv = ["--steps", "4", "--num-samples", "2", "--seed", "3", "--prompt", "It"]
+    assert main(["sample", "--ckpt", str(out), *argv, "--out", str(jsonl)]) == 0  # the CLI too
+    assert [json.loads(x)["tokens"] for x in jsonl.read_text().splitlines()] == [
+        r["tokens"] for r in a
+    ]
 
 
 def test_hub_id_is_downloaded(run_dir, tmp_path, monkeypatch):

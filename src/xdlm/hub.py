@@ -36,6 +36,15 @@ def is_export(path: str | Path) -> bool:
     return config.is_file() and "xdlm_format" in json.loads(config.read_text())
 
 
+def export_config(directory: str | Path) -> dict:
+    """The config.json of an export, checked for a format this library reads."""
+    config = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    if config["xdlm_format"] != EXPORT_FORMAT:
+        raise ValueError(f"{directory} has xdlm_format {config['xdlm_format']}, this library "
+                         f"reads {EXPORT_FORMAT}; upgrade xdlm")  # fmt: skip
+    return config
+
+
 def resolve_model_path(path: str | Path) -> Path:
     """A local run / checkpoint / export dir as is; a Hub id ("org/name") downloaded."""
     local = Path(path)
@@ -200,10 +209,7 @@ def load_export(directory: str | Path, device: str | torch.device = "cpu"):
     from xdlm.runs import LoadedRun
 
     directory = Path(directory)
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    if config["xdlm_format"] != EXPORT_FORMAT:
-        raise ValueError(f"{directory} has xdlm_format {config['xdlm_format']}, this library "
-                         f"reads {EXPORT_FORMAT}; upgrade xdlm")  # fmt: skip
+    config = export_config(directory)
     cfg = config_from_dict(config["config"])
     model = build_model(cfg.model, config["architecture"]["vocab_size"])
     missing, unexpected = st_load_model(model, str(directory / WEIGHTS_FILE), strict=False)

@@ -81,7 +81,13 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def read_run_config(path: str | Path) -> XDLMConfig:
-    """The config a run was trained with (from its latest checkpoint's meta.json)."""
+    """The config a run was trained with (its latest checkpoint's meta.json, or the config.json
+    of an `xdlm export` directory / Hub id)."""
+    from xdlm.hub import export_config, is_export, resolve_model_path
+
+    path = resolve_model_path(path)
+    if is_export(path):
+        return config_from_dict(export_config(path)["config"])
     return config_from_dict(read_meta(find_checkpoint(path))["config"])
 
 

@@ -1,7 +1,7 @@
 """Experiment trackers fed by the training loop's log records (besides RUN/metrics.jsonl).
 
     train.tensorboard=true   scalars to RUN/tensorboard/ (torch.utils.tensorboard; needs the
-                             `tensorboard` package: pip install 'xdlm[track]')
+                             `tensorboard` package: pip install 'xdlm[track]', with wandb)
     train.wandb=true         Weights & Biases, offline by default (train.wandb_mode), files in
                              RUN/wandb/; `wandb sync RUN/wandb/offline-run-*` uploads later
 
@@ -65,7 +65,7 @@ def _wandb(cfg, run_dir: Path, config: dict):
     try:
         import wandb
     except ImportError as err:
-        raise ValueError("train.wandb=true needs wandb: pip install wandb") from err
+        raise ValueError("train.wandb=true needs wandb: pip install 'xdlm[track]'") from err
     return wandb.init(
         project=cfg.wandb_project, name=run_dir.name, dir=str(run_dir), config=config,
         mode=cfg.wandb_mode, resume="allow",
