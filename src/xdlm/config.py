@@ -106,7 +106,7 @@ class TrainConfig:
     tensorboard: bool = False  # scalars to RUN/tensorboard/ (xdlm.train.trackers)
     wandb: bool = False  # Weights & Biases, files in RUN/wandb/
     wandb_project: str = "xdlm"
-    wandb_mode: str = "offline"  # offline | online | disabled
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     cond_drop: float = 0.1  # share of labelled rows trained with the null class (CFG)
 
 
