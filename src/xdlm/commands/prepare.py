@@ -54,6 +54,12 @@ def register(sub) -> None:
         help="tokenizer worker processes (default: the usable cores, %(default)s here)",
     )
     p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bars (documents, tokens, MB/s, ETA on stderr)",
+    )
+    p.add_argument(
         "--no-resume",
         dest="resume",
         action="store_false",
@@ -90,6 +96,7 @@ def run(args) -> int:
         overwrite=args.overwrite,
         num_proc=args.num_proc,
         resume=args.resume,
+        progress=args.progress,
     )
     for name, info in m.splits.items():
         print(
