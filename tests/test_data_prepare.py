@@ -72,16 +72,15 @@ def test_hf_source(monkeypatch):
     )  # fmt: skip
     calls = []
 
-    class Fake(dict):
-        column_names = ["text"]
-
-    def fake_load(name, config, split):
-        calls.append((name, config, split))
-        return Fake(text=["a", "", " b "])
+    def fake_load(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "a"}, {"text": ""}, {"text": " b "}, {"text": None}])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     assert read_documents("hf:org/corpus") == ["a", "b"]
-    assert calls == [("org/corpus", None, "train")]
+    assert calls == [("org/corpus", None, "train", True)]  # streamed, never loaded whole
+    with pytest.raises(ValueError, match="no column 'body'.*text_field"):
+        read_documents("hf:org/corpus", text_field="body")
 
 
 def test_split_indices_disjoint_and_deterministic():

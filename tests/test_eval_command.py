@@ -38,13 +38,15 @@ def run_dir(tmp_path, monkeypatch):
         return loaded
 
     monkeypatch.setattr("xdlm.runs.load_run", fake_load)
-    monkeypatch.setattr("xdlm.runs.read_run_config", lambda path: XDLMConfig())
+    saved = XDLMConfig()
+    saved.data.path = str(tmp_path / "data")  # the run's own data
+    monkeypatch.setattr("xdlm.runs.read_run_config", lambda path: saved)
     monkeypatch.setattr("xdlm.eval.genquality.load_scorer", lambda name, device: tiny_scorer())
-    return tmp_path, calls
+    return tmp_path, calls, saved
 
 
 def test_eval_likelihood_discrete_and_zero_shot(run_dir, capsys):
-    tmp, calls = run_dir
+    tmp, calls, _ = run_dir
     out = tmp / "e.json"
     rc = main(["eval", "--ckpt", str(tmp / "run"), "--data", str(tmp / "data"),
                "--t-samples", "2", "--quadrature", "--discrete-T", "2", "4",
@@ -63,7 +65,7 @@ def test_eval_likelihood_discrete_and_zero_shot(run_dir, capsys):
 
 
 def test_eval_gen_ppl_sweep_writes_table_and_plot(run_dir):
-    tmp, _ = run_dir
+    tmp, _, _ = run_dir
     rc = main(["eval", "--ckpt", str(tmp / "run"), "--gen-ppl", "--steps", "2", "4",
                "--top-p", "1.0", "0.9", "--num-samples", "3", "--batch-size", "2",
                "--plot", str(tmp / "p.png"), "--no-ema"])  # fmt: skip
@@ -75,8 +77,17 @@ def test_eval_gen_ppl_sweep_writes_table_and_plot(run_dir):
     assert Path(report["generation"]["plot"]).stat().st_size > 1000
 
 
-def test_eval_without_a_task_is_a_user_error(run_dir, capsys):
-    tmp, _ = run_dir
+def test_eval_without_a_task_uses_the_runs_own_validation_split(run_dir, capsys):
+    tmp, _, saved = run_dir
+    assert main(["eval", "--ckpt", str(tmp / "run"), "--t-samples", "1"]) == 0
+    report = json.loads((tmp / "run" / "eval.json").read_text())
+    assert report["likelihood"]["data"] == str(tmp / "data")
+    assert (
+        report["likelihood"]["split"] == "valid" and report["likelihood"]["continuous"]["ppl"] > 1
+    )
+    assert main(["eval", "--ckpt", str(tmp / "run"), "--split", "test"]) == 2
+    assert "has no 'test' split" in capsys.readouterr().err
+    saved.data.path = str(tmp / "elsewhere")
     assert main(["eval", "--ckpt", str(tmp / "run")]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
 

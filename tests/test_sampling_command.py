@@ -74,6 +74,7 @@ def test_sample_writes_jsonl_and_trace(fake_run, tmp_path, capsys):
     assert lines[0]["settings"]["top_p"] == 0.9 and lines[0]["seed"] == 5
     assert lines[0]["nfe"] <= 5 and lines[0]["checkpoint_step"] == 7
     assert fake_run.calls[0]["use_ema"] is False
+    assert fake_run.calls[0]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert "<svg" in trace.read_text()
     printed = capsys.readouterr().out
     assert "3 samples" in printed and "NFE" in printed and "2 batch(es)" in printed

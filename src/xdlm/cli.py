@@ -17,8 +17,9 @@ import importlib
 import sys
 
 COMMANDS = [
-    "prepare", "train", "sample", "eval", "consolidate", "images", "verify", "import_", "reproduce",
-]
+    "prepare", "train", "sample", "eval", "export", "plot", "lmeval", "consolidate", "images",
+    "verify", "import_", "reproduce",
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,10 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"xdlm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

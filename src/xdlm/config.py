@@ -103,7 +103,10 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 2
     max_nan_steps: int = 10
-    tensorboard: bool = False
+    tensorboard: bool = False  # scalars to RUN/tensorboard/ (xdlm.train.trackers)
+    wandb: bool = False  # Weights & Biases, files in RUN/wandb/
+    wandb_project: str = "xdlm"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     cond_drop: float = 0.1  # share of labelled rows trained with the null class (CFG)
 
 

@@ -81,7 +81,13 @@ def read_meta(ckpt: Path) -> dict:
 
 
 def read_run_config(path: str | Path) -> XDLMConfig:
-    """The config a run was trained with (from its latest checkpoint's meta.json)."""
+    """The config a run was trained with (its latest checkpoint's meta.json, or the config.json
+    of an `xdlm export` directory / Hub id)."""
+    from xdlm.hub import export_config, is_export, resolve_model_path
+
+    path = resolve_model_path(path)
+    if is_export(path):
+        return config_from_dict(export_config(path)["config"])
     return config_from_dict(read_meta(find_checkpoint(path))["config"])
 
 
@@ -212,7 +218,14 @@ class LoadedRun:
 def load_run(
     path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
 ) -> LoadedRun:
-    """Load RUN_DIR (its latest checkpoint) or a checkpoint dir for inference."""
+    """Load RUN_DIR (its latest checkpoint), a checkpoint dir, an `xdlm export` dir or a Hub id
+    of one for inference. An export holds one set of weights (chosen when exporting), so
+    `use_ema` applies to runs and checkpoints."""
+    from xdlm.hub import is_export, load_export, resolve_model_path
+
+    path = resolve_model_path(path)
+    if is_export(path):
+        return load_export(path, device)
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
     if meta.get("sharded"):

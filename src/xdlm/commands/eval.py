@@ -1,5 +1,6 @@
 """`xdlm eval`: likelihood bounds, zero-shot likelihood and generation quality of a checkpoint.
 
+    xdlm eval --ckpt runs/quickstart                       # likelihood on the run's own valid split
     xdlm eval --ckpt runs/quickstart --data runs/data/austen --t-samples 8 --out eval.json
     xdlm eval --ckpt runs/quickstart --data runs/data/austen --quadrature --discrete-T 16 128
     xdlm eval --ckpt runs/quickstart --zero-shot ../shared/data/text/kjv.txt.gz hf:ptb_text_only
@@ -78,7 +79,7 @@ def run(args) -> int:
     cfg = command_config(args)
     ev = cfg.eval
     if not (ev.data or ev.zero_shot or ev.gen_ppl):
-        raise ValueError("nothing to evaluate: pass --data, --zero-shot and/or --gen-ppl")
+        ev.data = _own_data(cfg.data.path, ev.split, args.ckpt)
     device = build_device(ev.device)
     loaded = runs.load_run(args.ckpt, device=device, use_ema=ev.use_ema)
     report = {
@@ -104,6 +105,19 @@ def run(args) -> int:
     print(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0
+
+
+def _own_data(path: str, split: str, ckpt) -> str:
+    """The run's training data directory (`data.path`), when it holds `split` here."""
+    manifest = Path(path) / "manifest.json" if path else None
+    if manifest is None or not manifest.is_file():
+        raise ValueError(
+            f"nothing to evaluate: {ckpt} was trained on data.path={path!r}, which is not a "
+            "prepared dataset here; pass --data, --zero-shot and/or --gen-ppl"
+        )
+    if split not in json.loads(manifest.read_text())["splits"]:
+        raise ValueError(f"{path} has no {split!r} split; pass --data or --split")
+    return path
 
 
 def _bound_kwargs(ev: EvalConfig, loaded) -> dict:

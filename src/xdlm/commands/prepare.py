@@ -3,11 +3,18 @@
     xdlm prepare ../shared/data/text/austen.txt.gz --out runs/data/austen --tokenizer bpe \
         --vocab-size 2048 --seq-len 128
     xdlm prepare hf:openwebtext --out data/owt --tokenizer gpt2 --seq-len 1024     # online
+
+Documents are streamed (memory does not grow with the corpus) and tokenized by --num-proc
+worker processes; an interrupted run resumes from its last checkpoint when started again with
+the same arguments (--no-resume starts over).
 """
 
 from __future__ import annotations
 
+import os
+
 from xdlm.builders import resolve_sources
+from xdlm.data.tokenizers import KINDS
 
 
 def register(sub) -> None:
@@ -23,13 +30,11 @@ def register(sub) -> None:
         help="files (.txt[.gz], .jsonl, .parquet), hf:NAME[:CONFIG][@SPLIT], or embedded:austen",
     )
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", default="gpt2", choices=KINDS, help="tokenizer kind")
     p.add_argument(
-        "--tokenizer",
-        default="gpt2",
-        help="gpt2 | gpt2-mdlm | bert-base-uncased | wordpiece | char | bpe | hf",
-    )
-    p.add_argument(
-        "--tokenizer-source", default=None, help="local tokenizer files or HF name (gpt2/wordpiece)"
+        "--tokenizer-source",
+        default=None,
+        help="local tokenizer files or HF name (gpt2, gpt2-mdlm, bert-base-uncased, wordpiece, hf)",
     )
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for bpe")
     p.add_argument("--seq-len", type=int, default=1024)
@@ -42,7 +47,29 @@ def register(sub) -> None:
     p.add_argument(
         "--verify", action="store_true", help="then check it in full (as `xdlm verify DIR`)"
     )
+    p.add_argument(
+        "--num-proc",
+        type=int,
+        default=_cores(),
+        help="tokenizer worker processes (default: the usable cores, %(default)s here)",
+    )
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bars (documents, tokens, MB/s, ETA on stderr)",
+    )
+    p.add_argument(
+        "--no-resume",
+        dest="resume",
+        action="store_false",
+        help="discard an interrupted run's checkpoint instead of continuing it",
+    )
     p.set_defaults(func=run)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _raw():
@@ -67,6 +94,9 @@ def run(args) -> int:
         seed=args.seed,
         text_field=args.text_field,
         overwrite=args.overwrite,
+        num_proc=args.num_proc,
+        resume=args.resume,
+        progress=args.progress,
     )
     for name, info in m.splits.items():
         print(

@@ -8,8 +8,10 @@ The document rule, shared by data preparation and zero-shot evaluation:
   - `.jsonl` / `.jsonl.gz`: one JSON object per line; its `text_field` (default "text") is one
     document.
   - `.parquet`: each row's `text_field` column value is one document (needs `pyarrow`).
-  - `hf:NAME[:CONFIG][@SPLIT]`: a Hugging Face dataset via `datasets.load_dataset` (needs
-    internet); each row's `text_field` is one document; SPLIT defaults to "train".
+  - `hf:NAME[:CONFIG][@SPLIT]`: a Hugging Face dataset streamed by `datasets.load_dataset(...,
+    streaming=True)` (needs internet); each row's `text_field` is one document; SPLIT defaults
+    to "train".
+`iter_documents` reads any source lazily (bounded memory); `read_documents` lists it.
 Empty documents are dropped everywhere.
 """
 
@@ -18,12 +20,14 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 HF_PREFIX = "hf:"
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
-_BLANK_LINES = re.compile(r"\n[ \t\f\v]*\n")
+_BLANK_CHARS = " \t\f\v"
+_BLANK_LINES = re.compile(f"\\n[{_BLANK_CHARS}]*\\n")
 
 
 def split_documents(text: str) -> list[str]:
@@ -34,8 +38,17 @@ def split_documents(text: str) -> list[str]:
 
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """Read one source (`.txt[.gz]`, `.jsonl[.gz]`, `.parquet` or `hf:` name) into documents."""
+    return list(iter_documents(path, text_field))
+
+
+def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
+    """Yield the documents of one source lazily (same rule and order as `read_documents`).
+
+    Memory holds one document (text), one line (JSONL), one record batch (parquet) or one
+    streamed row (hf:) at a time, whatever the size of the source.
+    """
     if isinstance(path, str) and path.startswith(HF_PREFIX):
-        return _read_hf(path, text_field)
+        return _iter_hf(path, text_field)
     path = Path(path)
     if path.is_dir():
         raise ValueError(
@@ -48,34 +61,41 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
             f"or a Hugging Face dataset as '{HF_PREFIX}NAME[:CONFIG][@SPLIT]'"
         )
     name = path.name.lower()
-    try:
-        if name.endswith((".txt", ".txt.gz")):
-            return split_documents(_read_text(path))
-        if name.endswith((".jsonl", ".jsonl.gz")):
-            return _read_jsonl(path, text_field)
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte {err.object[err.start : err.start + 1]!r} cannot be "
-            "decoded); convert it, e.g. iconv -f latin1 -t utf-8, or leave the binary file out"
-        ) from None
-    except gzip.BadGzipFile as err:
-        raise ValueError(f"{path} is not a valid gzip file ({err}); recompress it") from None
+    if name.endswith((".txt", ".txt.gz")):
+        return _decoded(path, _iter_text(path))
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        return _decoded(path, _iter_jsonl(path, text_field))
     if name.endswith(".parquet"):
-        return _read_parquet(path, text_field)
+        return _iter_parquet(path, text_field)
     raise ValueError(f"unsupported input {path}: expected a file ending in {', '.join(SUFFIXES)}")
 
 
-def _read_text(path: Path) -> str:
+def _open_text(path: Path):
+    """Text mode with universal newlines: `\r\n` and `\r` arrive as `\n`."""
     if path.name.lower().endswith(".gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return f.read()
-    return path.read_text(encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    docs = []
-    with opener(path, "rt", encoding="utf-8") as f:
+def _iter_text(path: Path) -> Iterator[str]:
+    """`split_documents` line by line: a line of only [ \t\f\v] ends the current document."""
+    lines: list[str] = []
+    with _open_text(path) as f:
+        for line in f:
+            if line.rstrip("\n").strip(_BLANK_CHARS):
+                lines.append(line)
+                continue
+            doc = "".join(lines).strip()
+            lines = []
+            if doc:
+                yield doc
+    doc = "".join(lines).strip()
+    if doc:
+        yield doc
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -96,28 +116,48 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                     f"{path}:{lineno} has no field {text_field!r} (fields: {sorted(record)}); "
                     "pass text_field=<name>"
                 )
-            kind = type(record[text_field]).__name__
             if not isinstance(record[text_field], str | None):
+                kind = type(record[text_field]).__name__
                 raise ValueError(
                     f"{path}:{lineno}: field {text_field!r} is a {kind}, not a string; fix the "
                     "line or pass another text_field"
                 )
-            docs.append(record[text_field])
-    return [d.strip() for d in docs if d and d.strip()]
+            yield from _kept([record[text_field]])
 
 
-def _read_parquet(path: Path, text_field: str) -> list[str]:
+def _decoded(path: Path, docs: Iterator[str]) -> Iterator[str]:
+    """`docs` of a text source, with undecodable bytes or a broken gzip as a ValueError."""
+    try:
+        yield from docs
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.object[err.start : err.start + 1]!r} cannot be "
+            "decoded); convert it, e.g. iconv -f latin1 -t utf-8, or leave the binary file out"
+        ) from None
+    except gzip.BadGzipFile as err:
+        raise ValueError(f"{path} is not a valid gzip file ({err}); recompress it") from None
+
+
+def _kept(texts) -> Iterator[str]:
+    """Stripped non-empty documents of `texts` (None and blank values dropped)."""
+    for text in texts:
+        if text and (doc := text.strip()):
+            yield doc
+
+
+def _iter_parquet(path: Path, text_field: str, batch_rows: int = 1024) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError as err:
         raise ValueError(f"reading {path} needs pyarrow: pip install pyarrow") from err
-    table = pq.read_table(path)
-    if text_field not in table.column_names:
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
         raise ValueError(
-            f"{path} has no column {text_field!r} (columns: {table.column_names}); "
+            f"{path} has no column {text_field!r} (columns: {parquet.schema_arrow.names}); "
             "pass text_field=<name>"
         )
-    return [d.strip() for d in table.column(text_field).to_pylist() if d and d.strip()]
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_field]):
+        yield from _kept(batch.column(0).to_pylist())
 
 
 class HFSource(NamedTuple):
@@ -140,16 +180,17 @@ def parse_hf_source(source: str) -> HFSource:
     return HFSource(name, config or None, split or "train")
 
 
-def _read_hf(source: str, text_field: str) -> list[str]:
+def _iter_hf(source: str, text_field: str) -> Iterator[str]:
+    """Stream a Hugging Face dataset (`streaming=True`: rows arrive as they download)."""
     name, config, split = parse_hf_source(source)
     try:
         import datasets
     except ImportError as err:
         raise ValueError(f"{source} needs the `datasets` package: pip install 'xdlm[hf]'") from err
-    dataset = datasets.load_dataset(name, config, split=split)
-    if text_field not in dataset.column_names:
-        raise ValueError(
-            f"dataset {source} has no column {text_field!r} (columns: {dataset.column_names}); "
-            "pass text_field=<name>"
-        )
-    return [d.strip() for d in dataset[text_field] if d and d.strip()]
+    for row in datasets.load_dataset(name, config, split=split, streaming=True):
+        if text_field not in row:
+            raise ValueError(
+                f"dataset {source} has no column {text_field!r} (columns: {sorted(row)}); "
+                "pass text_field=<name>"
+            )
+        yield from _kept([row[text_field]])

@@ -1,15 +1,26 @@
-"""Text -> tokenized memmap shards: `prepare(inputs, out_dir, ...)`.
+"""Text -> tokenized memmap shards: `prepare(inputs, out_dir, ...)`, streaming and parallel.
 
-Pipeline: read documents (rule in `xdlm.data.documents`), split train/valid BY DOCUMENT with a
-fixed permutation from `seed`, tokenize, and write `{split}.bin` of shape (rows, seq_len):
+Pipeline: documents are read lazily (rule in `xdlm.data.documents`) and counted; the split
+train/valid is BY DOCUMENT with a fixed permutation from `seed` (`split_indices`); a "char" or
+"bpe" tokenizer is trained from an iterator over the TRAIN documents; then the documents are
+read again, tokenized by `num_proc` worker processes in batches (`xdlm.data.encoding`, order
+kept) and appended to `{split}.bin` of shape (rows, seq_len) as they come
+(`xdlm.data.shard_writer`):
   - mode "wrap" (paper's LM1B/OWT setting): documents are concatenated as
     BOS d1 EOS BOS d2 EOS ... and cut into rows of exactly `seq_len`; the tail that does not fill
     a whole row is dropped. No pad appears.
   - mode "pad": each document becomes BOS d EOS; a longer one is split into consecutive
     `seq_len` chunks (`pad_overflow="split"`) or cut after the first (`"truncate"`); rows are
     right-padded with `pad_id` and `{split}.lengths.npy` (int64, (rows,)) holds the real length.
-Ids are stored as uint16 when `vocab_size <= 65535`, else uint32. The directory is written to a
-temporary sibling and renamed into place, so a crash never leaves a half-written dataset.
+Ids are stored as uint16 when `vocab_size <= 65535`, else uint32. The output is the same bytes
+for every `num_proc`.
+
+Memory is bounded by the batches in flight (2 * num_proc batches of about `batch_bytes` of
+text) whatever the corpus size, plus ~9 bytes per document while the split is drawn and 1 byte
+per document for the split mask. Work happens in `.{out_dir}.partial` next to `out_dir`, which
+is renamed into place only when complete (a crash never leaves a half-written dataset); a
+checkpoint (`progress.json`) every `checkpoint_seconds` lets an interrupted run with the same
+arguments resume where it stopped.
 
 Example:
     from xdlm.data import embedded_corpus_path, prepare
@@ -18,25 +29,30 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
-import os
+import itertools
+import json
 import shutil
+import time
 import uuid
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from xdlm.data.documents import HF_PREFIX, read_documents, split_documents
-from xdlm.data.manifest import MANIFEST_FILE, Manifest, SplitInfo, sha256_file
-from xdlm.data.tokenizers import TextTokenizer, load_tokenizer
+from xdlm.data.documents import HF_PREFIX, iter_documents, read_documents, split_documents
+from xdlm.data.encoding import encode_stream
+from xdlm.data.manifest import MANIFEST_FILE, Manifest
+from xdlm.data.shard_writer import SplitFormat, SplitWriter, WriterState
+from xdlm.data.tokenizers import TextTokenizer, load_tokenizer, load_tokenizer_dir
 
 __all__ = ["prepare", "read_documents", "split_documents", "split_indices"]
 
 MODES = ("wrap", "pad")
-MAX_DOC_CHARS = 200_000  # longer documents are tokenized in pieces (`_encode_long`)
 PAD_OVERFLOW = ("split", "truncate")
+PROGRESS_FILE = "progress.json"
 
 
 def prepare(
@@ -53,7 +69,11 @@ def prepare(
     tokenizer_vocab_size: int | None = None,
     pad_overflow: str = "split",
     overwrite: bool = False,
-    batch_docs: int = 1024,
+    num_proc: int = 1,
+    resume: bool = True,
+    progress: bool | None = None,
+    batch_bytes: int = 1 << 20,
+    checkpoint_seconds: float = 60.0,
 ) -> Manifest:
     """Tokenize `inputs` into a prepared directory `out_dir` and return its manifest.
 
@@ -68,42 +88,230 @@ def prepare(
         seed: fixes the document permutation (the split) and nothing else.
         pad_overflow: "split" or "truncate" documents longer than L (pad mode).
         overwrite: replace an existing `out_dir`.
-        batch_docs: documents tokenized per `encode_batch` call.
+        num_proc: tokenizer worker processes (1: tokenize in this process).
+        resume: continue an interrupted run with the same arguments from its last checkpoint
+            (False: discard it and start over).
+        progress: show progress bars (None: only on a terminal).
+        batch_bytes: about this much text per tokenizer batch.
+        checkpoint_seconds: seconds between resumable checkpoints.
     """
-    _check_args(seq_len, mode, pad_overflow, valid_fraction, valid_docs)
+    _check_args(seq_len, mode, pad_overflow, valid_fraction, valid_docs, num_proc)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already exists; pass overwrite=True or another out_dir")
     sources = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-    docs = _read_all(sources, text_field)
-    parts = split_indices(len(docs), valid_fraction, valid_docs, seed)
-    split_docs = {name: [docs[i] for i in idx] for name, idx in parts.items()}
-    tok = tokenizer
-    if not isinstance(tok, TextTokenizer):
-        tok = load_tokenizer(tok, tokenizer_source, split_docs["train"], tokenizer_vocab_size)
-    dtype = "uint16" if tok.vocab_size <= 65535 else "uint32"
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    if not sources:
+        raise ValueError("no inputs given; pass text files or 'hf:NAME' dataset names")
+    sources = [Path(s) if not str(s).startswith(HF_PREFIX) else str(s) for s in sources]
+    job = _Job(
+        sources=sources, text_field=text_field, seq_len=seq_len, mode=mode,
+        pad_overflow=pad_overflow, valid_fraction=valid_fraction, valid_docs=valid_docs,
+        seed=seed, tokenizer=tokenizer, tokenizer_source=tokenizer_source,
+        tokenizer_vocab_size=tokenizer_vocab_size, num_proc=num_proc, progress=progress,
+        batch_bytes=batch_bytes, checkpoint_seconds=checkpoint_seconds,
+        work=out_dir.parent / f".{out_dir.name}.partial",
+    )  # fmt: skip
+    job.open(resume)  # outside the try: a refused resume keeps its work directory
     try:
-        splits = {
-            name: _write_split(
-                tmp, name, texts, tok, seq_len, mode, dtype, pad_overflow, batch_docs
-            )
-            for name, texts in split_docs.items()
-        }
-        tok.save(tmp / "tokenizer")
+        manifest = job.run()
+    except (ValueError, FileNotFoundError):
+        shutil.rmtree(job.work, ignore_errors=True)  # bad input: nothing worth resuming
+        raise
+    _replace_dir(job.work, out_dir)
+    return manifest
+
+
+@dataclasses.dataclass
+class _Job:
+    """One preparation: its arguments, the work directory and its checkpointed progress."""
+
+    sources: list
+    text_field: str
+    seq_len: int
+    mode: str
+    pad_overflow: str
+    valid_fraction: float
+    valid_docs: int | None
+    seed: int
+    tokenizer: TextTokenizer | str
+    tokenizer_source: str | Path | None
+    tokenizer_vocab_size: int | None
+    num_proc: int
+    progress: bool | None
+    batch_bytes: int
+    checkpoint_seconds: float
+    work: Path
+    state: dict = dataclasses.field(default_factory=dict)
+
+    def run(self) -> Manifest:
+        if "n_docs" not in self.state:
+            self.state["n_docs"] = self._count()
+            self._save_state()
+        n_docs = self.state["n_docs"]
+        is_valid = _valid_mask(n_docs, self.valid_fraction, self.valid_docs, self.seed)
+        tok = self._tokenizer(is_valid)
+        writers = self._writers(tok, has_valid=bool(is_valid.any()))
+        self._encode_all(tok, writers, is_valid)
+        splits = {name: w.finish() for name, w in writers.items()}
         manifest = Manifest(
             tokenizer=tok.spec, vocab_size=tok.vocab_size, mask_id=tok.mask_id,
-            pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=seq_len,
-            mode=mode, dtype=dtype, splits=splits, sources=[str(s) for s in sources], seed=seed,
+            pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=self.seq_len,
+            mode=self.mode, dtype=_dtype(tok), splits=splits,
+            sources=[str(s) for s in self.sources], seed=self.seed,
             library_version=_library_version(), tokenizer_sha256=tok.fingerprint(),
         )  # fmt: skip
-        (tmp / MANIFEST_FILE).write_text(manifest.to_json())
-        _replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return manifest
+        (self.work / MANIFEST_FILE).write_text(manifest.to_json())
+        (self.work / PROGRESS_FILE).unlink()
+        return manifest
+
+    def _plan(self) -> dict:
+        """The arguments that determine the output bytes (a resumed run must match them)."""
+        tok, source = self.tokenizer, self.tokenizer_source
+        tok_plan = tok.spec | {"special_ids": tok.special_ids} if not isinstance(tok, str) else tok
+        return {
+            "sources": [_source_id(s) for s in self.sources], "text_field": self.text_field,
+            "seq_len": self.seq_len, "mode": self.mode, "pad_overflow": self.pad_overflow,
+            "valid_fraction": self.valid_fraction, "valid_docs": self.valid_docs,
+            "seed": self.seed, "tokenizer": tok_plan,
+            "tokenizer_source": None if source is None else str(source),
+            "tokenizer_vocab_size": self.tokenizer_vocab_size,
+        }  # fmt: skip
+
+    def open(self, resume: bool) -> None:
+        """Continue the checkpoint in `work` when allowed and matching, else start afresh."""
+        path = self.work / PROGRESS_FILE
+        if resume and path.is_file():
+            saved = json.loads(path.read_text())
+            if saved["plan"] != json.loads(json.dumps(self._plan())):
+                raise ValueError(
+                    f"{self.work} holds an unfinished preparation with other arguments or "
+                    "changed inputs; pass resume=False (--no-resume) to discard it"
+                )
+            self.state = saved
+            return
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        self.state = {"plan": self._plan(), "docs_done": 0, "splits": {}}
+        self._save_state()
+
+    def _save_state(self) -> None:
+        tmp = self.work / f"{PROGRESS_FILE}.tmp"
+        tmp.write_text(json.dumps(self.state, indent=1))
+        tmp.replace(self.work / PROGRESS_FILE)
+
+    def _documents(self) -> Iterator[str]:
+        return itertools.chain.from_iterable(
+            iter_documents(s, self.text_field) for s in self.sources
+        )
+
+    def _bar(self, desc: str, total: int | None = None, initial: int = 0) -> tqdm:
+        disable = None if self.progress is None else not self.progress
+        return tqdm(desc=desc, total=total, initial=initial, unit="doc", disable=disable)
+
+    def _count(self) -> int:
+        """Pass 1: the number of documents (the split needs it before any is assigned)."""
+        with self._bar("counting documents") as bar:
+            n_docs = 0
+            for _ in self._documents():
+                n_docs += 1
+                bar.update()
+        if n_docs == 0:
+            raise ValueError(
+                f"empty corpus: no non-blank document in {[str(s) for s in self.sources]}; "
+                "check the files (or text_field) hold text"
+            )
+        return n_docs
+
+    def _tokenizer(self, is_valid: np.ndarray) -> TextTokenizer:
+        """The saved tokenizer of a resumed run, else the given/built one (saved to `work`)."""
+        directory = self.work / "tokenizer"
+        if self.state.get("tokenizer_saved"):
+            return load_tokenizer_dir(directory)
+        tok = self.tokenizer
+        if not isinstance(tok, TextTokenizer):
+            train = (d for d, v in zip(self._documents(), is_valid, strict=True) if not v)
+            texts = train if tok in ("char", "bpe") else None
+            tok = load_tokenizer(tok, self.tokenizer_source, texts, self.tokenizer_vocab_size)
+        tok.save(directory)
+        self.state["tokenizer_saved"] = True
+        self._save_state()
+        return tok
+
+    def _writers(self, tok: TextTokenizer, has_valid: bool) -> dict[str, SplitWriter]:
+        fmt = SplitFormat(self.seq_len, self.mode, _dtype(tok), tok.pad_id, self.pad_overflow)
+        names = ["train", "valid"] if has_valid else ["train"]
+        saved = self.state["splits"]
+        return {
+            name: SplitWriter(
+                self.work, name, fmt, WriterState(**saved[name]) if name in saved else None
+            )
+            for name in names
+        }
+
+    def _encode_all(self, tok, writers: dict[str, SplitWriter], is_valid: np.ndarray) -> None:
+        """Pass 2: tokenize every document not done yet and append it to its split."""
+        done = self.state["docs_done"]
+        texts = itertools.islice(self._documents(), done, None)
+        batches = encode_stream(_batches(texts, self.batch_bytes), tok, self.work / "tokenizer",
+                                self.num_proc)  # fmt: skip
+        last_checkpoint, start, n_bytes = time.monotonic(), time.monotonic(), 0
+        with self._bar("tokenizing", total=len(is_valid), initial=done) as bar:
+            for batch in batches:
+                valid = is_valid[done : done + len(batch)]
+                writers["train"].add(batch, ~valid)
+                if "valid" in writers:
+                    writers["valid"].add(batch, valid)
+                done, n_bytes = done + len(batch), n_bytes + batch.n_bytes
+                bar.update(len(batch))
+                tokens = sum(w.state.tokens for w in writers.values())
+                rate = n_bytes / 1e6 / max(time.monotonic() - start, 1e-9)
+                bar.set_postfix(tokens=f"{tokens:.3g}", MBps=f"{rate:.2f}", refresh=False)
+                if time.monotonic() - last_checkpoint > self.checkpoint_seconds:
+                    self._checkpoint(writers, done)
+                    last_checkpoint = time.monotonic()
+        self._checkpoint(writers, done)
+
+    def _checkpoint(self, writers: dict[str, SplitWriter], done: int) -> None:
+        self.state["splits"] = {n: dataclasses.asdict(w.checkpoint()) for n, w in writers.items()}
+        self.state["docs_done"] = done
+        self._save_state()
+
+
+def _batches(texts: Iterable[str], batch_bytes: int) -> Iterator[list[str]]:
+    """Group texts into lists of about `batch_bytes` characters (at least one text each)."""
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= batch_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _source_id(source) -> list:
+    """A source and, for a file, its size and mtime (a changed file cannot be resumed)."""
+    if isinstance(source, Path):
+        stat = source.stat() if source.is_file() else None
+        return [str(source), stat and stat.st_size, stat and stat.st_mtime_ns]
+    return [str(source), None, None]
+
+
+def _valid_mask(
+    n_docs: int, valid_fraction: float, valid_docs: int | None, seed: int
+) -> np.ndarray:
+    """(n_docs,) bool: True for the documents `split_indices` puts in "valid"."""
+    is_valid = np.zeros(n_docs, dtype=bool)
+    parts = split_indices(n_docs, valid_fraction, valid_docs, seed)
+    if "valid" in parts:
+        is_valid[parts["valid"]] = True
+    return is_valid
+
+
+def _dtype(tok: TextTokenizer) -> str:
+    return "uint16" if tok.vocab_size <= 65535 else "uint32"
 
 
 def split_indices(
@@ -129,7 +337,7 @@ def split_indices(
     return parts
 
 
-def _check_args(seq_len, mode, pad_overflow, valid_fraction, valid_docs) -> None:
+def _check_args(seq_len, mode, pad_overflow, valid_fraction, valid_docs, num_proc) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
     if pad_overflow not in PAD_OVERFLOW:
@@ -140,124 +348,8 @@ def _check_args(seq_len, mode, pad_overflow, valid_fraction, valid_docs) -> None
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
     if valid_docs is not None and valid_docs < 0:
         raise ValueError(f"valid_docs must be >= 0 or None, got {valid_docs}")
-
-
-def _read_all(sources: list, text_field: str) -> list[str]:
-    if not sources:
-        raise ValueError("no inputs given; pass text files or 'hf:NAME' dataset names")
-    docs = []
-    for source in sources:
-        if isinstance(source, str) and not source.startswith(HF_PREFIX):
-            source = Path(source)
-        docs.extend(read_documents(source, text_field))
-    if not docs:
-        raise ValueError(
-            f"empty corpus: no non-blank document in {[str(s) for s in sources]}; "
-            "check the files (or text_field) hold text"
-        )
-    return docs
-
-
-def _encoded_docs(tok: TextTokenizer, texts: list[str], batch_docs: int) -> Iterator[np.ndarray]:
-    """Yield BOS ids EOS per document as int64 arrays, tokenizing `batch_docs` at a time;
-    documents over `MAX_DOC_CHARS` are tokenized piece by piece (`_encode_long`)."""
-    bos, eos = np.asarray([tok.bos_id]), np.asarray([tok.eos_id])
-    for start in range(0, len(texts), batch_docs):
-        batch = texts[start : start + batch_docs]
-        short = iter(tok.encode_batch([t for t in batch if len(t) <= MAX_DOC_CHARS]))
-        for text in batch:
-            ids = _encode_long(tok, text) if len(text) > MAX_DOC_CHARS else next(short)
-            yield np.concatenate([bos, np.asarray(ids, dtype=np.int64), eos])
-
-
-def _encode_long(tok: TextTokenizer, text: str, group: int = 4) -> np.ndarray:
-    """Ids of one huge document, tokenized in pieces of at most `MAX_DOC_CHARS` characters cut
-    before whitespace (where pre-tokenizers split anyway), `group` pieces at a time: memory
-    grows with the piece, not the document (a 50 MB line took 19 GB in one piece)."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = min(start + MAX_DOC_CHARS, len(text))
-        if end < len(text):
-            cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
-            end = cut if cut > start else end
-        pieces.append(text[start:end])
-        start = end
-    warnings.warn(
-        f"a document of {len(text):,} characters was tokenized in {len(pieces)} pieces of at "
-        f"most {MAX_DOC_CHARS:,} characters cut before whitespace; split such inputs into "
-        "documents (blank lines in .txt, one object per line in .jsonl) if that is not wanted",
-        stacklevel=3,
-    )
-    parts = []
-    for first in range(0, len(pieces), group):
-        encoded = tok.encode_batch(pieces[first : first + group])
-        parts += [np.asarray(ids, dtype=np.int64) for ids in encoded]
-    return np.concatenate(parts)
-
-
-def _wrap_rows(docs: Iterator[np.ndarray], seq_len: int, chunk_rows: int = 4096):
-    """Concatenate documents and yield full (n, L) blocks; the final partial row is dropped."""
-    pending: list[np.ndarray] = []
-    n_pending = 0
-    for doc in docs:
-        pending.append(doc)
-        n_pending += len(doc)
-        if n_pending >= chunk_rows * seq_len:
-            stream = np.concatenate(pending)
-            n_full = len(stream) // seq_len * seq_len
-            yield stream[:n_full].reshape(-1, seq_len)
-            pending, n_pending = [stream[n_full:]], len(stream) - n_full
-    if n_pending >= seq_len:
-        stream = np.concatenate(pending)
-        yield stream[: len(stream) // seq_len * seq_len].reshape(-1, seq_len)
-
-
-def _pad_rows(doc: np.ndarray, seq_len: int, pad_id: int, pad_overflow: str):
-    """One document -> (rows (n, L) padded with pad_id, lengths (n,))."""
-    chunks = [doc[i : i + seq_len] for i in range(0, len(doc), seq_len)]
-    if pad_overflow == "truncate":
-        chunks = chunks[:1]
-    rows = np.full((len(chunks), seq_len), pad_id, dtype=np.int64)
-    for r, chunk in enumerate(chunks):
-        rows[r, : len(chunk)] = chunk
-    return rows, np.asarray([len(c) for c in chunks], dtype=np.int64)
-
-
-def _write_split(
-    tmp: Path, name: str, texts: list[str], tok: TextTokenizer, seq_len: int, mode: str,
-    dtype: str, pad_overflow: str, batch_docs: int,
-) -> SplitInfo:  # fmt: skip
-    """Write `{name}.bin` (+ lengths in pad mode) under `tmp`; error if it gets no row."""
-    path = tmp / f"{name}.bin"
-    docs = _encoded_docs(tok, texts, batch_docs)
-    n_rows, n_tokens, lengths = 0, 0, []
-    with open(path, "wb") as f:
-        if mode == "wrap":
-            for block in _wrap_rows(docs, seq_len):
-                f.write(block.astype(dtype).tobytes())
-                n_rows += len(block)
-            n_tokens = n_rows * seq_len
-        else:
-            for doc in docs:
-                rows, lens = _pad_rows(doc, seq_len, tok.pad_id, pad_overflow)
-                f.write(rows.astype(dtype).tobytes())
-                lengths.append(lens)
-            lengths = np.concatenate(lengths)
-            n_rows, n_tokens = len(lengths), int(lengths.sum())
-    if n_rows == 0:
-        raise ValueError(
-            f"split {name!r} yields 0 rows of seq_len={seq_len}: its {len(texts)} documents are "
-            f"too short to fill one row; lower seq_len, raise valid_fraction/valid_docs, "
-            "or add data"
-        )
-    lengths_file = None
-    if mode == "pad":
-        lengths_file = f"{name}.lengths.npy"
-        np.save(tmp / lengths_file, lengths)
-    return SplitInfo(
-        file=path.name, rows=n_rows, tokens=n_tokens, documents=len(texts),
-        sha256=sha256_file(path), lengths_file=lengths_file,
-    )  # fmt: skip
+    if not isinstance(num_proc, int) or num_proc < 1:
+        raise ValueError(f"num_proc must be an int >= 1, got {num_proc!r}")
 
 
 def _replace_dir(tmp: Path, out_dir: Path) -> None:

@@ -155,7 +155,7 @@ def _check_distinct(ids: dict[str, int], shared: Sequence[str]) -> None:
 def load_tokenizer(
     kind: str,
     source: str | Path | None = None,
-    corpus_texts: Sequence[str] | None = None,
+    corpus_texts: Iterable[str] | None = None,
     vocab_size: int | None = None,
 ) -> TextTokenizer:
     """Build a tokenizer by kind (see module docstring).
@@ -163,7 +163,7 @@ def load_tokenizer(
     Args:
         kind: one of `KINDS`.
         source: local dir/file or HF hub name (gpt2, bert-base-uncased, wordpiece).
-        corpus_texts: training texts (char, bpe).
+        corpus_texts: training texts (char, bpe), any iterable: read once, never listed.
         vocab_size: total ids for the trained `bpe`, specials included.
     """
     if kind == "gpt2":
@@ -179,7 +179,7 @@ def load_tokenizer(
             raise ValueError("tokenizer kind 'hf' needs source=<local dir or hub name>")
         return _hf(source)
     if kind in ("char", "bpe"):
-        if not corpus_texts:
+        if corpus_texts is None or (isinstance(corpus_texts, Sequence) and not corpus_texts):
             raise ValueError(f"tokenizer kind {kind!r} needs corpus_texts to build its vocabulary")
         if kind == "char":
             return _char(corpus_texts)
@@ -282,8 +282,13 @@ def _from_hub(name: str, kind: str) -> Tokenizer:
         ) from err
 
 
-def _char(texts: Sequence[str]) -> TextTokenizer:
-    chars = sorted(set().union(*(set(t) for t in texts)))
+def _char(texts: Iterable[str]) -> TextTokenizer:
+    seen: set[str] = set()
+    for text in texts:
+        seen.update(text)
+    if not seen:
+        raise ValueError("tokenizer kind 'char' needs corpus_texts holding some text")
+    chars = sorted(seen)
     reserved = set(_DEFAULT_SPECIALS.values()) | {"[UNK]"}
     vocab = {c: i for i, c in enumerate(c for c in chars if c not in reserved)}
     vocab["[UNK]"] = len(vocab)
@@ -294,7 +299,7 @@ def _char(texts: Sequence[str]) -> TextTokenizer:
     return TextTokenizer(tok, _DEFAULT_SPECIALS, {"kind": "char", "source": "corpus"})
 
 
-def _bpe(texts: Sequence[str], vocab_size: int | None) -> TextTokenizer:
+def _bpe(texts: Iterable[str], vocab_size: int | None) -> TextTokenizer:
     min_size = 256 + len(_ROLES) + 1
     if vocab_size is None or vocab_size < min_size:
         raise ValueError(
@@ -310,5 +315,5 @@ def _bpe(texts: Sequence[str], vocab_size: int | None) -> TextTokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(list(texts), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)  # streams: word counts, not the corpus
     return TextTokenizer(tok, _DEFAULT_SPECIALS, {"kind": "bpe", "source": "corpus"})

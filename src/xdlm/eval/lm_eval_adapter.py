@@ -1,12 +1,17 @@
 """EleutherAI lm-evaluation-harness model interface for xdlm denoisers (registered as "xdlm").
 
-    python -c "import sys, xdlm.eval.lm_eval_adapter; from lm_eval.__main__ import cli_evaluate; \
-        sys.exit(cli_evaluate())" --model xdlm --device cuda --tasks mbpp \
-        --confirm_run_unsafe_code \
+    xdlm lm-eval --model xdlm --device cuda --tasks mbpp --confirm_run_unsafe_code \
+        --batch_size 8 \
         --model_args pretrained=GSAI-ML/LLaDA-8B-Base,trust_remote_code=True,k=0.1,dtype=bfloat16
+    torchrun --nproc-per-node 8 -m xdlm lm-eval --model xdlm ...     # data-parallel ranks
 
-(Importing this module registers the model; the plain `lm_eval` command does not import it.
-`device` goes to `--device`, not `--model_args`.)
+`xdlm lm-eval ARGS` is lm-eval's own CLI with this module imported (which registers "xdlm");
+lm-eval 0.4.13 discovers no models from other packages, so the plain `lm_eval` command does
+not know "xdlm". `device` and `batch_size` go to `--device` / `--batch_size`, not
+`--model_args`; an unknown model_arg is an error. `batch_size` requests are scored in one
+forward pass (their Monte-Carlo noise is drawn per request, as with batch_size 1). Under
+torchrun (WORLD_SIZE > 1) each rank gets its share of the requests from lm-eval and the
+results are gathered over torch.distributed.
 
 Scores:
 - `loglikelihood(context, continuation)` is a Monte-Carlo estimate of −NELBO of the continuation
@@ -27,7 +32,11 @@ Scores:
 
 from __future__ import annotations
 
+import inspect
+import os
+
 import torch
+import torch.distributed as dist
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -36,7 +45,7 @@ from torch import Tensor
 from xdlm.builders import build_sampler, build_schedule
 from xdlm.config import KernelConfig, SampleConfig
 from xdlm.core.kernel import MixedKernel
-from xdlm.core.objective import diffusion_loss
+from xdlm.core.objective import corrupt_batch
 from xdlm.sampling import XDM, fixed_from_template, generate
 
 
@@ -53,6 +62,8 @@ class XDLMHarnessLM(LM):
             block_length: semi-AR block size (None: one block, as in the paper).
         sampler: "xdm" (the authors' algorithm, default) or "confidence" (our variant).
         seed: seeds the generator used for the Monte-Carlo estimates.
+        batch_size: requests scored per forward pass (an int; "auto" is not supported);
+            max_batch_size caps it.
     """
 
     def __init__(
@@ -72,9 +83,19 @@ class XDLMHarnessLM(LM):
         dtype: str | None = None,
         trust_remote_code: bool = False,
         seed: int = 0,
-        **_unused,
+        batch_size: int | str = 1,
+        max_batch_size: int | None = None,
+        **unknown,
     ) -> None:
         super().__init__()
+        if unknown:
+            valid = sorted(inspect.signature(XDLMHarnessLM.__init__).parameters)
+            valid = [v for v in valid if v not in ("self", "unknown", "denoiser", "tokenizer")]
+            raise ValueError(
+                f"unknown xdlm model_args {sorted(unknown)}; valid: {', '.join(valid)}"
+            )
+        self.batch_size = _batch_size(batch_size, max_batch_size)
+        self._rank, self._world_size, device = _distributed(device)
         if pretrained is not None:
             from transformers import AutoTokenizer
 
@@ -114,35 +135,74 @@ class XDLMHarnessLM(LM):
         prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         return [prefix] if prefix is not None else []
 
+    def _bounds(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(−NELBO estimate of continuation | clean context, one-step greedy match) per pair,
+        `batch_size` pairs per forward pass."""
+        results = []
+        for start in range(0, len(pairs), self.batch_size):
+            results += self._bound_batch(pairs[start : start + self.batch_size])
+        return results
+
     @torch.no_grad()
-    def _bound(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
-        """(−NELBO estimate of continuation | clean context, one-step greedy match)."""
-        if not continuation:
-            return 0.0, True
-        context = context[-max(self.max_length - len(continuation), 0) :]
-        ids = torch.tensor(context + continuation, device=self.device_name)[None]
-        x0 = ids.expand(self.mc_samples, -1)
-        keep = torch.zeros_like(x0, dtype=torch.bool)
-        keep[:, : len(context)] = True
-        gen = torch.Generator(self.device_name).manual_seed(self.seed)
-        out = diffusion_loss(
-            self.denoiser, self.kernel, self.schedule, x0, generator=gen,
-            keep_mask=keep, loss_mask=~keep,
-        )  # fmt: skip
-        z = ids.clone()
-        z[:, len(context) :] = self.kernel.mask_id
-        pred = self.kernel.log_probs(self.denoiser(z, None)).argmax(-1)
-        greedy = bool((pred[0, len(context) :] == ids[0, len(context) :]).all())
-        return -out.nats.item() / self.mc_samples, greedy
+    def _bound_batch(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        scored = [i for i, (_, y) in enumerate(pairs) if y]
+        results = [(0.0, True)] * len(pairs)  # an empty continuation has log p = 0
+        if not scored:
+            return results
+        seqs = []
+        for i in scored:
+            context, continuation = pairs[i]
+            context = context[-max(self.max_length - len(continuation), 0) :]
+            seqs.append((context, continuation))
+        ids, real = _pad([c + y for c, y in seqs], self.device_name)  # (R, L), (R, L)
+        keep = torch.zeros_like(real)
+        for r, (context, _) in enumerate(seqs):
+            keep[r, : len(context)] = True
+        nats = self._mc_nats(ids, real, keep)  # (R,)
+        z = torch.where(keep | ~real, ids, torch.full_like(ids, self.kernel.mask_id))
+        mask = real if not real.all() else None
+        pred = self.kernel.log_probs(self.denoiser(z, None, attention_mask=mask)).argmax(-1)
+        for r, i in enumerate(scored):
+            target = ~keep[r] & real[r]
+            greedy = bool((pred[r][target] == ids[r][target]).all())
+            results[i] = (-nats[r].item() / self.mc_samples, greedy)
+        return results
+
+    def _mc_nats(self, ids: Tensor, real: Tensor, keep: Tensor) -> Tensor:
+        """Σ over each row's continuation of ℓ_t, summed over `mc_samples` draws, (R,).
+
+        Every request draws its t and z_t from its own generator seeded with `seed` (the
+        same noise as when scored alone); the R · mc_samples rows share one forward pass."""
+        n, lengths = self.mc_samples, real.sum(-1).tolist()
+        x0 = ids.repeat_interleave(n, 0)  # (R·n, L)
+        noisy = [
+            corrupt_batch(
+                self.kernel,
+                self.schedule,
+                ids[r : r + 1, :size].expand(n, -1),
+                keep_mask=keep[r : r + 1, :size].expand(n, -1),
+                generator=torch.Generator(self.device_name).manual_seed(self.seed),
+            )  # fmt: skip
+            for r, size in enumerate(lengths)
+        ]
+        t, alpha, dalpha = (
+            torch.cat([getattr(b, f) for b in noisy]) for f in ("t", "alpha", "dalpha")
+        )
+        z_t = torch.cat([_right_pad(b.z_t, ids.shape[1]) for b in noisy])
+        attn = real.repeat_interleave(n, 0)
+        logits = self.denoiser(z_t, t, attention_mask=None if attn.all() else attn)
+        per_token = self.kernel.nelbo(logits, x0, z_t, alpha, dalpha)  # (R·n, L)
+        counted = (~keep & real).repeat_interleave(n, 0)
+        per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
+        return per_token.sum(-1).view(len(ids), n).sum(-1)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """Instances with args (context, continuation) -> [(bound on log p, is_greedy)]."""
-        results = []
-        for req in requests:
-            context, continuation = req.args
-            ctx = self._prefix() + self._encode(context)
-            results.append(self._bound(ctx, self._encode(continuation)))
-        return results
+        pairs = [
+            (self._prefix() + self._encode(context), self._encode(continuation))
+            for context, continuation in (req.args for req in requests)
+        ]
+        return self._bounds(pairs)
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         """Instances with args (text,) -> [sum of window bounds] (see module docstring)."""
@@ -154,8 +214,8 @@ class XDLMHarnessLM(LM):
                 token_list=self._encode(text), prefix_token=prefix[0],
                 max_seq_len=self.max_length, context_len=1,
             )  # fmt: skip
-            pairs = map(lm_utils.make_disjoint_window, windows)
-            results.append(sum(self._bound(list(c), list(y))[0] for c, y in pairs))
+            pairs = [(list(c), list(y)) for c, y in map(lm_utils.make_disjoint_window, windows)]
+            results.append(sum(score for score, _ in self._bounds(pairs)))
         return results
 
     # ------------------------------------------------------------------ generation
@@ -201,3 +261,66 @@ class XDLMHarnessLM(LM):
     @property
     def tokenizer_name(self) -> str:
         return getattr(self.tokenizer, "name_or_path", "xdlm").replace("/", "__")
+
+    # ------------------------------------------------------------------ data parallel
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        if self._world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self._world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self._world_size == 1:
+            return [obj]
+        out = [None] * self._world_size if self._rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            dist.barrier()
+
+
+def _batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
+    """lm-eval's --batch_size (an int or its string) capped by --max_batch_size."""
+    try:
+        size = int(batch_size)
+    except ValueError:
+        raise ValueError(
+            f"batch_size={batch_size!r} is not supported by xdlm; pass an integer"
+        ) from None
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {size}")
+    return min(size, int(max_batch_size)) if max_batch_size is not None else size
+
+
+def _distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, device) of this process: torchrun's WORLD_SIZE > 1 starts (or joins)
+    a process group, nccl on CUDA (device cuda:LOCAL_RANK), gloo otherwise."""
+    initialized = dist.is_available() and dist.is_initialized()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not initialized:
+        return 0, 1, device
+    cuda = str(device).startswith("cuda")
+    if cuda and str(device) == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if not initialized:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _right_pad(z: Tensor, length: int) -> Tensor:
+    """(n, l) -> (n, length) with 0 as filler (attention-masked, never scored)."""
+    return torch.nn.functional.pad(z, (0, length - z.shape[1]))
+
+
+def _pad(seqs: list[list[int]], device: str) -> tuple[Tensor, Tensor]:
+    """Right-pad id lists: (ids (R, L) with 0 as filler, real (R, L) bool)."""
+    length = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), length, dtype=torch.long, device=device)
+    real = torch.zeros(len(seqs), length, dtype=torch.bool, device=device)
+    for r, seq in enumerate(seqs):
+        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        real[r, : len(seq)] = True
+    return ids, real

@@ -58,6 +58,7 @@ from xdlm.train.checkpoint import (
     save_sharded_checkpoint,
 )
 from xdlm.train.rundir import acquire_run_lock, trim_metrics
+from xdlm.train.trackers import Trackers
 
 
 class NonFiniteLossError(RuntimeError):
@@ -157,9 +158,12 @@ class Trainer:
                     "(it calls model.hidden, bypassing the wrapper's forward)"
                 )
             self.loss_fn = fused_diffusion_loss
+        self.trackers: Trackers | None = None  # the resume event logged below is not a scalar
         self.lock = acquire_run_lock(self.run_dir) if self.ctx.is_main else None
         try:
             self._prepare_run_dir(resume)
+            if self.ctx.is_main:
+                self.trackers = Trackers(cfg.train, self.run_dir, cfg.to_dict())
         except BaseException:
             self.close()
             raise
@@ -196,7 +200,10 @@ class Trainer:
                 load_tokenizer_dir(data_tok).save(tok)
 
     def close(self) -> None:
-        """Release the run directory (its `train.lock`)."""
+        """Close the trackers and release the run directory (its `train.lock`)."""
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
         if self.lock is not None:
             self.lock.release()
 
@@ -417,6 +424,8 @@ class Trainer:
         if self.ctx.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(record)
 
     def run(self) -> TrainResult:
         cfg = self.cfg.train

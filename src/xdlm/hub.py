@@ -1,0 +1,237 @@
+"""Hub-native models: `export_run(RUN, DIR)` writes a self-describing Hugging Face repo.
+
+An exported directory holds only what inference needs, in open formats:
+
+    config.json             {"xdlm_format": 1, "architecture": the model config + vocab_size,
+                             "kernel": {vocab_size, mask_id, k, use_mask, schedule},
+                             "special_token_ids": {bos, eos, pad, mask}, "training": {...},
+                             "config": the full training config, "weights": "ema" | "model"}
+    model.safetensors       the weights (the EMA average by default)
+    tokenizer.json          the tokenizer (HF `tokenizers`), with xdlm_tokenizer.json (roles)
+    tokenizer_config.json   so `transformers.PreTrainedTokenizerFast` also reads it
+    README.md               the model card: data, steps, metrics with error bars, sample command
+
+`load_export(path)` rebuilds a `LoadedRun` from such a directory, reading JSON and
+safetensors only (no pickle, no optimizer state); `resolve_model_path` also accepts a Hub repo
+id ("org/name", downloaded with `huggingface_hub.snapshot_download`). `xdlm sample` / `eval`
+take either through `xdlm.runs.load_run`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_model
+
+EXPORT_FORMAT = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def is_export(path: str | Path) -> bool:
+    """True when `path` is a directory written by `export_run`."""
+    config = Path(path) / CONFIG_FILE
+    return config.is_file() and "xdlm_format" in json.loads(config.read_text())
+
+
+def export_config(directory: str | Path) -> dict:
+    """The config.json of an export, checked for a format this library reads."""
+    config = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    if config["xdlm_format"] != EXPORT_FORMAT:
+        raise ValueError(f"{directory} has xdlm_format {config['xdlm_format']}, this library "
+                         f"reads {EXPORT_FORMAT}; upgrade xdlm")  # fmt: skip
+    return config
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A local run / checkpoint / export dir as is; a Hub id ("org/name") downloaded."""
+    local = Path(path)
+    if local.exists() or str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise ValueError(f"{path} is not a local path; loading it from the Hub needs "
+                         "huggingface_hub: pip install 'xdlm[hf]'") from err  # fmt: skip
+    try:
+        return Path(snapshot_download(str(path)))
+    except Exception as err:  # offline, missing repo, auth: many error types
+        raise FileNotFoundError(
+            f"{path} is neither a local directory nor a downloadable Hub repo ({err}); pass a "
+            "run dir, a checkpoint dir or an `xdlm export` dir"
+        ) from err
+
+
+def export_run(run: str | Path, out_dir: str | Path, use_ema: bool = True,
+               overwrite: bool = False) -> Path:  # fmt: skip
+    """Write RUN's latest checkpoint (or a checkpoint dir) as a Hub repo in `out_dir`."""
+    from xdlm.runs import load_run
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite)")
+    loaded = load_run(run, use_ema=use_ema)
+    if loaded.tokenizer is None:
+        raise ValueError(
+            f"{run} has no tokenizer/ directory; export needs a text model's tokenizer"
+        )
+    has_ema = (loaded.checkpoint / "ema.safetensors").is_file()
+    weights = "ema" if use_ema and has_ema else "model"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(loaded.model, str(out_dir / WEIGHTS_FILE))
+    loaded.tokenizer.save(out_dir)
+    _write_tokenizer_config(out_dir, loaded.tokenizer)
+    config = _export_config(loaded, weights, _run_dir(loaded.checkpoint))
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "README.md").write_text(model_card(config, _run_dir(loaded.checkpoint)))
+    return out_dir
+
+
+def _run_dir(ckpt: Path) -> Path:
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
+def _export_config(loaded, weights: str, run_dir: Path) -> dict:
+    from xdlm.builders import output_size
+
+    cfg = loaded.config.to_dict()
+    tok = loaded.tokenizer
+    return {
+        "xdlm_format": EXPORT_FORMAT,
+        "model_type": "xdlm",
+        "architecture": {**cfg["model"], "vocab_size": output_size(loaded.model)},
+        "kernel": {
+            **loaded.kernel.spec(),
+            "use_mask": loaded.kernel.mask_id is not None,
+            "schedule": _schedule_spec(loaded.schedule),
+        },
+        "special_token_ids": tok.special_ids,
+        "training": {
+            "steps": loaded.step,
+            "data": {k: cfg["data"].get(k) for k in ("path", "sources", "seq_len", "mode")},
+            "validation": _last_validation(run_dir),
+            "eval": _eval_summary(run_dir),
+        },
+        "config": cfg,
+        "weights": weights,
+    }
+
+
+def _schedule_spec(schedule) -> dict:
+    from xdlm.core.schedules import schedule_spec
+
+    return schedule_spec(schedule)
+
+
+def _last_validation(run_dir: Path) -> dict | None:
+    """The last validation record of RUN/metrics.jsonl (training-time, fixed noise)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    valid = [r for r in records if "valid_nats_per_token" in r]
+    return valid[-1] if valid else None
+
+
+def _eval_summary(run_dir: Path) -> dict | None:
+    """Likelihood with its standard error and 95 % CI from RUN/eval.json (`xdlm eval`)."""
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    likelihood = report.get("likelihood")
+    if not likelihood:
+        return None
+    return {"data": likelihood["data"], "split": likelihood["split"], "step": report.get("step"),
+            "continuous": likelihood["continuous"]}  # fmt: skip
+
+
+def model_card(config: dict, run_dir: Path) -> str:
+    """The README.md of an export: what was trained on what, how well, how to sample."""
+    train, kernel, arch = config["training"], config["kernel"], config["architecture"]
+    lines = [
+        "---", "library_name: xdlm", "tags: [discrete-diffusion, xdlm, text-generation]", "---",
+        "", f"# {run_dir.name}: XDLM discrete diffusion language model", "",
+        f"- kernel: k = {kernel['k']} (share of uniform noise; 0 = MDLM, 1 = UDLM), "
+        f"mask id {kernel['mask_id']}, schedule {kernel['schedule']}",
+        f"- model: {arch['backbone']} {arch.get('preset', '')}, V = {arch['vocab_size']}, "
+        f"weights: {config['weights']}",
+        f"- training data: {train['data']}", f"- training steps: {train['steps']}", "",
+        "## Metrics", "",
+    ]  # fmt: skip
+    lines += _metric_lines(train)
+    lines += [
+        "", "## Use", "", "```bash", "pip install xdlm",
+        f"xdlm sample --ckpt {run_dir.name} --steps 32 --num-samples 4   # this dir or its Hub id",
+        "```", "",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _metric_lines(train: dict) -> list[str]:
+    lines = []
+    if train["eval"]:
+        c, ev = train["eval"]["continuous"], train["eval"]
+        lo, hi = c["ci95_nats_per_token"]
+        lines.append(
+            f"- `xdlm eval` on {ev['data']} ({ev['split']}), step {ev['step']}: NELBO "
+            f"{c['nats_per_token']:.4f} ± {c['se_nats_per_token']:.4f} nats/token (SE; 95 % CI "
+            f"[{lo:.4f}, {hi:.4f}]), PPL ≤ {c['ppl']:.2f} (95 % CI {c['ci95_ppl'][0]:.2f}–"
+            f"{c['ci95_ppl'][1]:.2f})"
+        )
+    if train["validation"]:
+        v = train["validation"]
+        lines.append(
+            f"- training-time validation at step {v['step']}: NELBO "
+            f"{v['valid_nats_per_token']:.4f} nats/token on {v['valid_tokens']} tokens "
+            "(one fixed noise draw, no error bar; run `xdlm eval` for one)"
+        )
+    return lines or ["- none recorded (run `xdlm eval --ckpt RUN` before exporting)"]
+
+
+def _write_tokenizer_config(out_dir: Path, tok) -> None:
+    roles = {f"{role}_token": token for role, token in tok.special_tokens.items()}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_export(directory: str | Path, device: str | torch.device = "cpu"):
+    """An `export_run` directory -> `LoadedRun` (eval mode), from JSON and safetensors only."""
+    from safetensors.torch import load_model as st_load_model
+
+    from xdlm.builders import build_model
+    from xdlm.config import config_from_dict
+    from xdlm.core.kernel import MixedKernel
+    from xdlm.core.schedules import make_schedule
+    from xdlm.data.tokenizers import load_tokenizer_dir
+    from xdlm.runs import LoadedRun
+
+    directory = Path(directory)
+    config = export_config(directory)
+    cfg = config_from_dict(config["config"])
+    model = build_model(cfg.model, config["architecture"]["vocab_size"])
+    missing, unexpected = st_load_model(model, str(directory / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory}/{WEIGHTS_FILE} does not fit its config.json: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
+    spec = dict(config["kernel"])
+    schedule = make_schedule(**spec.pop("schedule"))
+    spec.pop("use_mask")
+    tokenizer = load_tokenizer_dir(directory)
+    model.to(device).eval()
+    step = config["training"]["steps"]
+    return LoadedRun(model, MixedKernel(**spec), schedule, tokenizer, cfg, step, directory)
+
+
+def push_to_hub(directory: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload an export directory to the Hub repo `repo_id` (created if absent); its URL."""
+    from huggingface_hub import HfApi
+
+    if not is_export(directory):
+        raise ValueError(f"{directory} is not an `xdlm export` directory")
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(directory), repo_id=repo_id)
+    return f"https://huggingface.co/{repo_id}"

@@ -1,0 +1,87 @@
+"""Trackers (TensorBoard, W&B offline) fed by a real training run, and `xdlm plot`."""
+
+import gzip
+import json
+
+import pytest
+
+from xdlm.cli import main
+from xdlm.config import load_config
+from xdlm.data.corpora import embedded_corpus_path
+from xdlm.train.curves import read_curves
+from xdlm.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "austen.txt"
+    path.write_text(gzip.open(embedded_corpus_path(), "rt").read()[:60_000])
+    return path
+
+
+def _cfg(corpus, data_dir, *extra):
+    return load_config(None, [
+        f"data.path={data_dir}", f"data.sources=[{corpus}]", "data.tokenizer=char",
+        "data.seq_len=32", "data.batch_size=4", "model.n_layers=1", "model.d_model=32",
+        "model.n_heads=2", "train.steps=4", "train.warmup_steps=1", "train.log_every=1",
+        "train.eval_every=2", "train.eval_batches=1", "train.save_every=4",
+        "train.precision=fp32", *extra,
+    ])  # fmt: skip
+
+
+def _scalars(event_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def tb_run(corpus, tmp_path_factory):
+    """One 4-step run with TensorBoard on (validation at steps 2 and 4)."""
+    pytest.importorskip("tensorboard")
+    tmp = tmp_path_factory.mktemp("tb")
+    train(_cfg(corpus, tmp / "data", "train.tensorboard=true"), tmp / "run")
+    return tmp / "run"
+
+
+def test_tensorboard_events_match_metrics_jsonl(tb_run):
+    scalars = _scalars(tb_run / "tensorboard")
+    records = [json.loads(x) for x in (tb_run / "metrics.jsonl").read_text().splitlines()]
+    loss = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    valid = [(r["step"], r["valid_nats_per_token"]) for r in records if "valid_ppl" in r]
+    assert [s for s, _ in loss] == [1, 2, 3, 4] and [s for s, _ in valid] == [2, 4]
+    for tag, expected in (("train/loss", loss), ("valid/nats_per_token", valid)):
+        got = scalars[tag]
+        assert [s for s, _ in got] == [s for s, _ in expected]
+        assert all(abs(a - b) < 1e-5 for (_, a), (_, b) in zip(got, expected, strict=True))
+    assert "train/lr" in scalars and "valid/ppl" in scalars
+
+
+def test_wandb_offline(corpus, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    train(_cfg(corpus, tmp_path / "data", "train.wandb=true"), run)
+    assert list((run / "wandb").glob("offline-run-*"))
+
+
+def test_plot_writes_curves(tb_run, tmp_path, capsys):
+    other = tmp_path / "mdlm"  # a second run, logged by hand
+    other.mkdir()
+    records = [{"step": 1, "loss": 4.0}, {"step": 2, "loss": 3.5, "valid_nats_per_token": 3.4}]
+    (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    curves = read_curves(tb_run)
+    assert curves.train_steps == [1, 2, 3, 4] and curves.valid_steps == [2, 4]
+    assert read_curves(other).valid_nats == [3.4]
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(tb_run), str(other), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert main(["plot", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "metrics.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_unknown_wandb_mode():
+    with pytest.raises(ValueError, match="'train.wandb_mode' must be one of.*'sometimes'"):
+        load_config(None, ["train.wandb=true", "train.wandb_mode=sometimes"])
