@@ -116,7 +116,7 @@ def test_resume_equals_uninterrupted(prepared):
     steps = len(ShardedLoader(shards, 6)) + 4
     reference = ShardedLoader(shards, 6, seed=1)
     expected = [reference.next_batch() for _ in range(steps)]
-    for cut in (0, 3, len(reference) - 1, len(reference)):
+    for cut in (0, 3, len(reference) - 1, len(reference), len(reference) + 2):  # + 2: epoch 1
         first = ShardedLoader(shards, 6, seed=1)
         for _ in range(cut):
             first.next_batch()

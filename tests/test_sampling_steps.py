@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -200,3 +202,93 @@ def test_sample_posterior_k0_keeps_visible_and_is_reproducible():
     visible = z_t != V - 1
     assert torch.equal(a[visible], z_t[visible])
     assert not (a[1] == V - 1).any()  # α_s = 1: no mask survives the final step
+
+
+# ------------------------------------------------------------------ dense references (issue 20)
+
+
+def _dense_bayes_posterior(p: torch.Tensor, z: torch.Tensor, k: float, at: float, as_: float):
+    """p(z_s = e | z_t) ∝ Σ_x p_θ(x)·q(z_s = e | x)·q(z_t | z_s = e) by brute force over V.
+
+    Built from V × V matrices: q(· | x) = α·onehot(x) + (1 − α)·r and Q_{t|s} = α_{t|s}·I +
+    β_{t|s}·1 r^T; no closed form of the posterior. p (B, L, V), z (B, L) -> (B, L, V) float64.
+    """
+    n = p.shape[-1]
+    r = torch.full((n,), k / n, dtype=torch.float64)
+    r[M] += 1.0 - k
+    eye = torch.eye(n, dtype=torch.float64)
+    q_s = as_ * eye + (1.0 - as_) * r  # q_s[x, e] = q(z_s = e | x)
+    a_ts = at / as_
+    Q = a_ts * eye + (1.0 - a_ts) * r  # Q[e, z] = Q_{t|s}(z_t = z | z_s = e)
+    joint = p.double() @ q_s  # (B, L, V): Σ_x p_θ(x)·q(z_s = e | x)
+    joint = joint * Q[:, z].permute(1, 2, 0)  # times Q_{t|s}(z_t | e)
+    return joint / joint.sum(-1, keepdim=True)
+
+
+def _dense_remdm(p: torch.Tensor, z: torch.Tensor, at: float, as_: float, sigma: float):
+    """ReMDM's q_σ(z_s | z_t, x) with x ~ p_θ, from its defining constraints, looped over V.
+
+    Visible z_t = j: stay with prob 1 − σ, re-mask with σ. Masked z_t: reveal x with the prob λ
+    that keeps the marginal q(z_s = x | x) = α_s, i.e. α_t·(1 − σ) + (1 − α_t)·λ = α_s.
+    """
+    lam = (as_ - at * (1.0 - sigma)) / (1.0 - at)
+    out = torch.zeros(*z.shape, p.shape[-1], dtype=torch.float64)
+    for b in range(z.shape[0]):
+        for pos in range(z.shape[1]):
+            j = int(z[b, pos])
+            if j == M:
+                for x in range(p.shape[-1]):
+                    out[b, pos, x] += lam * float(p[b, pos, x])
+                    out[b, pos, M] += (1.0 - lam) * float(p[b, pos, x])
+            else:
+                out[b, pos, j] += 1.0 - sigma
+                out[b, pos, M] += sigma
+    return out
+
+
+@pytest.mark.parametrize("eta,strategy", [(0.2, "cap"), (0.9, "cap"), (0.5, "rescale")])
+def test_remdm_step_matches_dense_remasking_reference(eta, strategy):
+    at, as_ = 0.4, 0.7  # σ_max = min(1, 0.3 / 0.4) = 0.75
+    sigma_max = min(1.0, (1.0 - as_) / at)
+    sigma = min(eta, sigma_max) if strategy == "cap" else eta * sigma_max
+    kern = MixedKernel.mdlm(V, M)
+    z = torch.tensor([[M, 0, M, 3, 5], [2, M, M, 1, M]])
+    p = _probs(2, 5, seed=5)
+    out = ReMDM(eta, strategy).step(kern, p, z, _times(2, at, as_), None, Fixed.none(z))
+    torch.testing.assert_close(out.probs.double(), _dense_remdm(p, z, at, as_, sigma))
+    # the draw follows it: visible tokens are re-masked at rate σ (binomial, 5 SE)
+    n = 4000
+    zz = torch.tensor([[0, M]]).expand(n, 2)
+    draw = ReMDM(eta, strategy).step(
+        kern, _probs(n, 2), zz, _times(n, at, as_), torch.Generator().manual_seed(0),
+        Fixed.none(zz),
+    ).z_s  # fmt: skip
+    rate = float((draw[:, 0] == M).double().mean())
+    assert abs(rate - sigma) < 5 * math.sqrt(sigma * (1 - sigma) / n)
+
+
+@pytest.mark.parametrize("k", [0.3, 0.8])
+def test_final_greedy_is_argmax_of_dense_posterior_for_k_positive(k):
+    """For k > 0 the greedy final step may replace a visible token the model disbelieves."""
+    kern = MixedKernel(V, M, k)
+    g = torch.Generator().manual_seed(7)
+    z = torch.randint(0, V, (4, 16), generator=g)
+    p = _probs(4, 16, seed=8)
+    at = 0.05
+    out = final_step(kern, p, z, torch.full((4,), at), "greedy", None, Fixed.none(z))
+    expect = _dense_bayes_posterior(p, z, k, at, 1.0).argmax(-1)
+    assert torch.equal(out.z_s, expect)
+    visible = z != M
+    assert bool((out.z_s[visible] != z[visible]).any()), "the case must revise a visible token"
+    assert bool((out.z_s != M).all())
+
+
+def test_ancestral_posterior_matches_dense_bayes():
+    """Independent check of the closed form the ancestral and final steps use."""
+    for k in (0.0, 0.3, 1.0):
+        kern = MixedKernel(V, M, k)
+        z = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(2))
+        p = _probs(3, 6, seed=4)
+        for at, as_ in ((0.2, 0.5), (0.6, 1.0)):
+            got = kern.posterior_probs(p, z, torch.full((3,), at), torch.full((3,), as_))
+            torch.testing.assert_close(got.double(), _dense_bayes_posterior(p, z, k, at, as_))
