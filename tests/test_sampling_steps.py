@@ -16,6 +16,7 @@ from xdlm.sampling import (
     Confidence,
     Fixed,
     GreedyFinal,
+    LogitFilter,
     ReMDM,
     StepTimes,
     Trajectory,
@@ -292,3 +293,12 @@ def test_ancestral_posterior_matches_dense_bayes():
         for at, as_ in ((0.2, 0.5), (0.6, 1.0)):
             got = kern.posterior_probs(p, z, torch.full((3,), at), torch.full((3,), as_))
             torch.testing.assert_close(got.double(), _dense_bayes_posterior(p, z, k, at, as_))
+
+
+def test_logit_filter_removes_the_mask_even_when_it_is_the_top_logit():
+    logits = torch.tensor([[[1.0, 2.0, 0.5, -1.0, 0.0, 3.0, 9.0]]])  # mask (id 6) on top
+    keep = torch.tensor([1.0, 2.0, 0.5, -1.0, 0.0, 3.0]) / 0.5
+    want = torch.cat([keep.softmax(-1), torch.zeros(1)])
+    torch.testing.assert_close(LogitFilter(temperature=0.5).probs(logits, M)[0, 0], want)
+    top2 = LogitFilter(top_k=2).probs(logits, M)[0, 0]  # the two best data ids: 5 and 1
+    torch.testing.assert_close(top2, torch.tensor([0, 1, 0, 0, 0, math.e, 0]) / (1 + math.e))
