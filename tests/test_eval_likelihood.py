@@ -78,14 +78,18 @@ def test_uniform_denoiser_mdlm_reference(method):
 
 @pytest.mark.parametrize("k", [0.0, 0.1, 1.0])
 def test_discrete_bound_tightens_towards_continuous(k):
+    """d_2 > d_64 ≈ continuous, per sequence on the same 400 sequences: the paired difference
+    cancels the data variance, so the tolerance (4 paired SE ≈ 0.06 nats + 0.01 for d_64's
+    O(1/T) gap; d_2 − d_64 ≈ 0.04) is below the effect of dropping the ḡ term (0.13-0.26)."""
     kern = MixedKernel(V, None, 1.0) if k == 1.0 else MixedKernel(V, MASK, k)
-    x, model = _data(48), Toy(V)
-    cont = evaluate_rows(model, kern, SCHED, _batches(x, 48), t_samples=16, method="midpoint")
-    d2 = evaluate_rows(model, kern, SCHED, _batches(x, 48), discrete_steps=2)
-    d64 = evaluate_rows(model, kern, SCHED, _batches(x, 48), discrete_steps=64)
-    assert math.isfinite(d2.nats_per_token) and d2.nats_per_token > d64.nats_per_token
-    tol = 4 * math.hypot(cont.se_nats_per_token, d64.se_nats_per_token) + 0.02
-    assert abs(d64.nats_per_token - cont.nats_per_token) < tol
+    x, model = _data(400), Toy(V)
+    bound = lambda **kw: sequence_bounds(model, kern, SCHED, _batches(x, 200), **kw).nats  # noqa: E731
+    cont = bound(t_samples=64, method="stratified")
+    d2, d64 = bound(discrete_steps=2), bound(discrete_steps=64)
+    assert bool(torch.isfinite(d2).all()) and float(d2.mean()) > float(d64.mean())
+    diff = (d64 - cont) / L  # nats/token, per sequence
+    se = float(diff.std()) / math.sqrt(len(diff))
+    assert abs(float(diff.mean())) < 4 * se + 0.01, (float(diff.mean()), se)
 
 
 def test_oracle_denoiser_gives_near_zero():
