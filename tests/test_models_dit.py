@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -163,17 +165,40 @@ def test_presets_build_on_meta_with_expected_sizes():
         DiTConfig.from_preset("huge", 100)
 
 
-def test_meta_then_init_weights_matches_eager_build():
-    cfg = DiTConfig(vocab_size=V, n_layers=2, d_model=32, n_heads=4, max_seq_len=64)
+@pytest.mark.parametrize("extra", [{}, {"time_conditioning": True, "num_classes": 3}])
+def test_meta_then_init_weights_matches_eager_build(extra):
+    """Meta build -> to_empty (filled with NaN) -> init_weights equals an eager build re-initialised
+    from the same seed in EVERY parameter and buffer, and the init follows the module docstring:
+    std 0.02, residual outputs 0.02/sqrt(2·n_layers), LayerNorm weights 1, biases and adaLN 0."""
+    cfg = DiTConfig(vocab_size=V, n_layers=2, d_model=32, n_heads=4, max_seq_len=64, **extra)
     with torch.device("meta"):
         model = DiT(cfg)
     model.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.fill_(float("nan"))  # anything init_weights misses stays NaN
+    torch.manual_seed(5)
     model.init_weights()
     eager = DiT(cfg)
-    assert torch.equal(model.rope_cos, eager.rope_cos) and torch.equal(
-        model.rope_sin, eager.rope_sin
-    )
-    assert torch.isfinite(model(ids(), None)).all()
+    torch.manual_seed(5)
+    eager.init_weights()
+    got, want = model.state_dict(), eager.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    resid = 0.02 / math.sqrt(2 * cfg.n_layers)
+    for name, p in model.named_parameters():
+        if "modulation" in name or name.endswith(".bias"):
+            assert not p.any(), name
+        elif "norm" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            std = resid if name.endswith(("attn.out.weight", "mlp.out.weight")) else 0.02
+            assert float(p.detach().std()) == pytest.approx(std, rel=0.15), name
+    cos = torch.cos(torch.arange(64.0)[:, None] * 10000.0 ** (-torch.arange(0, 8, 2) / 8))
+    torch.testing.assert_close(model.rope_cos, cos)
+    z, t = ids(), torch.rand(2)
+    torch.testing.assert_close(model(z, t), eager(z, t))
 
 
 def test_flops_per_token_counts_per_token_matmuls_only():
