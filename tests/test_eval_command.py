@@ -93,12 +93,29 @@ def test_eval_without_a_task_uses_the_runs_own_validation_split(run_dir, capsys)
 
 
 def test_sweep_cells_are_paired_by_seed(tmp_path):
+    """Every cell restarts from `seed`: two cells that differ only by a no-op filter (top-p 1) or
+    repeat a T give identical rows, and a cell equals a direct `generate` + `sample_quality`."""
+    import torch
+
     from xdlm.data import load_tokenizer
+    from xdlm.eval.genquality import sample_quality
+    from xdlm.sampling import generate
 
     tok = load_tokenizer("char", corpus_texts=[TEXT])
     kern, sched = MixedKernel(tok.vocab_size, tok.mask_id, 0.5), make_schedule("loglinear")
-    kw = dict(steps=[2], settings=[SamplingSetting(1.0, None)], num_samples=2, seq_len=8)
-    a = sweep(Toy(tok.vocab_size), kern, sched, tok, tiny_scorer(), seed=5, **kw)
-    b = sweep(Toy(tok.vocab_size), kern, sched, tok, tiny_scorer(), seed=5, **kw)
-    assert a[0]["gen_ppl"] == b[0]["gen_ppl"] and a[0]["unigram_entropy"] == b[0]["unigram_entropy"]
-    assert plot_sweep(a, tmp_path / "s.png").is_file()
+    model, scorer = Toy(tok.vocab_size), tiny_scorer()
+    settings = [SamplingSetting(1.0, None), SamplingSetting(1.0, 1.0)]
+    rows = sweep(model, kern, sched, tok, scorer, steps=[2, 3, 2], settings=settings,
+                 num_samples=3, seq_len=8, batch_size=2, seed=5)  # fmt: skip
+    metrics = [{k: v for k, v in r.items() if k not in ("top_p", "wall_time")} for r in rows]
+    assert metrics[0] == metrics[2] == metrics[3] == metrics[5] and metrics[1] == metrics[4]
+    assert metrics[0]["nfe"] > 0 and metrics[0]["samples"] == 3
+    gen = torch.Generator().manual_seed(5)
+    direct = torch.cat([
+        generate(model, kern, sched, batch_size=b, seq_len=8, steps=3, generator=gen).tokens
+        for b in (2, 1)
+    ])  # fmt: skip
+    want = sample_quality(direct, tok, scorer)
+    assert {k: rows[1][k] for k in want} == want
+    assert metrics[0] != metrics[1]  # T matters, so the comparison above is not vacuous
+    assert plot_sweep(rows, tmp_path / "s.png").is_file()
