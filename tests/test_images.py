@@ -127,21 +127,41 @@ def test_conditioning_changes_outputs_and_guidance_zero_is_unguided(tiny_run):
     assert not torch.equal(run(class_labels=1 - labels).tokens, plain.tokens)
 
 
+def _red_pixels(png) -> int:
+    """Pixels drawn in the strip's mask colour (0.85, 0.1, 0.1)."""
+    import matplotlib.pyplot as plt
+
+    rgb = plt.imread(png)[..., :3]
+    return int((np.abs(rgb - np.array([0.85, 0.1, 0.1])).max(-1) < 0.03).sum())
+
+
 def test_cli_sample_grid_strip_and_eval(tiny_run, tmp_path, capsys):
     from xdlm.cli import main
+    from xdlm.commands.images import reference_classifier
+    from xdlm.eval.images import classifier_features, frechet_distance
 
     run = str(tiny_run / "run")
     grid, strip = tmp_path / "g.png", tmp_path / "s.png"
     argv = ["images", "sample", "--ckpt", run, "--steps", "3", "--per-class", "2"]
     assert main([*argv, "--guidance", "1", "--out", str(grid), "--strip", str(strip)]) == 0
-    assert grid.stat().st_size > 0 and strip.stat().st_size > 0
+    assert "(2 classes x 2, 8 NFE)" in capsys.readouterr().out  # (3 steps + final) x 2 (CFG)
+    assert _red_pixels(strip) > 0 and _red_pixels(grid) == 0  # masks only on the trajectory
     out = tmp_path / "m.json"
     argv = ["images", "eval", "--ckpt", run, "--steps", "2", "--per-class", "3"]
     assert main([*argv, "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
-    assert metrics["num_fake"] == 6 and 0 <= metrics["accuracy"] <= 1 and metrics["fid"] >= 0
-    loaded = load_run(run)
-    info = image_info(tiny_run / "data")
+    assert (metrics["num_fake"], metrics["nfe"]) == (6, 3)
+    # the same numbers from the library: the seed-0 samples, the cached reference classifier
+    loaded, info = load_run(run), image_info(tiny_run / "data")
+    fake = sample_classes(loaded, info, steps=2, per_class=3)
+    clf, real = reference_classifier(str(tiny_run / "data"))
+    with torch.no_grad():
+        pred = clf(torch.from_numpy(fake.images).float()).argmax(-1)
+    assert metrics["accuracy"] == pytest.approx(float((pred == fake.labels).float().mean()))
+    fid = frechet_distance(
+        classifier_features(clf, real.images), classifier_features(clf, fake.images)
+    )
+    assert metrics["fid"] == pytest.approx(fid) and metrics["num_real"] == len(real.images)
     s = sample_classes(loaded, info, steps=2, per_class=2, record=True)
     assert s.states.shape == (4, 4, 36)  # z_1, 2 steps, the final noise removal
     assert s.images.shape == (4, 6, 6)
