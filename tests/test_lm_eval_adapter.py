@@ -43,18 +43,86 @@ def test_loglikelihood_is_a_finite_negative_bound_and_deterministic(harness):
     assert harness.loglikelihood(_instances("loglikelihood", [("a", "")])) == [(0.0, True)]
 
 
-def test_loglikelihood_rolling_chunks_long_text(harness):
+class Oracle(torch.nn.Module):
+    """Puts logit 60 on `target[l]` at every position l < len(target): knows one sequence."""
+
+    def __init__(self, target: list[int], vocab_size: int):
+        super().__init__()
+        self.vocab_size, self.scale = vocab_size, torch.nn.Parameter(torch.tensor(60.0))
+        self.target = torch.tensor(target)
+
+    def forward(self, z, t, attention_mask=None, cond=None):
+        logits = torch.zeros(*z.shape, self.vocab_size)
+        n = min(z.shape[1], len(self.target))
+        onehot = torch.nn.functional.one_hot(self.target[:n], self.vocab_size).float()
+        logits[:, :n] = self.scale.detach() * onehot
+        return logits
+
+
+def _oracle_harness(harness, context: str, continuation: str) -> XDLMHarnessLM:
+    """The harness's tokenizer with a denoiser that knows prefix ‖ context ‖ continuation."""
+    tok = harness.tokenizer
+    target = harness._prefix() + harness._encode(context) + harness._encode(continuation)
+    return XDLMHarnessLM(denoiser=Oracle(target, len(tok)), tokenizer=tok, k=0.1, mc_samples=8)
+
+
+def test_loglikelihood_of_an_oracle_is_zero_for_its_text_and_very_negative_otherwise(harness):
+    """A denoiser that knows the continuation has NELBO ≈ 0 (p_θ(x) = 1 - e^-60·V) and is
+    greedy; for another continuation every token costs ≈ 60 nats and greedy is False."""
+    oracle = _oracle_harness(harness, "Mr.", " Darcy")
+    (right, right_greedy), (wrong, wrong_greedy) = oracle.loglikelihood(
+        _instances("loglikelihood", [("Mr.", " Darcy"), ("Mr.", " Bingley")])
+    )
+    assert abs(right) < 1e-6 and right_greedy
+    assert wrong < -10.0 and not wrong_greedy
+
+
+def test_is_greedy_is_the_one_step_argmax_of_the_model(harness):
+    ctx = harness._prefix() + harness._encode("It is a truth")
+    z = torch.tensor([ctx + [harness.kernel.mask_id] * 3])
+    logits = harness.denoiser(z, None)[0, len(ctx) :].clone()
+    logits[:, harness.kernel.mask_id] = float("-inf")
+    best = logits.argmax(-1).tolist()  # the model's own greedy continuation, computed here
+    other = best[:2] + [(best[2] + 1) % harness.kernel.mask_id]
+    (_, greedy), (_, not_greedy) = harness._bounds([(ctx, best), (ctx, other)])
+    assert greedy and not not_greedy
+
+
+def test_loglikelihood_rolling_covers_every_token_once(harness, monkeypatch):
     text = "It is a truth universally acknowledged, that a single man in possession " * 3
-    n = len(harness.tokenizer(text, add_special_tokens=False)["input_ids"])
-    assert n > harness.max_length  # several windows
+    tokens = harness.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(tokens) > harness.max_length  # several windows
+    calls = []
+    real = harness._bounds
+
+    def recording(pairs):
+        out = real(pairs)
+        calls.extend((list(c), list(y), b) for (c, y), (b, _) in zip(pairs, out, strict=True))
+        return out
+
+    monkeypatch.setattr(harness, "_bounds", recording)
     (score,) = harness.loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,)]))
-    assert math.isfinite(score) and score < 0
+    assert len(calls) > 1 and [t for _, c, _ in calls for t in c] == tokens  # a partition
+    done = 0
+    for context, continuation, _ in calls:
+        full = harness._prefix() + tokens[:done]  # context: a suffix of the clean left text
+        assert 1 <= len(context) and len(context) + len(continuation) <= harness.max_length
+        assert context == full[-len(context) :]
+        done += len(continuation)
+    assert score == pytest.approx(sum(b for *_, b in calls)) and score < 0
 
 
-def test_generate_until_returns_text_and_stops(harness):
-    reqs = _instances("generate_until", [("Elizabeth", {"until": ["\n"], "max_gen_toks": 6})])
-    (text,) = harness.generate_until(reqs)
-    assert isinstance(text, str) and "\n" not in text
+def test_generate_until_stops_at_the_first_stop_string(harness):
+    def gen(until):
+        reqs = _instances("generate_until", [("Elizabeth", {"until": until, "max_gen_toks": 8})])
+        return harness.generate_until(reqs)[0]
+
+    full = gen([])
+    ids = harness.generate_ids(harness._prefix() + harness._encode("Elizabeth"), 8)[0, -8:]
+    assert full == harness.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+    assert len(full) >= 3
+    stop = full[2:4]
+    assert gen([stop, "\n"]) == full[: full.index(stop)]
 
 
 @pytest.mark.parametrize("sampler", ["xdm", "confidence"])
@@ -87,10 +155,12 @@ def test_generation_defaults_to_the_xdm_sampler(harness):
 
 
 def test_simple_evaluate_on_a_local_task(harness, tmp_path):
+    """lm_eval end to end with an oracle that knows "Mr. Darcy": it is right exactly on the
+    two documents labelled Darcy, so acc = 2/3 (1/3 if the scores reached lm_eval reversed)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    docs = [{"q": "Mr.", "choices": [" Darcy", " Bingley"], "label": 0}] * 3
+    docs = [{"q": "Mr.", "choices": ["Darcy", "Bingley"], "label": lab} for lab in (0, 1, 0)]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(d) for d in docs) + "\n")
     task = {
         "task": "xdlm_local_mc",
@@ -105,6 +175,6 @@ def test_simple_evaluate_on_a_local_task(harness, tmp_path):
     }
     (tmp_path / "task.yaml").write_text(json.dumps(task))
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
-    res = simple_evaluate(model=harness, tasks=["xdlm_local_mc"], task_manager=manager)
-    acc = res["results"]["xdlm_local_mc"]["acc,none"]
-    assert 0.0 <= acc <= 1.0
+    oracle = _oracle_harness(harness, "Mr.", " Darcy")  # lm_eval joins with a space
+    res = simple_evaluate(model=oracle, tasks=["xdlm_local_mc"], task_manager=manager)
+    assert res["results"]["xdlm_local_mc"]["acc,none"] == pytest.approx(2 / 3)

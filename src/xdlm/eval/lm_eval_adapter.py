@@ -22,7 +22,8 @@ Scores:
   `is_greedy`: the one-step argmax with the whole continuation masked equals the continuation.
 - `loglikelihood_rolling(text)`: the text split into lm_eval's disjoint rolling windows (each
   token predicted once, with as much clean context as fits in `max_length`); the sum of the
-  windows' bounds.
+  windows' bounds. lm_eval sizes its windows for an AR model, whose input drops the last token:
+  `max_seq_len = max_length − 1` makes context ‖ continuation fit in `max_length` here.
 - `generate_until`: `xdlm.sampling.generate` with the "xdm" sampler by default: the authors'
   LLaDA-XDLM algorithm (greedy confidence-ordered unmasking on the full canvas plus argmax edits
   under the cumulative budget ⌊k/(1−k)·Σ n⌋, prompt tokens editable too), `steps` in total
@@ -152,7 +153,8 @@ class XDLMHarnessLM(LM):
         seqs = []
         for i in scored:
             context, continuation = pairs[i]
-            context = context[-max(self.max_length - len(continuation), 0) :]
+            room = max(self.max_length - len(continuation), 0)  # context ‖ continuation fit
+            context = context[len(context) - room :] if room < len(context) else context
             seqs.append((context, continuation))
         ids, real = _pad([c + y for c, y in seqs], self.device_name)  # (R, L), (R, L)
         keep = torch.zeros_like(real)
@@ -212,7 +214,7 @@ class XDLMHarnessLM(LM):
             prefix = self._prefix() or [self.tokenizer.pad_token_id or 0]
             windows = lm_utils.get_rolling_token_windows(
                 token_list=self._encode(text), prefix_token=prefix[0],
-                max_seq_len=self.max_length, context_len=1,
+                max_seq_len=self.max_length - 1, context_len=1,
             )  # fmt: skip
             pairs = [(list(c), list(y)) for c, y in map(lm_utils.make_disjoint_window, windows)]
             results.append(sum(score for score, _ in self._bounds(pairs)))
