@@ -215,11 +215,11 @@ def test_cpu_hf_recipe_trains(tmp_path):
     result = train(cfg, tmp_path / "run")
     assert result.step == 3 and result.last_loss is not None and math.isfinite(result.last_loss)
     assert math.isfinite(result.valid["valid_nats_per_token"]) and result.valid["valid_tokens"] > 0
-    from xdlm.train.checkpoint import load_model
+    from xdlm.runs import load_run
 
     init = HFDenoiser.from_pretrained(tmp_path / "gpt2").state_dict()
-    raw = load_model(tmp_path / "run", use_ema=False)
-    ema = load_model(tmp_path / "run").model.state_dict()
+    raw = load_run(tmp_path / "run", use_ema=False)
+    ema = load_run(tmp_path / "run").model.state_dict()
     assert raw.kernel.k == 0.1 and raw.kernel.mask_id == raw.tokenizer.mask_id
     assert raw.kernel.vocab_size == raw.model.vocab_size
     moved = {  # the vocabulary-sized tensors were resized to the tokenizer: compared elsewhere

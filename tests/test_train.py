@@ -105,8 +105,8 @@ def test_resume_in_a_later_epoch_with_dropout_restores_everything(corpus, tmp_pa
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert [la[s] for s in range(5, 9)] == [lb[s] for s in range(5, 9)]
     for use_ema in (False, True):
-        wa = load_model(tmp_path / "a", use_ema=use_ema).model.state_dict()
-        wb = load_model(tmp_path / "b", use_ema=use_ema).model.state_dict()
+        wa = load_run(tmp_path / "a", use_ema=use_ema).model.state_dict()
+        wb = load_run(tmp_path / "b", use_ema=use_ema).model.state_dict()
         assert all(torch.equal(wa[k], wb[k]) for k in wa), f"weights differ (use_ema={use_ema})"
     assert _valid_at(tmp_path / "a", 8) == _valid_at(tmp_path / "b", 8)
     assert straight.valid == resumed.valid

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from xdlm.train.checkpoint import find_checkpoint, load_train_state, read_meta, save_checkpoint
+from xdlm.runs import find_checkpoint, read_meta
+from xdlm.train.checkpoint import load_train_state, save_checkpoint
 
 CRASH_POINTS = ((os, "rename"), (os, "replace"), (os, "fsync"), (shutil, "rmtree"))
 
