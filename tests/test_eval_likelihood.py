@@ -8,11 +8,12 @@ from torch import nn
 
 from xdlm import MixedKernel, make_schedule
 from xdlm.data import prepare
-from xdlm.data.loader import Rows
+from xdlm.data.loader import Rows, TokenShards
 from xdlm.eval.likelihood import (
     evaluate_rows,
     evaluate_split,
     sequence_bounds,
+    shard_batches,
     summarize,
     time_nodes,
 )
@@ -40,6 +41,18 @@ def _batches(x, bs, mask=None):
 
 
 SCHED = make_schedule("loglinear")
+
+
+@pytest.mark.parametrize("discrete", [None, 3])
+def test_seed_picks_the_noise(discrete):
+    """Same seed, same bound; another seed, other draws (both bounds, the discrete one too)."""
+    x, kern, model = _data(), MixedKernel(V, MASK, 0.1), Toy(V)
+
+    def run(seed):
+        kw = dict(discrete_steps=discrete, seed=seed, t_samples=2)
+        return evaluate_rows(model, kern, SCHED, _batches(x, 6), **kw).nats
+
+    assert run(1) == run(1) and run(1) != run(2)
 
 
 @pytest.mark.parametrize("discrete", [None, 5])
@@ -116,6 +129,16 @@ def test_summarize_ratio_estimator():
         summarize(torch.zeros(0), torch.zeros(0))
 
 
+def test_summarize_one_and_two_sequences_and_empty_input():
+    one = summarize(torch.tensor([6.0]), torch.tensor([1]))  # a single token is enough
+    assert one.nats_per_token == 6.0 and math.isnan(one.se_nats_per_token)
+    two = summarize(torch.tensor([3.0, 5.0]), torch.tensor([2, 2]))  # SE = stdev/(√2·c) = 0.5
+    assert two.nats_per_token == 2.0 and two.se_nats_per_token == pytest.approx(0.5)
+    for nats, tokens in (([], []), ([1.0], [0]), ([1.0, 2.0], [0, 0])):
+        with pytest.raises(ValueError, match="no tokens were evaluated"):
+            summarize(torch.tensor(nats), torch.tensor(tokens, dtype=torch.int64))
+
+
 def test_se_is_the_standard_error_of_the_mean_for_equal_lengths():
     """Equal lengths c: R = mean(n)/c and SE(R) = stdev(n)/(√N·c), the textbook SEM."""
     nats = [31.0, 12.5, 27.0, 18.25, 40.0, 22.0]
@@ -148,6 +171,12 @@ def test_time_nodes_cover_interval():
     assert float((w * t[0].double() ** 3).sum()) == pytest.approx(0.25)  # ∫_0^1 t³ dt
     with pytest.raises(ValueError, match="unknown time method"):
         time_nodes(2, "trapezoid", 0.0, gens)
+    t, w = time_nodes(4, "midpoint", 0.2, gens)  # t_j = t_min + (1 − t_min)·(j + ½)/n
+    torch.testing.assert_close(t, torch.tensor([0.3, 0.5, 0.7, 0.9]).expand(3, 4))
+    torch.testing.assert_close(w, torch.full((4,), 0.25, dtype=torch.float64))
+    for n, t_min in ((0, 0.0), (2, 1.0), (2, -0.1)):
+        with pytest.raises(ValueError, match="need t_samples >= 1 and t_min in"):
+            time_nodes(n, "midpoint", t_min, gens)
 
 
 def test_evaluate_split_on_prepared_pad_data(tmp_path):
@@ -160,6 +189,19 @@ def test_evaluate_split_on_prepared_pad_data(tmp_path):
     assert res.tokens == man.splits["valid"].tokens and res.sequences == man.splits["valid"].rows
     with pytest.raises(ValueError, match="vocab_size"):
         evaluate_split(Toy(V), MixedKernel(V, MASK, 0.1), SCHED, tmp_path / "d", "valid")
+    # max_batches keeps the first max_batches · batch_size rows; kwargs reach the bound
+    model, shards = Toy(man.vocab_size), TokenShards(tmp_path / "d", "valid")
+    part = evaluate_split(model, kern, SCHED, tmp_path / "d", batch_size=2, max_batches=2,
+                          t_samples=2, seed=4)  # fmt: skip
+    ids = torch.arange(4)
+    want = evaluate_rows(model, kern, SCHED, [(ids, shards.rows(ids))], t_samples=2, seed=4)
+    assert part == want and part.sequences == 4
+    one = list(shard_batches(shards, 1, max_rows=3))
+    assert [ids.tolist() for ids, _ in one] == [[0], [1], [2]]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        next(shard_batches(shards, 0))
+    with pytest.raises(ValueError, match="no batch was evaluated"):
+        evaluate_rows(model, kern, SCHED, [])
 
 
 def test_zero_shot_two_corpora_with_rules(tmp_path):
