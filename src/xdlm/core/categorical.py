@@ -39,9 +39,9 @@ def filter_logits(
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = out.topk(min(top_k, out.shape[-1]), dim=-1).values[..., -1:]
         out = out.masked_fill(out < kth, float("-inf"))
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_p is not None and top_p < 1.0:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = out.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the first token crossing p
