@@ -302,3 +302,36 @@ def test_logit_filter_removes_the_mask_even_when_it_is_the_top_logit():
     torch.testing.assert_close(LogitFilter(temperature=0.5).probs(logits, M)[0, 0], want)
     top2 = LogitFilter(top_k=2).probs(logits, M)[0, 0]  # the two best data ids: 5 and 1
     torch.testing.assert_close(top2, torch.tensor([0, 1, 0, 0, 0, math.e, 0]) / (1 + math.e))
+
+
+def test_guided_logits_is_the_cfg_combination_of_two_calls():
+    """logits_w = (1 + w)·logits(z | c) − w·logits(z | ∅), from two direct denoiser calls."""
+    from xdlm.sampling import guided_logits
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(4, V, V, generator=g)  # row 3 = the null class
+
+    def denoiser(z, t, attention_mask=None, cond=None):
+        c = torch.full((z.shape[0],), 3) if cond is None else cond
+        return table[c[:, None], z]
+
+    z, labels = torch.tensor([[0, M, 2], [M, 1, M]]), torch.tensor([0, 2])
+    cond, uncond = denoiser(z, None, None, labels), denoiser(z, None, None, None)
+    got = guided_logits(denoiser, z, None, labels, 1.5)
+    torch.testing.assert_close(got, 2.5 * cond - 1.5 * uncond)
+    assert guided_logits(denoiser, z, None, labels, 0.0) is not None
+    with pytest.raises(ValueError, match="guidance needs class labels"):
+        guided_logits(denoiser, z, None, None, 1.0)
+
+
+def test_step_arguments_at_their_bounds():
+    assert float(time_grid(LogLinear(), 2, t_end=0.0)[-1]) == 0.0  # t_end = 0 is allowed
+    with pytest.raises(ValueError, match="t_end must be in"):
+        time_grid(LogLinear(), 2, t_end=1.0)
+    assert ReMDM(eta=1.0).eta == 1.0  # η = 1 is the largest allowed
+    with pytest.raises(ValueError, match="eta must be in"):
+        ReMDM(eta=1.01)
+    enc = lambda s: [ord(c) for c in s]  # noqa: E731
+    assert parse_infill("a[BLANK]", enc, 1) == [97, None]  # one free position is allowed
+    with pytest.raises(ValueError, match="blank"):
+        parse_infill("a[BLANK]", enc, 0)
