@@ -75,3 +75,5 @@ def test_crash_at_every_point_of_a_save_keeps_old_or_new_checkpoint(tmp_path, mo
     else:
         pytest.fail("the save never finished")
     assert seen == {3, 5} and n >= 4, (seen, n)  # crashes hit both sides of the publication
+    left = sorted(p.name for p in (tmp_path / f"run{n}" / "checkpoints").iterdir())
+    assert left == ["latest", "step_0000005"]  # keep_last=1: one checkpoint, no temporaries
