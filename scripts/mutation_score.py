@@ -2,6 +2,10 @@
 
     python scripts/mutation_score.py                       # table: package, checked, killed, ...
     python scripts/mutation_score.py --sample 'xdlm.core.*' 150   # a seeded sample of names
+    python scripts/mutation_score.py --base COPY   # COPY's verdicts, overridden by mutants/'s
+
+(mutmut forgets every verdict when `[tool.mutmut]`'s test selection changes; `--base` merges a
+copy of an earlier `mutants/src` with a rerun of its survivors.)
 
 Score = killed / (killed + survived + no tests); timeouts count as killed (the mutant made the
 tests hang), "not checked" mutants are left out and reported.
@@ -21,10 +25,10 @@ from mutmut.stats import status_by_exit_code
 ROOT = Path(__file__).resolve().parents[1] / "mutants" / "src"
 
 
-def results() -> dict[str, int | None]:
-    """Mutant name -> exit code (None: not checked), over every mutated file."""
+def results(root: Path = ROOT) -> dict[str, int | None]:
+    """Mutant name -> exit code (None: not checked), over every mutated file under `root`."""
     out: dict[str, int | None] = {}
-    for meta in sorted(ROOT.rglob("*.py.meta")):
+    for meta in sorted(root.rglob("*.py.meta")):
         out.update(json.loads(meta.read_text())["exit_code_by_key"])
     return out
 
@@ -56,8 +60,11 @@ def main() -> None:
     parser.add_argument("--sample", nargs=2, metavar=("GLOB", "N"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--survivors", metavar="GLOB", help="list surviving mutant names")
+    parser.add_argument("--base", type=Path, help="an earlier copy of mutants/src to merge")
     args = parser.parse_args()
     codes = results()
+    if args.base is not None:
+        codes = {**results(args.base), **{k: c for k, c in codes.items() if c is not None}}
     if args.sample:
         pattern, n = args.sample[0], int(args.sample[1])
         names = sorted(k for k in codes if fnmatch.fnmatch(k, pattern))
