@@ -21,6 +21,10 @@ if [[ "${1:-}" == "--score" ]]; then
 fi
 pattern="${1:-xdlm.*}"
 if [[ -n "${2:-}" ]]; then  # a reproducible sample of the matching mutants
+  if [[ ! -d mutants/src ]]; then
+    echo "no mutants/ yet: run one package in full first, e.g. $0 'xdlm.eval.likelihood*'" >&2
+    exit 2
+  fi
   mapfile -t names < <(python scripts/mutation_score.py --sample "$pattern" "$2")
   python -m mutmut run --max-children "$CHILDREN" "${names[@]}"
 else
