@@ -91,13 +91,13 @@ def test_uniform_denoiser_mdlm_reference(method):
 
 @pytest.mark.parametrize("k", [0.0, 0.1, 1.0])
 def test_discrete_bound_tightens_towards_continuous(k):
-    """d_2 > d_64 ≈ continuous, per sequence on the same 400 sequences: the paired difference
-    cancels the data variance, so the tolerance (4 paired SE ≈ 0.06 nats + 0.01 for d_64's
+    """d_2 > d_64 ≈ continuous, per sequence on the same 300 sequences: the paired difference
+    cancels the data variance, so the tolerance (4 paired SE ≈ 0.07 nats + 0.01 for d_64's
     O(1/T) gap; d_2 − d_64 ≈ 0.04) is below the effect of dropping the ḡ term (0.13-0.26)."""
     kern = MixedKernel(V, None, 1.0) if k == 1.0 else MixedKernel(V, MASK, k)
-    x, model = _data(400), Toy(V)
-    bound = lambda **kw: sequence_bounds(model, kern, SCHED, _batches(x, 200), **kw).nats  # noqa: E731
-    cont = bound(t_samples=64, method="stratified")
+    x, model = _data(300), Toy(V)
+    bound = lambda **kw: sequence_bounds(model, kern, SCHED, _batches(x, 300), **kw).nats  # noqa: E731
+    cont = bound(t_samples=48, method="stratified")
     d2, d64 = bound(discrete_steps=2), bound(discrete_steps=64)
     assert bool(torch.isfinite(d2).all()) and float(d2.mean()) > float(d64.mean())
     diff = (d64 - cont) / L  # nats/token, per sequence
