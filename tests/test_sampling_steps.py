@@ -255,12 +255,13 @@ def test_remdm_step_matches_dense_remasking_reference(eta, strategy):
     kern = MixedKernel.mdlm(V, M)
     z = torch.tensor([[M, 0, M, 3, 5], [2, M, M, 1, M]])
     p = _probs(2, 5, seed=5)
-    out = ReMDM(eta, strategy).step(kern, p, z, _times(2, at, as_), None, Fixed.none(z))
+    remdm = ReMDM(eta, rescale=strategy == "rescale")
+    out = remdm.step(kern, p, z, _times(2, at, as_), None, Fixed.none(z))
     torch.testing.assert_close(out.probs.double(), _dense_remdm(p, z, at, as_, sigma))
     # the draw follows it: visible tokens are re-masked at rate σ (binomial, 5 SE)
     n = 4000
     zz = torch.tensor([[0, M]]).expand(n, 2)
-    draw = ReMDM(eta, strategy).step(
+    draw = remdm.step(
         kern, _probs(n, 2), zz, _times(n, at, as_), torch.Generator().manual_seed(0),
         Fixed.none(zz),
     ).z_s  # fmt: skip
@@ -276,7 +277,7 @@ def test_final_greedy_is_argmax_of_dense_posterior_for_k_positive(k):
     z = torch.randint(0, V, (4, 16), generator=g)
     p = _probs(4, 16, seed=8)
     at = 0.05
-    out = final_step(kern, p, z, torch.full((4,), at), "greedy", None, Fixed.none(z))
+    out = GreedyFinal().step(kern, p, z, torch.full((4,), at), None, Fixed.none(z))
     expect = _dense_bayes_posterior(p, z, k, at, 1.0).argmax(-1)
     assert torch.equal(out.z_s, expect)
     visible = z != M
@@ -325,9 +326,9 @@ def test_guided_logits_is_the_cfg_combination_of_two_calls():
 
 
 def test_step_arguments_at_their_bounds():
-    assert float(time_grid(LogLinear(), 2, t_end=0.0)[-1]) == 0.0  # t_end = 0 is allowed
+    assert float(UniformT(t_end=0.0).times(LogLinear(), 2)[-1]) == 0.0  # t_end = 0 is allowed
     with pytest.raises(ValueError, match="t_end must be in"):
-        time_grid(LogLinear(), 2, t_end=1.0)
+        UniformT(t_end=1.0).times(LogLinear(), 2)
     assert ReMDM(eta=1.0).eta == 1.0  # η = 1 is the largest allowed
     with pytest.raises(ValueError, match="eta must be in"):
         ReMDM(eta=1.01)
