@@ -1,0 +1,113 @@
+"""xdlm.data.synthetic: the hidden Markov law's forward algorithm against brute-force enumeration,
+its sampler against the exact law (chi-square), its entropy estimate, and the written dataset."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from xdlm.data.loader import TokenShards
+from xdlm.data.synthetic import HiddenMarkovLaw, load_law, topic_hmm, write_dataset
+from xdlm.eval.oracle import all_sequences
+
+
+def _tiny_law(seed: int = 0) -> HiddenMarkovLaw:
+    """H = 3 hidden states, D = 3 tokens, random dense parameters."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rows(n: int, m: int) -> torch.Tensor:
+        p = torch.rand(n, m, generator=gen, dtype=torch.float64) + 0.05
+        return p / p.sum(-1, keepdim=True)
+
+    return HiddenMarkovLaw(rows(1, 3)[0], rows(3, 3), rows(3, 3))
+
+
+def _brute_force(law: HiddenMarkovLaw, x: list[int]) -> float:
+    """p(x) = Σ over every hidden path h of π(h_1)·E(h_1, x_1)·Π A(h_l, h_{l+1})·E(h_{l+1}, x)."""
+    total = 0.0
+    for h in itertools.product(range(len(law.initial)), repeat=len(x)):
+        p = float(law.initial[h[0]] * law.emission[h[0], x[0]])
+        for pos in range(1, len(x)):
+            p *= float(law.transition[h[pos - 1], h[pos]] * law.emission[h[pos], x[pos]])
+        total += p
+    return total
+
+
+@pytest.mark.parametrize("law", [_tiny_law(0), _tiny_law(1), topic_hmm(3, 2, 2, seed=4)])
+def test_forward_matches_brute_force(law):
+    x = all_sequences(law.num_tokens, 4)
+    exact = torch.tensor([_brute_force(law, row) for row in x.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(law.log_prob(x).exp(), exact, rtol=1e-10, atol=0)
+    assert abs(float(exact.sum()) - 1.0) < 1e-12
+
+
+def test_samples_pass_chi_square():
+    law = _tiny_law(2)
+    x = law.sample(20_000, 3, torch.Generator().manual_seed(0))
+    seqs = all_sequences(3, 3)
+    index = (x * torch.tensor([9, 3, 1])).sum(-1)
+    observed = torch.bincount(index, minlength=len(seqs)).double()
+    expected = law.log_prob(seqs).exp() * len(x)
+    assert float(expected.min()) > 5  # the chi-square approximation holds
+    p_value = stats.chisquare(observed.numpy(), expected.numpy()).pvalue
+    assert p_value > 1e-3
+
+
+def test_entropy_estimate_covers_the_exact_entropy():
+    law = _tiny_law(3)
+    p = law.log_prob(all_sequences(3, 4)).exp()
+    exact = float(-(p * p.log()).sum()) / 4
+    est = law.entropy(4, 4000, torch.Generator().manual_seed(1), batch=1000)
+    assert est.samples == 4000 and est.se > 0
+    assert abs(est.mean - exact) < 4 * est.se
+
+
+def test_topic_hmm_keeps_the_topic():
+    law = topic_hmm(num_tokens=8, topics=2, local_states=3, seed=0)
+    blocks = law.transition.reshape(2, 3, 2, 3)
+    assert float(blocks[0, :, 1].sum()) == 0.0 and float(blocks[1, :, 0].sum()) == 0.0
+    assert law.num_tokens == 8 and law.initial.shape == (6,)
+
+
+def test_bad_laws_and_ids_raise():
+    law = _tiny_law()
+    with pytest.raises(ValueError, match="rows summing to 1"):
+        HiddenMarkovLaw(law.initial, law.transition * 2, law.emission)
+    with pytest.raises(ValueError, match=r"transition \(H, H\)"):
+        HiddenMarkovLaw(law.initial, law.transition[:2], law.emission)
+    with pytest.raises(ValueError, match="ids in 0..2"):
+        law.log_prob(torch.tensor([[0, 3]]))
+    with pytest.raises(ValueError, match="positive sizes"):
+        topic_hmm(num_tokens=0)
+
+
+def test_written_dataset_round_trips(tmp_path):
+    law = topic_hmm(num_tokens=5, topics=2, local_states=2, seed=1)
+    manifest = write_dataset(law, tmp_path / "d", seq_len=6, rows={"train": 10, "valid": 4}, seed=3)
+    assert (manifest.vocab_size, manifest.mask_id, manifest.seq_len) == (6, 5, 6)
+    again = load_law(tmp_path / "d")
+    torch.testing.assert_close(again.emission, law.emission)
+    rows = TokenShards(tmp_path / "d", "valid").rows(torch.arange(4)).tokens
+    assert rows.shape == (4, 6) and int(rows.max()) < 5
+    assert torch.isfinite(again.log_prob(rows)).all()
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_dataset(law, tmp_path / "d", seq_len=6, rows={"train": 1}, seed=0)
+
+
+def test_seed_intervals_match_scipy():
+    from xdlm.eval.seeds import paired_difference, t_interval
+
+    xs = [2.41, 2.45, 2.40, 2.47]
+    ci = t_interval(xs)
+    lo, hi = stats.t.interval(0.95, 3, loc=sum(xs) / 4, scale=stats.sem(xs))
+    assert math.isclose(ci.lo, lo) and math.isclose(ci.hi, hi) and ci.n == 4
+    d = paired_difference([3.0, 4.0, 5.5], [1.0, 2.0, 3.0])
+    assert math.isclose(d.mean, 2.1666666666666665) and d.excludes_zero()
+    with pytest.raises(ValueError, match="at least 2"):
+        t_interval([1.0])
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_difference([1.0, 2.0], [1.0])
