@@ -1,0 +1,180 @@
+"""Statistics, table, plot and the docs/results.md section of the character-level benchmark.
+
+Per model: validation bits per token (BPC up to the BOS/EOS ids, one pair per document) and, per
+T, the samples' SmolLM2 gen-PPL (as nats per scorer token) and unigram entropy. Over seeds: 95 %
+t-intervals and paired differences against k = 0 (`xdlm.eval.seeds`). Hand analysis:
+results/<budget>.notes.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from xdlm.eval.seeds import paired_difference, t_interval
+
+HERE = Path(__file__).resolve().parent
+SECTION = "## Character-level text (text8-style Wikipedia leads)"
+
+
+def metrics(model: dict) -> dict[str, float]:
+    """bpc, and per T: gen@T (gen-PPL nats per scorer token), ent@T (unigram entropy)."""
+    out = {"bpc": model["valid"]["bits_per_token"]}
+    for row in model["samples"]:
+        out[f"gen@{row['steps']}"] = row["gen_nats_per_token"]
+        out[f"ent@{row['steps']}"] = row["unigram_entropy"]
+    return out
+
+
+def summarize(results: dict) -> dict:
+    """Per k: values per seed, t-intervals, paired differences vs k = 0 (and the BPC ratio)."""
+    table: dict[float, dict[int, dict]] = {}
+    for m in results["models"].values():
+        table.setdefault(float(m["k"]), {})[int(m["seed"])] = metrics(m)
+    base, out = table.get(0.0, {}), {}
+    for k, seeds in sorted(table.items()):
+        names = sorted(set.intersection(*(set(v) for v in seeds.values())))
+        row = {"seeds": sorted(seeds), "values": {n: [seeds[s][n] for s in seeds] for n in names}}
+        row["ci"] = {n: t_interval(v).to_dict() if len(v) > 1 else None
+                     for n, v in row["values"].items()}  # fmt: skip
+        shared = sorted(set(seeds) & set(base))
+        if k != 0.0 and len(shared) >= 2:
+            row["paired_vs_k0"] = {n: paired_difference([seeds[s][n] for s in shared],
+                                                        [base[s][n] for s in shared]).to_dict()
+                                   for n in names}  # fmt: skip
+            ratio = [seeds[s]["bpc"] / base[s]["bpc"] - 1.0 for s in shared]
+            row["bpc_ratio_vs_k0"] = t_interval(ratio).to_dict()
+        out[f"{k:g}"] = row
+    return out
+
+
+def _fmt(ci: dict | None, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
+    if ci is None:
+        return "–"
+    m, lo, hi = (ci[x] * scale for x in ("mean", "lo", "hi"))
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]{unit}"
+
+
+def _ppl(ci: dict | None) -> str:
+    """A gen-PPL interval from the interval of its log (nats per scorer token)."""
+    if ci is None:
+        return "–"
+    return f"{math.exp(ci['mean']):.0f} [{math.exp(ci['lo']):.0f}, {math.exp(ci['hi']):.0f}]"
+
+
+def tables(summary: dict, steps: list[int], wall: dict[str, float]) -> str:
+    """BPC, gen-PPL and entropy per k and T, then paired differences vs k = 0."""
+    head = " | ".join(f"T = {t}" for t in steps)
+    lines = ["| k | seeds | BPC (bits/token) | train min |", "|---|---|---|---|"]
+    for k, row in summary.items():
+        lines.append(f"| {k} | {len(row['seeds'])} | {_fmt(row['ci']['bpc'])} | "
+                     f"{wall[k] / 60:.1f} |")  # fmt: skip
+    lines += ["", "gen-PPL (SmolLM2; interval from the log) / unigram entropy (nats):", "",
+              f"| k | {head} |", "|---|" + "---|" * len(steps)]  # fmt: skip
+    for k, row in summary.items():
+        cells = [f"{_ppl(row['ci'].get(f'gen@{t}'))} / {_fmt(row['ci'].get(f'ent@{t}'), 2)}"
+                 for t in steps]  # fmt: skip
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences against k = 0 (same seed; log gen-PPL in nats/token):", "",
+              "| k − (k = 0) | BPC ratio − 1 | " + " | ".join(f"Δ log gen-PPL @{t}"
+                                                           for t in steps) + " |",
+              "|---|---|" + "---|" * len(steps)]  # fmt: skip
+    for k, row in summary.items():
+        if "paired_vs_k0" in row:
+            cells = [_fmt(row["paired_vs_k0"].get(f"gen@{t}")) for t in steps]
+            lines.append(f"| {k} | {_fmt(row['bpc_ratio_vs_k0'], 1, 100.0, ' %')} | "
+                         + " | ".join(cells) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def answers(summary: dict, steps: list[int]) -> str:
+    """(a)-(c) from the numbers only."""
+    lines = []
+    for k, row in summary.items():
+        if "paired_vs_k0" in row:
+            d = row["paired_vs_k0"]["bpc"]
+            word = "worse" if d["lo"] > 0 else ("better" if d["hi"] < 0 else "not separated")
+            lines.append(f"- (a) k = {k} vs k = 0: ΔBPC = {_fmt(d)} ({word}).")
+    if (x := summary.get("0.1")) is not None and "paired_vs_k0" in x:
+        for t in [t for t in steps if t <= 8]:
+            lines.append(
+                f"- (b) T = {t}, k = 0.1 − k = 0: Δ log gen-PPL = "
+                f"{_fmt(x['paired_vs_k0'].get(f'gen@{t}'))}, Δ unigram entropy = "
+                f"{_fmt(x['paired_vs_k0'].get(f'ent@{t}'))}."
+            )
+        r = x["bpc_ratio_vs_k0"]
+        within = "yes" if r["hi"] <= 0.05 else ("no" if r["lo"] > 0.05 else "undecided")
+        lines.append(f"- (c) BPC(0.1) / BPC(0) − 1 = {_fmt(r, 2, 100.0, ' %')}: within 5 %? "
+                     f"{within}.")  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(summary: dict, steps: list[int], path: Path) -> None:
+    """Left: BPC per seed and mean ± CI by k. Right: gen-PPL against T per k (mean ± CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (k, row) in enumerate(summary.items()):
+        left.plot([i] * len(row["values"]["bpc"]), row["values"]["bpc"], "o", color=f"C{i}")
+        if (ci := row["ci"]["bpc"]) is not None:
+            err = [[ci["mean"] - ci["lo"]], [ci["hi"] - ci["mean"]]]
+            left.errorbar([i + 0.15], [ci["mean"]], yerr=err, fmt="s", color=f"C{i}", capsize=4)
+        pts = [(t, row["ci"].get(f"gen@{t}")) for t in steps]
+        pts = [(t, c) for t, c in pts if c is not None]
+        xs = [t for t, _ in pts]
+        right.plot(xs, [math.exp(c["mean"]) for _, c in pts], "o-", color=f"C{i}", label=f"k={k}")
+        lo, hi = [math.exp(c["lo"]) for _, c in pts], [math.exp(c["hi"]) for _, c in pts]
+        right.fill_between(xs, lo, hi, color=f"C{i}", alpha=0.2)
+    left.set_xticks(range(len(summary)), [f"k = {k}" for k in summary])
+    left.set_ylabel("validation bits per character")
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("sampling steps T")
+    right.set_ylabel("gen-PPL (SmolLM2)")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(results: dict, settings: dict, budget: str, command: str, root: Path) -> None:
+    """Raw JSON, plot and the docs/results.md section under `root`."""
+    summary = summarize(results)
+    results["summary"] = summary
+    raw = root / "experiments" / "chartext" / "results" / f"{budget}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(results, indent=1))
+    spec = settings["budgets"][budget]
+    steps, image = spec["eval"]["steps"], root / "docs" / "img" / f"chartext_{budget}.png"
+    plot(summary, steps, image)
+    wall: dict[str, list[float]] = {}
+    for m in results["models"].values():
+        wall.setdefault(f"{float(m['k']):g}", []).append(m["train"]["wall_s"])
+    notes = HERE / "results" / f"{budget}.notes.md"
+    note = notes.read_text() if notes.is_file() else "(no analysis written yet)"
+    ev, train_cfg = spec["eval"], {**settings["base"]["train"], **spec["config"]["train"]}
+    data_cfg = {**settings["base"]["data"], **spec["config"].get("data", {})}
+    tokens = train_cfg["steps"] * data_cfg["batch_size"] * data_cfg["seq_len"]
+    text = (
+        f"{SECTION}\n\nBudget `{budget}`: {len(results['models'])} models (k × seed), "
+        f"{train_cfg['steps']} steps × {data_cfg['batch_size']} × {data_cfg['seq_len']} = "
+        f"{tokens / 1e6:.1f} M characters each; validation NELBO on {ev['valid_rows']} rows "
+        f"({ev['t_samples']} t per row), {ev['num_samples']} samples per T (ancestral, "
+        f"temperature 1). Machine: {results['machine']}. Settings: "
+        f"`experiments/chartext/chartext.yaml`; raw: `experiments/chartext/results/{budget}.json`."
+        f"\n\n    {command}\n\n"
+        + tables(summary, steps, {k: sum(v) / len(v) for k, v in wall.items()})
+        + f"\n\n![char-level](img/{image.name})\n\n{answers(summary, steps)}\n\n{note}"
+    )
+    doc = root / "docs" / "results.md"
+    old = doc.read_text() if doc.is_file() else "# Results\n"
+    own = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    new, n = own.subn(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
+    doc.write_text((new if n else old.rstrip("\n") + "\n\n" + text).rstrip("\n") + "\n")
+    print(f"wrote {raw}, {image} and docs/results.md", flush=True)

@@ -1,0 +1,219 @@
+"""Character-level text (text8-style Wikipedia leads): bits per character and samples, over k
+and seeds, as one command.
+
+    python experiments/chartext/run.py --budget cpu-small --jobs 2
+    python experiments/chartext/run.py --budget smoke --out /tmp/ct --publish /tmp/ct  # tests
+
+Stages (each skips work already done in `--out`, so a stopped run resumes):
+  data    normalise the Wikipedia leads the text8 way and prepare them (char tokenizer, L = 256);
+  train   one model per (k, seed) with `xdlm.train.loop.train` (<out>/runs/k<k>-s<seed>);
+  eval    validation NELBO in bits per token (the ids are characters plus one BOS and one EOS
+          per document) with its SE; samples at every T scored by the SmolLM2 gen-PPL beside
+          their unigram entropy (`xdlm.eval.genquality.sample_quality`);
+  report  95 % t-intervals over seeds, paired differences vs k = 0, raw JSON, table, plot and
+          the `## Character-level text` section of docs/results.md.
+Settings: chartext.yaml (fixed before any result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from xdlm.config import XDLMConfig, merge
+from xdlm.data.documents import read_documents
+from xdlm.data.prepare import prepare
+from xdlm.eval.genquality import load_scorer
+from xdlm.eval.likelihood import evaluate_split
+from xdlm.eval.sweep import SamplingSetting, sweep
+from xdlm.train.checkpoint import load_model
+from xdlm.train.loop import train
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+TEXT = REPO.parent / "shared" / "data" / "text"
+STAGES = ("data", "train", "eval", "report")
+SAMPLER = {"sampler": "ancestral", "final": "ancestral", "grid": "t", "t_end": 1e-5}
+NON_LETTERS = re.compile(r"[^a-z]+")
+
+
+def text8_normalise(text: str) -> str:
+    """Lowercase; every run of characters outside a-z becomes one space (text8's alphabet)."""
+    return NON_LETTERS.sub(" ", text.lower()).strip()
+
+
+def load_settings(path: Path = HERE / "chartext.yaml") -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def model_config(settings: dict, budget: str, k: float, seed: int, data_dir: Path) -> XDLMConfig:
+    """Base, the budget's overrides, then k and the seed (the only changes between models)."""
+    if budget not in settings["budgets"]:
+        raise ValueError(f"unknown budget {budget!r}; choose one of {sorted(settings['budgets'])}")
+    cfg = merge(merge(XDLMConfig(), settings["base"]), settings["budgets"][budget]["config"])
+    kernel = {"k": float(k), "use_mask": k != 1.0}
+    data = {"path": str(data_dir), "sources": []}
+    return merge(cfg, {"kernel": kernel, "data": data, "train": {"seed": int(seed)}})
+
+
+def run_name(k: float, seed: int) -> str:
+    return f"k{k:g}" + ("-nomask" if k == 1.0 else "") + f"-s{seed}"
+
+
+def models(settings: dict) -> list[tuple[float, int]]:
+    """(k, seed), every k of seed 0 first, so a partial run has whole seeds."""
+    return [(float(k), int(s)) for s in settings["seeds"] for k in settings["ks"]]
+
+
+def prepare_data(settings: dict, budget: str, out: Path) -> Path:
+    """Normalised documents (.txt.gz, blank-line separated) prepared once per `out`."""
+    data_dir = out / "data"
+    if (data_dir / "manifest.json").is_file():
+        return data_dir
+    src = TEXT / settings["source"]
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} is missing; the experiment needs ../shared/data/text")
+    docs = [d for d in (text8_normalise(doc) for doc in read_documents(src)) if d]
+    norm = out / "sources" / "wiki_text8.txt.gz"
+    norm.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(norm, "wt", encoding="utf-8") as fh:
+        fh.write("\n\n".join(docs) + "\n")
+    cfg = model_config(settings, budget, 0.0, 0, data_dir).data
+    prepare(norm, data_dir, tokenizer="char", seq_len=cfg.seq_len, mode=cfg.mode,
+            valid_fraction=settings["valid_fraction"], seed=0)  # fmt: skip
+    return data_dir
+
+
+def train_model(cfg: XDLMConfig, run_dir: Path) -> dict:
+    info_path = run_dir / "train_info.json"
+    if not info_path.is_file():
+        start = time.perf_counter()
+        result = train(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest").is_file())
+        if result.interrupted or result.step < cfg.train.steps:
+            raise RuntimeError(f"training of {run_dir} stopped at step {result.step}")
+        info = {"k": cfg.kernel.k, "seed": cfg.train.seed, "step": result.step,
+                "wall_s": time.perf_counter() - start, "tokens_per_s": result.tokens_per_s,
+                "threads": torch.get_num_threads()}  # fmt: skip
+        info_path.write_text(json.dumps(info, indent=1))
+    return json.loads(info_path.read_text())
+
+
+def evaluate_model(run_dir: Path, data_dir: Path, ev: dict, scorer) -> dict:
+    """Validation NELBO (bits/token with SE) and the sample sweep, cached in eval.json."""
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        start, loaded = time.perf_counter(), load_model(run_dir)
+        m, kern, sched = loaded.model, loaded.kernel, loaded.schedule
+        valid = evaluate_split(m, kern, sched, data_dir, "valid", batch_size=ev["sample_batch"],
+                               max_batches=-(-ev["valid_rows"] // ev["sample_batch"]),
+                               seed=ev["seed"], t_samples=ev["t_samples"])  # fmt: skip
+        rows = sweep(m, kern, sched, loaded.tokenizer, scorer, steps=ev["steps"],
+                     settings=(SamplingSetting(1.0, None),), num_samples=ev["num_samples"],
+                     seq_len=loaded.config.data.seq_len, batch_size=ev["sample_batch"],
+                     seed=ev["seed"], **SAMPLER)  # fmt: skip
+        result = {"step": loaded.step, "valid": valid.to_dict(), "samples": rows,
+                  "eval_wall_s": time.perf_counter() - start}  # fmt: skip
+        path.write_text(json.dumps(result, indent=1))
+    return json.loads(path.read_text())
+
+
+def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple[int, int]):
+    """Train and/or evaluate every share[1]-th model from the share[0]-th."""
+    data_dir, ev = out / "data", settings["budgets"][budget]["eval"]
+    scorer = load_scorer("smollm2") if "eval" in stages else None
+    for k, seed in models(settings)[share[0] :: share[1]]:
+        run_dir = out / "runs" / run_name(k, seed)
+        if "train" in stages:
+            train_model(model_config(settings, budget, k, seed, data_dir), run_dir)
+        if "eval" in stages and (run_dir / "train_info.json").is_file():
+            evaluate_model(run_dir, data_dir, ev, scorer)
+            print(f"evaluated {run_dir.name}", flush=True)
+
+
+def spawn_workers(args, n: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    stages = ",".join(s for s in args.stages.split(",") if s in ("train", "eval"))
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--budget",
+                args.budget,
+                "--out",
+                str(args.out),
+                "--stages",
+                stages,
+                "--worker",
+                f"{i}/{n}",
+            ],
+            env=env,
+        )  # fmt: skip
+        for i in range(n)
+    ]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f"a worker failed (exit codes {codes}); rerun to resume")
+
+
+def collect(settings: dict, out: Path) -> dict:
+    results = {"models": {}}
+    for k, seed in models(settings):
+        run_dir = out / "runs" / run_name(k, seed)
+        if (run_dir / "eval.json").is_file():
+            info = json.loads((run_dir / "train_info.json").read_text())
+            evaluation = json.loads((run_dir / "eval.json").read_text())
+            results["models"][run_name(k, seed)] = {"k": k, "seed": seed, "train": info,
+                                                    **evaluation}  # fmt: skip
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", default="cpu-small")
+    parser.add_argument("--out", default=None, help="work dir (default runs/chartext/<budget>)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset")
+    parser.add_argument("--jobs", type=int, default=1, help="single-thread worker processes")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "i/n", internal
+    parser.add_argument("--machine", default="2 shared CPU cores")
+    parser.add_argument("--publish", default=str(REPO), help="root for results/ and docs/")
+    args = parser.parse_args(argv)
+    stages = args.stages.split(",")
+    if bad := sorted(set(stages) - set(STAGES)):
+        raise ValueError(f"unknown stage(s) {bad}; choose from {STAGES}")
+    settings = load_settings()
+    args.out = Path(args.out or REPO / "runs" / "chartext" / args.budget)
+    if args.worker is not None:
+        torch.set_num_threads(1)
+        i, n = (int(v) for v in args.worker.split("/"))
+        work(settings, args.budget, args.out, stages, (i, n))
+        return 0
+    prepare_data(settings, args.budget, args.out)
+    if "train" in stages or "eval" in stages:
+        if args.jobs > 1:
+            spawn_workers(args, args.jobs)
+        else:
+            work(settings, args.budget, args.out, stages, (0, 1))
+    if "report" in stages:
+        from report import report  # beside this file; matplotlib only when reporting
+
+        command = f"python experiments/chartext/run.py --budget {args.budget}"
+        command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
+        results = collect(settings, args.out)
+        results.update(budget=args.budget, machine=args.machine)
+        report(results, settings, args.budget, command, Path(args.publish))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
