@@ -36,7 +36,7 @@ from xdlm.data.prepare import prepare
 from xdlm.eval.genquality import load_scorer
 from xdlm.eval.likelihood import evaluate_split
 from xdlm.eval.sweep import SamplingSetting, sweep
-from xdlm.train.checkpoint import load_model
+from xdlm.runs import load_run
 from xdlm.train.loop import train
 
 HERE = Path(__file__).resolve().parent
@@ -112,7 +112,7 @@ def evaluate_model(run_dir: Path, data_dir: Path, ev: dict, scorer) -> dict:
     """Validation NELBO (bits/token with SE) and the sample sweep, cached in eval.json."""
     path = run_dir / "eval.json"
     if not path.is_file():
-        start, loaded = time.perf_counter(), load_model(run_dir)
+        start, loaded = time.perf_counter(), load_run(run_dir)
         m, kern, sched = loaded.model, loaded.kernel, loaded.schedule
         valid = evaluate_split(m, kern, sched, data_dir, "valid", batch_size=ev["sample_batch"],
                                max_batches=-(-ev["valid_rows"] // ev["sample_batch"]),

@@ -167,8 +167,8 @@ def plot(summary: dict, reference: dict, steps: list[int], path: Path) -> None:
         vals = [100 * v for v in row["values"]["rel_gap"]]
         left.plot([i] * len(vals), vals, "o", color=f"C{i}", alpha=0.5)
         if (ci := row["ci"]["rel_gap"]) is not None:
-            left.errorbar([i + 0.15], [100 * ci["mean"]], yerr=[[100 * (ci["mean"] - ci["lo"])],
-                          [100 * (ci["hi"] - ci["mean"])]], fmt="s", color=f"C{i}", capsize=4)  # fmt: skip
+            err = [[100 * (ci["mean"] - ci["lo"])], [100 * (ci["hi"] - ci["mean"])]]
+            left.errorbar([i + 0.15], [100 * ci["mean"]], yerr=err, fmt="s", color=f"C{i}")
         cis = [row["ci"].get(f"nll@{t}") for t in steps]
         pts = [(t, c) for t, c in zip(steps, cis, strict=True) if c is not None]
         right.plot([t for t, _ in pts], [c["mean"] for _, c in pts], "o-", color=f"C{i}",

@@ -40,7 +40,7 @@ from xdlm.data.synthetic import HiddenMarkovLaw, load_law, topic_hmm, write_data
 from xdlm.eval.genquality import unigram_entropy
 from xdlm.eval.likelihood import sequence_bounds, shard_batches, summarize
 from xdlm.eval.sweep import SamplingSetting, generate_many
-from xdlm.train.checkpoint import load_model
+from xdlm.runs import load_run
 from xdlm.train.loop import train
 
 HERE = Path(__file__).resolve().parent
@@ -181,7 +181,7 @@ def evaluate_model(run_dir: Path, data_dir: Path, ev: dict) -> dict:
     path = run_dir / "eval.json"
     if not path.is_file():
         start, law = time.perf_counter(), load_law(data_dir)
-        loaded = load_model(run_dir)
+        loaded = load_run(run_dir)
         result = {"step": loaded.step, "likelihood": likelihood(loaded, data_dir, law, ev)}
         result["samples"] = sample_rows(loaded, law, ev)
         result["eval_wall_s"] = time.perf_counter() - start
