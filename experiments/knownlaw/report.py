@@ -247,6 +247,7 @@ def section_text(
     ev = spec["eval"]
     wall = sum(m["train"]["wall_s"] + m["eval_wall_s"] for m in results["models"].values())
     threads = sorted({m["train"]["threads"] for m in results["models"].values()})
+    cpu = results.get("cpu", {"cpu": "CPU not recorded", "capability": "?"})
     return f"""{SECTION}
 
 Budget `{budget}`: {len(results["models"])} models (k × seed), each a {model_cfg["n_layers"]} × \
@@ -268,8 +269,9 @@ before any result); raw numbers: `experiments/knownlaw/results/{budget}.json`.
 
     {command}
 
-Machine: {results["machine"]}, {threads} thread(s) per model; total train + eval wall time of
-all models {wall / 60:.0f} min (workers ran in parallel on a machine shared with other jobs).
+Machine: {results["machine"]} ({cpu["cpu"]}, {cpu["capability"]}), {threads} thread(s) per
+model, fp32; train + eval wall time of all models {wall / 60:.0f} min, summed over the parallel
+workers (the machine was shared with other jobs: the times are not idle-machine figures).
 
 Likelihood (95 % CI over seeds):
 

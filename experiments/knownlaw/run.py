@@ -40,6 +40,7 @@ from xdlm.data.synthetic import HiddenMarkovLaw, load_law, topic_hmm, write_data
 from xdlm.eval.genquality import unigram_entropy
 from xdlm.eval.likelihood import sequence_bounds, shard_batches, summarize
 from xdlm.eval.sweep import SamplingSetting, generate_many
+from xdlm.precision import cpu_description
 from xdlm.runs import load_run
 from xdlm.train.loop import train
 
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         command = f"python experiments/knownlaw/run.py --budget {args.budget}"
         command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
         results = collect(settings, args.out)
-        results.update(budget=args.budget, machine=args.machine)
+        results.update(budget=args.budget, machine=args.machine, cpu=cpu_description())
         from report import report  # matplotlib only when reporting
 
         report(results, settings, args.budget, command, Path(args.publish))
