@@ -126,10 +126,13 @@ def answers(summary: dict, reference: dict, criterion: float) -> str:
     if (k0 := summary.get("0")) is not None:
         worst = max(k0["values"]["rel_gap"])
         met = "met" if worst <= criterion else "NOT met"
+        unigram, nelbo = reference["unigram_entropy_marginal"], k0["values"]["nelbo"]
+        learned = [(unigram - v) / (unigram - h) for v in nelbo]
         lines.append(
             f"- Learnable regime (k = 0 NELBO ≤ {1 + criterion:.2f} × H = "
             f"{(1 + criterion) * h:.3f} for every seed): {met}; worst seed NELBO / H − 1 = "
-            f"{100 * worst:.1f} %."
+            f"{100 * worst:.1f} %. Share of the structure (marginal unigram entropy − H) the "
+            f"k = 0 NELBO captures: {100 * min(learned):.0f}–{100 * max(learned):.0f} %."
         )
     for k, row in summary.items():
         if "paired_vs_k0" not in row:
@@ -246,7 +249,8 @@ def section_text(
     tokens = train_cfg["steps"] * data_cfg["batch_size"] * data_cfg["seq_len"]
     ev = spec["eval"]
     wall = sum(m["train"]["wall_s"] + m["eval_wall_s"] for m in results["models"].values())
-    threads = sorted({m["train"]["threads"] for m in results["models"].values()})
+    threads = ", ".join(str(t) for t in sorted({m["train"]["threads"] for m in
+                                                 results["models"].values()}))  # fmt: skip
     cpu = results.get("cpu", {"cpu": "CPU not recorded", "capability": "?"})
     return f"""{SECTION}
 
