@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from xdlm.config import XDLMConfig, merge
+from xdlm.builders import build_sampler
+from xdlm.config import SampleConfig, XDLMConfig, merge
 from xdlm.data.documents import read_documents
 from xdlm.data.prepare import prepare
 from xdlm.eval.genquality import load_scorer
@@ -43,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 TEXT = REPO.parent / "shared" / "data" / "text"
 STAGES = ("data", "train", "eval", "report")
-SAMPLER = {"sampler": "ancestral", "final": "ancestral", "grid": "t", "t_end": 1e-5}
+PLAN = build_sampler(SampleConfig(sampler="ancestral", final="ancestral", grid="t", t_end=1e-5))
+SAMPLER = {"sampler": PLAN.sampler, "final": PLAN.final, "grid": PLAN.grid}
 NON_LETTERS = re.compile(r"[^a-z]+")
 
 
@@ -130,12 +132,14 @@ def evaluate_model(run_dir: Path, data_dir: Path, ev: dict, scorer) -> dict:
 def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple[int, int]):
     """Train and/or evaluate every share[1]-th model from the share[0]-th."""
     data_dir, ev = out / "data", settings["budgets"][budget]["eval"]
-    scorer = load_scorer("smollm2") if "eval" in stages else None
+    scorer = None  # loaded when the first model is evaluated (not before training)
     for k, seed in models(settings)[share[0] :: share[1]]:
         run_dir = out / "runs" / run_name(k, seed)
         if "train" in stages:
             train_model(model_config(settings, budget, k, seed, data_dir), run_dir)
         if "eval" in stages and (run_dir / "train_info.json").is_file():
+            if scorer is None and not (run_dir / "eval.json").is_file():
+                scorer = load_scorer("smollm2")
             evaluate_model(run_dir, data_dir, ev, scorer)
             print(f"evaluated {run_dir.name}", flush=True)
 

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from xdlm.config import XDLMConfig, merge
+from xdlm.builders import build_sampler
+from xdlm.config import SampleConfig, XDLMConfig, merge
 from xdlm.data.loader import TokenShards
 from xdlm.data.synthetic import HiddenMarkovLaw, load_law, topic_hmm, write_dataset
 from xdlm.eval.genquality import unigram_entropy
@@ -49,7 +50,8 @@ REPO = HERE.parent.parent
 STAGES = ("data", "train", "eval", "report")
 # Sampler fixed before any result (as in experiments/tradeoff): ancestral posterior steps on the
 # t grid, temperature 1, no top-k/top-p, ancestral noise-removal final step.
-SAMPLER = {"sampler": "ancestral", "final": "ancestral", "grid": "t", "t_end": 1e-5}
+PLAN = build_sampler(SampleConfig(sampler="ancestral", final="ancestral", grid="t", t_end=1e-5))
+SAMPLER = {"sampler": PLAN.sampler, "final": PLAN.final, "grid": PLAN.grid}
 
 
 def load_settings(path: Path = HERE / "knownlaw.yaml") -> dict:
