@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +36,9 @@ from xdlm.eval.genquality import load_scorer
 from xdlm.eval.likelihood import evaluate_split
 from xdlm.eval.sweep import SamplingSetting, sweep
 from xdlm.runs import load_run
-from xdlm.train.loop import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
+from seedgrid import models, spawn_workers, train_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -72,11 +72,6 @@ def run_name(k: float, seed: int) -> str:
     return f"k{k:g}" + ("-nomask" if k == 1.0 else "") + f"-s{seed}"
 
 
-def models(settings: dict) -> list[tuple[float, int]]:
-    """(k, seed), every k of seed 0 first, so a partial run has whole seeds."""
-    return [(float(k), int(s)) for s in settings["seeds"] for k in settings["ks"]]
-
-
 def prepare_data(settings: dict, budget: str, out: Path) -> Path:
     """Normalised documents (.txt.gz, blank-line separated) prepared once per `out`."""
     data_dir = out / "data"
@@ -94,20 +89,6 @@ def prepare_data(settings: dict, budget: str, out: Path) -> Path:
     prepare(norm, data_dir, tokenizer="char", seq_len=cfg.seq_len, mode=cfg.mode,
             valid_fraction=settings["valid_fraction"], seed=0)  # fmt: skip
     return data_dir
-
-
-def train_model(cfg: XDLMConfig, run_dir: Path) -> dict:
-    info_path = run_dir / "train_info.json"
-    if not info_path.is_file():
-        start = time.perf_counter()
-        result = train(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest").is_file())
-        if result.interrupted or result.step < cfg.train.steps:
-            raise RuntimeError(f"training of {run_dir} stopped at step {result.step}")
-        info = {"k": cfg.kernel.k, "seed": cfg.train.seed, "step": result.step,
-                "wall_s": time.perf_counter() - start, "tokens_per_s": result.tokens_per_s,
-                "threads": torch.get_num_threads()}  # fmt: skip
-        info_path.write_text(json.dumps(info, indent=1))
-    return json.loads(info_path.read_text())
 
 
 def evaluate_model(run_dir: Path, data_dir: Path, ev: dict, scorer) -> dict:
@@ -142,32 +123,6 @@ def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple
                 scorer = load_scorer("smollm2")
             evaluate_model(run_dir, data_dir, ev, scorer)
             print(f"evaluated {run_dir.name}", flush=True)
-
-
-def spawn_workers(args, n: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    stages = ",".join(s for s in args.stages.split(",") if s in ("train", "eval"))
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--budget",
-                args.budget,
-                "--out",
-                str(args.out),
-                "--stages",
-                stages,
-                "--worker",
-                f"{i}/{n}",
-            ],
-            env=env,
-        )  # fmt: skip
-        for i in range(n)
-    ]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"a worker failed (exit codes {codes}); rerun to resume")
 
 
 def collect(settings: dict, out: Path) -> dict:
@@ -205,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_data(settings, args.budget, args.out)
     if "train" in stages or "eval" in stages:
         if args.jobs > 1:
-            spawn_workers(args, args.jobs)
+            spawn_workers(__file__, args, args.jobs)
         else:
             work(settings, args.budget, args.out, stages, (0, 1))
     if "report" in stages:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +41,9 @@ from xdlm.eval.likelihood import sequence_bounds, shard_batches, summarize
 from xdlm.eval.sweep import SamplingSetting, generate_many
 from xdlm.precision import cpu_description
 from xdlm.runs import load_run
-from xdlm.train.loop import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
+from seedgrid import models, spawn_workers, train_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -76,11 +76,6 @@ def model_config(settings: dict, budget: str, k: float, seed: int, data_dir: Pat
 def run_name(k: float, seed: int) -> str:
     """k0-s0, k0.1-s2, k1-nomask-s1, ..."""
     return f"k{k:g}" + ("-nomask" if k == 1.0 else "") + f"-s{seed}"
-
-
-def models(settings: dict) -> list[tuple[float, int]]:
-    """(k, seed) in training order: every k of seed 0 first, so a partial run has whole seeds."""
-    return [(float(k), int(s)) for s in settings["seeds"] for k in settings["ks"]]
 
 
 def per_token(nll: torch.Tensor, length: int) -> dict:
@@ -124,21 +119,6 @@ def prepare_data(settings: dict, budget: str, out: Path) -> Path:
     if not ref.is_file():
         ref.write_text(json.dumps(law_reference(load_law(data_dir), spec, seq_len), indent=1))
     return data_dir
-
-
-def train_model(cfg: XDLMConfig, run_dir: Path) -> dict:
-    """Train (or resume) one model; its train_info.json (wall time, tokens/s, final valid)."""
-    info_path = run_dir / "train_info.json"
-    if not info_path.is_file():
-        start = time.perf_counter()
-        result = train(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest").is_file())
-        if result.interrupted or result.step < cfg.train.steps:
-            raise RuntimeError(f"training of {run_dir} stopped at step {result.step}")
-        info = {"k": cfg.kernel.k, "seed": cfg.train.seed, "step": result.step,
-                "wall_s": time.perf_counter() - start, "tokens_per_s": result.tokens_per_s,
-                "threads": torch.get_num_threads(), "final_valid": result.valid}  # fmt: skip
-        info_path.write_text(json.dumps(info, indent=1))
-    return json.loads(info_path.read_text())
 
 
 def likelihood(loaded, data_dir: Path, law: HiddenMarkovLaw, ev: dict) -> dict:
@@ -204,33 +184,6 @@ def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple
             print(f"evaluated {run_dir.name}", flush=True)
 
 
-def spawn_workers(args, n: int) -> None:
-    """Run `n` single-thread worker processes (train + eval) and wait for all of them."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    stages = ",".join(s for s in args.stages.split(",") if s in ("train", "eval"))
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                __file__,
-                "--budget",
-                args.budget,
-                "--out",
-                str(args.out),
-                "--stages",
-                stages,
-                "--worker",
-                f"{i}/{n}",
-            ],
-            env=env,
-        )  # fmt: skip
-        for i in range(n)
-    ]
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"a worker failed (exit codes {codes}); rerun to resume")
-
-
 def collect(settings: dict, out: Path) -> dict:
     """Every finished model's train info and evaluation, with the law reference."""
     results = {"reference": json.loads((out / "law_reference.json").read_text()), "models": {}}
@@ -271,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data ready in {args.out / 'data'} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if "train" in stages or "eval" in stages:
         if args.jobs > 1:
-            spawn_workers(args, args.jobs)
+            spawn_workers(__file__, args, args.jobs)
         else:
             work(settings, args.budget, args.out, stages, (0, 1))
     if "report" in stages:

@@ -1,0 +1,54 @@
+"""Shared by the seed-grid experiments (knownlaw, chartext): k × seed models, resumable training,
+and single-thread worker processes that split the grid.
+
+Imported by `experiments/<name>/run.py` after it puts this folder on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from xdlm.config import XDLMConfig
+from xdlm.train.loop import train
+
+
+def models(settings: dict) -> list[tuple[float, int]]:
+    """(k, seed) in training order: every k of seed 0 first, so a partial run has whole seeds."""
+    return [(float(k), int(s)) for s in settings["seeds"] for k in settings["ks"]]
+
+
+def train_model(cfg: XDLMConfig, run_dir: Path) -> dict:
+    """Train (or resume) one model; its train_info.json (wall time, tokens/s, final valid)."""
+    info_path = run_dir / "train_info.json"
+    if not info_path.is_file():
+        start = time.perf_counter()
+        result = train(cfg, run_dir, resume=(run_dir / "checkpoints" / "latest").is_file())
+        if result.interrupted or result.step < cfg.train.steps:
+            raise RuntimeError(f"training of {run_dir} stopped at step {result.step}")
+        info = {"k": cfg.kernel.k, "seed": cfg.train.seed, "step": result.step,
+                "wall_s": time.perf_counter() - start, "tokens_per_s": result.tokens_per_s,
+                "threads": torch.get_num_threads(), "final_valid": result.valid}  # fmt: skip
+        info_path.write_text(json.dumps(info, indent=1))
+    return json.loads(info_path.read_text())
+
+
+def spawn_workers(script: str, args, n: int) -> None:
+    """Run `n` single-thread processes of `script` (its train + eval stages, worker i of n each)
+    with the same --budget / --out, and wait for all of them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    stages = ",".join(s for s in args.stages.split(",") if s in ("train", "eval"))
+    common = [sys.executable, script, "--budget", args.budget, "--out", str(args.out)]
+    procs = [
+        subprocess.Popen([*common, "--stages", stages, "--worker", f"{i}/{n}"], env=env)
+        for i in range(n)
+    ]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise RuntimeError(f"a worker failed (exit codes {codes}); rerun to resume")
