@@ -107,9 +107,10 @@ class Trainer:
         self.kernel = build_kernel(cfg.kernel, self.manifest, output_size(self.model))
         self.schedule = build_schedule(cfg.kernel)
         self.weighting = build_weighting(cfg.train)
-        self.precision = resolve_precision(
+        local = resolve_precision(
             cfg.train.precision, self.ctx.device, model_width(self.model), key="train.precision"
         )
+        self.precision = D.gather_objects(local, self.ctx)[0]  # rank 0's probe decides for all
         self.wrapped = D.wrap_model(self.model, cfg.dist, self.ctx)  # FSDP shards in place
         if cfg.train.compile:
             self.wrapped = torch.compile(self.wrapped)
