@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import textwrap
 import time
 import uuid
@@ -78,7 +79,7 @@ def test_refuses_without_isolation(monkeypatch):
 
 @needs_bwrap
 def test_no_write_outside_the_temp_dir(tmp_path):
-    host_tmp = f"/tmp/xdlm_escape_{uuid.uuid4().hex}"
+    host_tmp = os.path.join(tempfile.gettempdir(), f"xdlm_escape_{uuid.uuid4().hex}")
     probe = f"""
         import json, sys
         out = {{}}
