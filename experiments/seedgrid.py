@@ -11,12 +11,16 @@ import os
 import subprocess
 import sys
 import time
+from argparse import SUPPRESS, ArgumentParser, Namespace
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from xdlm.config import XDLMConfig
 from xdlm.train.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def models(settings: dict) -> list[tuple[float, int]]:
@@ -52,3 +56,38 @@ def spawn_workers(script: str, args, n: int) -> None:
     codes = [p.wait() for p in procs]
     if any(codes):
         raise RuntimeError(f"a worker failed (exit codes {codes}); rerun to resume")
+
+
+def parse_args(
+    argv: list[str] | None, doc: str, name: str, budget: str, stages: tuple
+) -> Namespace:
+    """The shared command line of `experiments/<name>/run.py`; args.out defaults to
+    runs/<name>/<budget>, and args.stage_list holds the checked stages."""
+    parser = ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--budget", default=budget)
+    parser.add_argument("--out", default=None, help=f"work dir (default runs/{name}/<budget>)")
+    parser.add_argument("--stages", default=",".join(stages), help="comma-separated subset")
+    parser.add_argument("--jobs", type=int, default=1, help="single-thread worker processes")
+    parser.add_argument("--worker", default=None, help=SUPPRESS)  # "i/n", internal
+    parser.add_argument("--machine", default="2 shared CPU cores")
+    parser.add_argument("--publish", default=str(REPO), help="root for results/ and docs/")
+    args = parser.parse_args(argv)
+    args.stage_list = args.stages.split(",")
+    if bad := sorted(set(args.stage_list) - set(stages)):
+        raise ValueError(f"unknown stage(s) {bad}; choose from {stages}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    args.out = Path(args.out or REPO / "runs" / name / args.budget)
+    return args
+
+
+def finished_models(settings: dict, out: Path, run_name: Callable[[float, int], str]) -> dict:
+    """{run name: {k, seed, train: train_info.json, **eval.json}} of every evaluated model."""
+    done = {}
+    for k, seed in models(settings):
+        run_dir = out / "runs" / run_name(k, seed)
+        if (run_dir / "eval.json").is_file():
+            info = json.loads((run_dir / "train_info.json").read_text())
+            evaluation = json.loads((run_dir / "eval.json").read_text())
+            done[run_name(k, seed)] = {"k": k, "seed": seed, "train": info, **evaluation}
+    return done

@@ -17,7 +17,6 @@ Settings: chartext.yaml (fixed before any result).
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import re
@@ -38,7 +37,13 @@ from xdlm.eval.sweep import SamplingSetting, sweep
 from xdlm.runs import load_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
-from seedgrid import models, spawn_workers, train_model  # noqa: E402
+from seedgrid import (  # noqa: E402
+    finished_models,
+    models,
+    parse_args,
+    spawn_workers,
+    train_model,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -126,32 +131,14 @@ def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple
 
 
 def collect(settings: dict, out: Path) -> dict:
-    results = {"models": {}}
-    for k, seed in models(settings):
-        run_dir = out / "runs" / run_name(k, seed)
-        if (run_dir / "eval.json").is_file():
-            info = json.loads((run_dir / "train_info.json").read_text())
-            evaluation = json.loads((run_dir / "eval.json").read_text())
-            results["models"][run_name(k, seed)] = {"k": k, "seed": seed, "train": info,
-                                                    **evaluation}  # fmt: skip
-    return results
+    """Every finished model's train info and evaluation."""
+    return {"models": finished_models(settings, out, run_name)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--budget", default="cpu-small")
-    parser.add_argument("--out", default=None, help="work dir (default runs/chartext/<budget>)")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset")
-    parser.add_argument("--jobs", type=int, default=1, help="single-thread worker processes")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "i/n", internal
-    parser.add_argument("--machine", default="2 shared CPU cores")
-    parser.add_argument("--publish", default=str(REPO), help="root for results/ and docs/")
-    args = parser.parse_args(argv)
-    stages = args.stages.split(",")
-    if bad := sorted(set(stages) - set(STAGES)):
-        raise ValueError(f"unknown stage(s) {bad}; choose from {STAGES}")
+    args = parse_args(argv, __doc__, "chartext", "cpu-small", STAGES)
+    stages = args.stage_list
     settings = load_settings()
-    args.out = Path(args.out or REPO / "runs" / "chartext" / args.budget)
     if args.worker is not None:
         torch.set_num_threads(1)
         i, n = (int(v) for v in args.worker.split("/"))
