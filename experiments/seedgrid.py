@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -91,3 +92,21 @@ def finished_models(settings: dict, out: Path, run_name: Callable[[float, int], 
             evaluation = json.loads((run_dir / "eval.json").read_text())
             done[run_name(k, seed)] = {"k": k, "seed": seed, "train": info, **evaluation}
     return done
+
+
+def within_bound(ci: dict, bound: float) -> str:
+    """ "yes" if the whole interval ci = {lo, hi} is at most `bound`, "no" if it is all above,
+    else "undecided"."""
+    return "yes" if ci["hi"] <= bound else ("no" if ci["lo"] > bound else "undecided")
+
+
+def write_results_section(doc: Path, heading: str, section: str) -> None:
+    """Put `section` (starting with the `## heading` line) in place of the old one in `doc`
+    (up to the next `## `), or append it."""
+    text = doc.read_text() if doc.is_file() else "# Results\n"
+    own = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text, replaced = own.subn(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
+    if not replaced:
+        text = text.rstrip("\n") + "\n\n" + section
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text.rstrip("\n") + "\n")

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
+import sys
 from pathlib import Path
 
 from xdlm.eval.seeds import paired_difference, t_interval
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
+from seedgrid import within_bound, write_results_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Character-level text (text8-style Wikipedia leads)"
@@ -105,7 +108,7 @@ def answers(summary: dict, steps: list[int]) -> str:
                 f"{_fmt(x['paired_vs_k0'].get(f'ent@{t}'))}."
             )
         r = x["bpc_ratio_vs_k0"]
-        within = "yes" if r["hi"] <= 0.05 else ("no" if r["lo"] > 0.05 else "undecided")
+        within = within_bound(r, 0.05)
         lines.append(f"- (c) BPC(0.1) / BPC(0) − 1 = {_fmt(r, 2, 100.0, ' %')}: within 5 %? "
                      f"{within}.")  # fmt: skip
     return "\n".join(lines)
@@ -172,9 +175,5 @@ def report(results: dict, settings: dict, budget: str, command: str, root: Path)
         + tables(summary, steps, {k: sum(v) / len(v) for k, v in wall.items()})
         + f"\n\n![char-level](img/{image.name})\n\n{answers(summary, steps)}\n\n{note}"
     )
-    doc = root / "docs" / "results.md"
-    old = doc.read_text() if doc.is_file() else "# Results\n"
-    own = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new, n = own.subn(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
-    doc.write_text((new if n else old.rstrip("\n") + "\n\n" + text).rstrip("\n") + "\n")
+    write_results_section(root / "docs" / "results.md", SECTION, text)
     print(f"wrote {raw}, {image} and docs/results.md", flush=True)

@@ -9,10 +9,13 @@ differences against k = 0. The hand analysis lives in results/<budget>.notes.md.
 from __future__ import annotations
 
 import json
-import re
+import sys
 from pathlib import Path
 
 from xdlm.eval.seeds import paired_difference, t_interval
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
+from seedgrid import within_bound, write_results_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Known law: k on a hidden Markov model with exact likelihood"
@@ -151,7 +154,7 @@ def answers(summary: dict, reference: dict, criterion: float) -> str:
                 f"Δ unigram entropy = {_fmt(de)}."
             )
         r = x["nelbo_ratio_vs_k0"]
-        within = "yes" if r["hi"] <= 0.05 else ("no" if r["lo"] > 0.05 else "undecided")
+        within = within_bound(r, 0.05)
         lines.append(f"- (c) NELBO(0.1) / NELBO(0) − 1 = {_fmt(r, 2, pct=True)}: within 5 %? "
                      f"{within} (upper 95 % bound vs 5 %).")  # fmt: skip
     return "\n".join(lines)
@@ -195,16 +198,6 @@ def plot(summary: dict, reference: dict, steps: list[int], path: Path) -> None:
     plt.close(fig)
 
 
-def write_section(doc: Path, section: str) -> None:
-    """Put `section` (starting with SECTION) in place of the old one, or append it."""
-    text = doc.read_text() if doc.is_file() else "# Results\n"
-    own = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text, replaced = own.subn(lambda _: section.rstrip("\n") + "\n\n", text, count=1)
-    if not replaced:
-        text = text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text.rstrip("\n") + "\n")
-
-
 def report(results: dict, settings: dict, budget: str, command: str, root: Path) -> None:
     """Raw JSON (results/<budget>.json), the plot and the docs/results.md section under `root`."""
     summary = summarize(results)
@@ -225,7 +218,7 @@ def report(results: dict, settings: dict, budget: str, command: str, root: Path)
         "answers": answers(summary, results["reference"], settings["criterion"]),
     }
     text = section_text(results, settings, budget, command, tables, f"img/{image.name}")
-    write_section(root / "docs" / "results.md", text + "\n" + note)
+    write_results_section(root / "docs" / "results.md", SECTION, text + "\n" + note)
     print(f"wrote {raw}, {image} and docs/results.md", flush=True)
 
 
