@@ -1,5 +1,5 @@
-"""Shared by the seed-grid experiments (knownlaw, chartext): k × seed models, resumable training,
-and single-thread worker processes that split the grid.
+"""Shared by the seed-grid experiments (knownlaw, chartext, digits): k × seed models, resumable
+training, single-thread worker processes that split the grid, and the statistics over seeds.
 
 Imported by `experiments/<name>/run.py` after it puts this folder on `sys.path`.
 """
@@ -19,9 +19,17 @@ from pathlib import Path
 import torch
 
 from xdlm.config import XDLMConfig
+from xdlm.eval.seeds import paired_difference, t_interval
 from xdlm.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def budget_grid(settings: dict, budget: str) -> dict:
+    """`settings` with the budget's own `ks` / `seeds` (where it names them) in place of the
+    top-level ones, so a later budget can widen the grid without changing earlier results."""
+    spec = settings["budgets"].get(budget, {})
+    return {**settings, **{key: spec[key] for key in ("ks", "seeds") if key in spec}}
 
 
 def models(settings: dict) -> list[tuple[float, int]]:
@@ -110,3 +118,46 @@ def write_results_section(doc: Path, heading: str, section: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text.rstrip("\n") + "\n")
+
+
+def seed_summary(table: dict[float, dict[int, dict[str, float]]], ratio_of: str) -> dict:
+    """Statistics over seeds of table = {k: {seed: {metric: value}}}, keyed by f"{k:g}".
+
+    Per k: its seeds, every metric's values (seed order), 95 % t-intervals (None under two
+    seeds) and, against k = 0 on the seeds both have, the paired difference of every metric and
+    the t-interval of metric_k / metric_0 − 1 for `ratio_of` (as f"{ratio_of}_ratio_vs_k0").
+    """
+    base, out = table.get(0.0, {}), {}
+    for k, seeds in sorted(table.items()):
+        names = sorted(set.intersection(*(set(v) for v in seeds.values())))
+        values = {n: [seeds[s][n] for s in sorted(seeds)] for n in names}
+        row = {"seeds": sorted(seeds), "values": values,
+               "ci": {n: t_interval(v).to_dict() if len(v) > 1 else None
+                      for n, v in values.items()}}  # fmt: skip
+        shared = sorted(set(seeds) & set(base))
+        if k != 0.0 and len(shared) >= 2:
+            row["paired_vs_k0"] = {
+                n: paired_difference([seeds[s][n] for s in shared],
+                                     [base[s][n] for s in shared]).to_dict()
+                for n in names if all(n in base[s] for s in shared)
+            }  # fmt: skip
+            ratio = [seeds[s][ratio_of] / base[s][ratio_of] - 1.0 for s in shared]
+            row[f"{ratio_of}_ratio_vs_k0"] = t_interval(ratio).to_dict()
+        out[f"{k:g}"] = row
+    return out
+
+
+def fmt_ci(ci: dict | None, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
+    """ "mean [lo, hi]unit" of an interval dict scaled by `scale`; "–" for None."""
+    if ci is None:
+        return "–"
+    m, lo, hi = (ci[x] * scale for x in ("mean", "lo", "hi"))
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]{unit}"
+
+
+def mean_train_wall(results: dict) -> dict[str, float]:
+    """Mean training wall seconds per k (keyed f"{k:g}") of results["models"]."""
+    out: dict[str, list[float]] = {}
+    for m in results["models"].values():
+        out.setdefault(f"{float(m['k']):g}", []).append(m["train"]["wall_s"])
+    return {k: sum(v) / len(v) for k, v in out.items()}

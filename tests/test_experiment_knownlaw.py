@@ -78,3 +78,12 @@ def test_smoke_budget_end_to_end(tmp_path, knownlaw):
     assert knownlaw["report"].SECTION in text and "(a) k = 0.1 vs k = 0" in text
     assert (tmp_path / "pub" / "docs" / "img" / "knownlaw_smoke.png").stat().st_size > 0
     assert (tmp_path / "runs" / "k0.1-s2" / "checkpoints" / "latest").is_file()
+
+
+def test_a_budget_may_widen_the_grid_without_touching_the_others(knownlaw):
+    run = knownlaw["run"]
+    settings = run.load_settings()
+    wide = run.budget_grid(settings, "cpu-1500")
+    assert [k for k, s in run.models(wide) if s == 0] == [0.0, 0.01, 0.1, 0.5, 1.0]
+    assert run.models(run.budget_grid(settings, "cpu-3000")) == run.models(settings)
+    assert settings["ks"] == [0.0, 0.1, 1.0]  # the loaded settings are not modified

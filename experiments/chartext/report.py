@@ -13,10 +13,14 @@ import math
 import sys
 from pathlib import Path
 
-from xdlm.eval.seeds import paired_difference, t_interval
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
-from seedgrid import within_bound, write_results_section  # noqa: E402
+from seedgrid import (  # noqa: E402
+    fmt_ci,
+    mean_train_wall,
+    seed_summary,
+    within_bound,
+    write_results_section,
+)
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Character-level text (text8-style Wikipedia leads)"
@@ -36,28 +40,7 @@ def summarize(results: dict) -> dict:
     table: dict[float, dict[int, dict]] = {}
     for m in results["models"].values():
         table.setdefault(float(m["k"]), {})[int(m["seed"])] = metrics(m)
-    base, out = table.get(0.0, {}), {}
-    for k, seeds in sorted(table.items()):
-        names = sorted(set.intersection(*(set(v) for v in seeds.values())))
-        row = {"seeds": sorted(seeds), "values": {n: [seeds[s][n] for s in seeds] for n in names}}
-        row["ci"] = {n: t_interval(v).to_dict() if len(v) > 1 else None
-                     for n, v in row["values"].items()}  # fmt: skip
-        shared = sorted(set(seeds) & set(base))
-        if k != 0.0 and len(shared) >= 2:
-            row["paired_vs_k0"] = {n: paired_difference([seeds[s][n] for s in shared],
-                                                        [base[s][n] for s in shared]).to_dict()
-                                   for n in names}  # fmt: skip
-            ratio = [seeds[s]["bpc"] / base[s]["bpc"] - 1.0 for s in shared]
-            row["bpc_ratio_vs_k0"] = t_interval(ratio).to_dict()
-        out[f"{k:g}"] = row
-    return out
-
-
-def _fmt(ci: dict | None, digits: int = 3, scale: float = 1.0, unit: str = "") -> str:
-    if ci is None:
-        return "–"
-    m, lo, hi = (ci[x] * scale for x in ("mean", "lo", "hi"))
-    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]{unit}"
+    return seed_summary(table, "bpc")
 
 
 def _ppl(ci: dict | None) -> str:
@@ -72,12 +55,12 @@ def tables(summary: dict, steps: list[int], wall: dict[str, float]) -> str:
     head = " | ".join(f"T = {t}" for t in steps)
     lines = ["| k | seeds | BPC (bits/token) | train min |", "|---|---|---|---|"]
     for k, row in summary.items():
-        lines.append(f"| {k} | {len(row['seeds'])} | {_fmt(row['ci']['bpc'])} | "
+        lines.append(f"| {k} | {len(row['seeds'])} | {fmt_ci(row['ci']['bpc'])} | "
                      f"{wall[k] / 60:.1f} |")  # fmt: skip
     lines += ["", "gen-PPL (SmolLM2; interval from the log) / unigram entropy (nats):", "",
               f"| k | {head} |", "|---|" + "---|" * len(steps)]  # fmt: skip
     for k, row in summary.items():
-        cells = [f"{_ppl(row['ci'].get(f'gen@{t}'))} / {_fmt(row['ci'].get(f'ent@{t}'), 2)}"
+        cells = [f"{_ppl(row['ci'].get(f'gen@{t}'))} / {fmt_ci(row['ci'].get(f'ent@{t}'), 2)}"
                  for t in steps]  # fmt: skip
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     lines += ["", "Paired differences against k = 0 (same seed; log gen-PPL in nats/token):", "",
@@ -86,8 +69,8 @@ def tables(summary: dict, steps: list[int], wall: dict[str, float]) -> str:
               "|---|---|" + "---|" * len(steps)]  # fmt: skip
     for k, row in summary.items():
         if "paired_vs_k0" in row:
-            cells = [_fmt(row["paired_vs_k0"].get(f"gen@{t}")) for t in steps]
-            lines.append(f"| {k} | {_fmt(row['bpc_ratio_vs_k0'], 1, 100.0, ' %')} | "
+            cells = [fmt_ci(row["paired_vs_k0"].get(f"gen@{t}")) for t in steps]
+            lines.append(f"| {k} | {fmt_ci(row['bpc_ratio_vs_k0'], 1, 100.0, ' %')} | "
                          + " | ".join(cells) + " |")  # fmt: skip
     return "\n".join(lines)
 
@@ -99,17 +82,17 @@ def answers(summary: dict, steps: list[int]) -> str:
         if "paired_vs_k0" in row:
             d = row["paired_vs_k0"]["bpc"]
             word = "worse" if d["lo"] > 0 else ("better" if d["hi"] < 0 else "not separated")
-            lines.append(f"- (a) k = {k} vs k = 0: ΔBPC = {_fmt(d)} ({word}).")
+            lines.append(f"- (a) k = {k} vs k = 0: ΔBPC = {fmt_ci(d)} ({word}).")
     if (x := summary.get("0.1")) is not None and "paired_vs_k0" in x:
         for t in [t for t in steps if t <= 8]:
             lines.append(
                 f"- (b) T = {t}, k = 0.1 − k = 0: Δ log gen-PPL = "
-                f"{_fmt(x['paired_vs_k0'].get(f'gen@{t}'))}, Δ unigram entropy = "
-                f"{_fmt(x['paired_vs_k0'].get(f'ent@{t}'))}."
+                f"{fmt_ci(x['paired_vs_k0'].get(f'gen@{t}'))}, Δ unigram entropy = "
+                f"{fmt_ci(x['paired_vs_k0'].get(f'ent@{t}'))}."
             )
         r = x["bpc_ratio_vs_k0"]
         within = within_bound(r, 0.05)
-        lines.append(f"- (c) BPC(0.1) / BPC(0) − 1 = {_fmt(r, 2, 100.0, ' %')}: within 5 %? "
+        lines.append(f"- (c) BPC(0.1) / BPC(0) − 1 = {fmt_ci(r, 2, 100.0, ' %')}: within 5 %? "
                      f"{within}.")  # fmt: skip
     return "\n".join(lines)
 
@@ -156,9 +139,6 @@ def report(results: dict, settings: dict, budget: str, command: str, root: Path)
     spec = settings["budgets"][budget]
     steps, image = spec["eval"]["steps"], root / "docs" / "img" / f"chartext_{budget}.png"
     plot(summary, steps, image)
-    wall: dict[str, list[float]] = {}
-    for m in results["models"].values():
-        wall.setdefault(f"{float(m['k']):g}", []).append(m["train"]["wall_s"])
     notes = HERE / "results" / f"{budget}.notes.md"
     note = notes.read_text() if notes.is_file() else "(no analysis written yet)"
     ev, train_cfg = spec["eval"], {**settings["base"]["train"], **spec["config"]["train"]}
@@ -172,7 +152,7 @@ def report(results: dict, settings: dict, budget: str, command: str, root: Path)
         f"temperature 1). Machine: {results['machine']}. Settings: "
         f"`experiments/chartext/chartext.yaml`; raw: `experiments/chartext/results/{budget}.json`."
         f"\n\n    {command}\n\n"
-        + tables(summary, steps, {k: sum(v) / len(v) for k, v in wall.items()})
+        + tables(summary, steps, mean_train_wall(results))
         + f"\n\n![char-level](img/{image.name})\n\n{answers(summary, steps)}\n\n{note}"
     )
     write_results_section(root / "docs" / "results.md", SECTION, text)

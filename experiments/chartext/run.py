@@ -38,6 +38,7 @@ from xdlm.runs import load_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
 from seedgrid import (  # noqa: E402
+    budget_grid,
     finished_models,
     models,
     parse_args,
@@ -138,7 +139,7 @@ def collect(settings: dict, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __doc__, "chartext", "cpu-small", STAGES)
     stages = args.stage_list
-    settings = load_settings()
+    settings = budget_grid(load_settings(), args.budget)
     if args.worker is not None:
         torch.set_num_threads(1)
         i, n = (int(v) for v in args.worker.split("/"))

@@ -12,10 +12,14 @@ import json
 import sys
 from pathlib import Path
 
-from xdlm.eval.seeds import paired_difference, t_interval
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
-from seedgrid import within_bound, write_results_section  # noqa: E402
+from seedgrid import (  # noqa: E402
+    fmt_ci,
+    mean_train_wall,
+    seed_summary,
+    within_bound,
+    write_results_section,
+)
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Known law: k on a hidden Markov model with exact likelihood"
@@ -53,35 +57,7 @@ def summarize(results: dict) -> dict:
     entropy = results["reference"]["entropy"]["mean"]
     table = {k: {s: metrics(m, entropy) for s, m in sorted(seeds.items())} for k, seeds in
              by_k(results).items()}  # fmt: skip
-    base = table.get(0.0, {})
-    out = {}
-    for k, seeds in table.items():
-        names = sorted(set.intersection(*(set(v) for v in seeds.values())))
-        row = {"seeds": sorted(seeds), "values": {n: [seeds[s][n] for s in seeds] for n in names}}
-        row["ci"] = {n: _ci(row["values"][n]) for n in names}
-        shared = sorted(set(seeds) & set(base))
-        if k != 0.0 and len(shared) >= 2:
-            row["paired_vs_k0"] = {
-                n: paired_difference([seeds[s][n] for s in shared],
-                                     [base[s][n] for s in shared]).to_dict()
-                for n in names if all(n in base[s] for s in shared)
-            }  # fmt: skip
-            ratio = [seeds[s]["nelbo"] / base[s]["nelbo"] - 1.0 for s in shared]
-            row["nelbo_ratio_vs_k0"] = t_interval(ratio).to_dict()
-        out[f"{k:g}"] = row
-    return out
-
-
-def _ci(values: list[float]) -> dict | None:
-    return t_interval(values).to_dict() if len(values) >= 2 else None
-
-
-def _fmt(ci: dict | None, digits: int = 3, pct: bool = False) -> str:
-    if ci is None:
-        return "–"
-    scale, unit = (100.0, " %") if pct else (1.0, "")
-    m, lo, hi = (ci[x] * scale for x in ("mean", "lo", "hi"))
-    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]{unit}"
+    return seed_summary(table, "nelbo")
 
 
 def likelihood_table(summary: dict, wall: dict[str, float]) -> str:
@@ -91,8 +67,8 @@ def likelihood_table(summary: dict, wall: dict[str, float]) -> str:
     for k, row in summary.items():
         ci = row["ci"]
         lines.append(
-            f"| {k} | {len(row['seeds'])} | {_fmt(ci['nelbo'])} | {_fmt(ci['gap'])} | "
-            f"{_fmt(ci['rel_gap'], 1, pct=True)} | {wall[k] / 60:.1f} |"
+            f"| {k} | {len(row['seeds'])} | {fmt_ci(ci['nelbo'])} | {fmt_ci(ci['gap'])} | "
+            f"{fmt_ci(ci['rel_gap'], 1, 100.0, ' %')} | {wall[k] / 60:.1f} |"
         )
     return "\n".join(lines)
 
@@ -102,7 +78,7 @@ def samples_table(summary: dict, steps: list[int], metric: str, digits: int = 3)
     head = "| k | " + " | ".join(f"T = {t}" for t in steps) + " |"
     lines = [head, "|---|" + "---|" * len(steps)]
     for k, row in summary.items():
-        cells = [_fmt(row["ci"].get(f"{metric}@{t}"), digits) for t in steps]
+        cells = [fmt_ci(row["ci"].get(f"{metric}@{t}"), digits) for t in steps]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -115,9 +91,11 @@ def paired_table(summary: dict, steps: list[int]) -> str:
         if "paired_vs_k0" not in row:
             continue
         paired = row["paired_vs_k0"]
-        cells = [_fmt(paired.get(f"nll@{t}")) for t in steps]
+        cells = [fmt_ci(paired.get(f"nll@{t}")) for t in steps]
         lines.append(
-            f"| {k} | {_fmt(row['nelbo_ratio_vs_k0'], 1, pct=True)} | " + " | ".join(cells) + " |"
+            f"| {k} | {fmt_ci(row['nelbo_ratio_vs_k0'], 1, 100.0, ' %')} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -143,19 +121,19 @@ def answers(summary: dict, reference: dict, criterion: float) -> str:
         d, r = row["paired_vs_k0"]["nelbo"], row["nelbo_ratio_vs_k0"]
         word = "worse" if d["lo"] > 0 else ("better" if d["hi"] < 0 else "not separated")
         lines.append(
-            f"- (a) k = {k} vs k = 0: ΔNELBO = {_fmt(d)} nats/token ({word}); "
-            f"ratio − 1 = {_fmt(r, 2, pct=True)}."
+            f"- (a) k = {k} vs k = 0: ΔNELBO = {fmt_ci(d)} nats/token ({word}); "
+            f"ratio − 1 = {fmt_ci(r, 2, 100.0, ' %')}."
         )
     if (x := summary.get("0.1")) is not None and "paired_vs_k0" in x:
         for t in FEW_STEPS:
             dn, de = x["paired_vs_k0"].get(f"nll@{t}"), x["paired_vs_k0"].get(f"ent@{t}")
             lines.append(
-                f"- (b) T = {t}, k = 0.1 − k = 0: Δ(−log p(x)/L) = {_fmt(dn)}, "
-                f"Δ unigram entropy = {_fmt(de)}."
+                f"- (b) T = {t}, k = 0.1 − k = 0: Δ(−log p(x)/L) = {fmt_ci(dn)}, "
+                f"Δ unigram entropy = {fmt_ci(de)}."
             )
         r = x["nelbo_ratio_vs_k0"]
         within = within_bound(r, 0.05)
-        lines.append(f"- (c) NELBO(0.1) / NELBO(0) − 1 = {_fmt(r, 2, pct=True)}: within 5 %? "
+        lines.append(f"- (c) NELBO(0.1) / NELBO(0) − 1 = {fmt_ci(r, 2, 100.0, ' %')}: within 5 %? "
                      f"{within} (upper 95 % bound vs 5 %).")  # fmt: skip
     return "\n".join(lines)
 
@@ -211,7 +189,7 @@ def report(results: dict, settings: dict, budget: str, command: str, root: Path)
     notes = HERE / "results" / f"{budget}.notes.md"
     note = notes.read_text() if notes.is_file() else "(no analysis written yet)"
     tables = {
-        "likelihood": likelihood_table(summary, _wall(results)),
+        "likelihood": likelihood_table(summary, mean_train_wall(results)),
         "nll": samples_table(summary, steps, "nll"),
         "ent": samples_table(summary, steps, "ent"),
         "paired": paired_table(summary, steps),
@@ -220,14 +198,6 @@ def report(results: dict, settings: dict, budget: str, command: str, root: Path)
     text = section_text(results, settings, budget, command, tables, f"img/{image.name}")
     write_results_section(root / "docs" / "results.md", SECTION, text + "\n" + note)
     print(f"wrote {raw}, {image} and docs/results.md", flush=True)
-
-
-def _wall(results: dict) -> dict[str, float]:
-    """Mean training wall seconds per k."""
-    out: dict[str, list[float]] = {}
-    for m in results["models"].values():
-        out.setdefault(f"{float(m['k']):g}", []).append(m["train"]["wall_s"])
-    return {k: sum(v) / len(v) for k, v in out.items()}
 
 
 def section_text(
@@ -268,7 +238,7 @@ before any result); raw numbers: `experiments/knownlaw/results/{budget}.json`.
 
 Machine: {results["machine"]} ({cpu["cpu"]}, {cpu["capability"]}), {threads} thread(s) per
 model, fp32; train + eval wall time of all models {wall / 60:.0f} min, summed over the parallel
-workers (the machine was shared with other jobs: the times are not idle-machine figures).
+workers (what else ran on the machine is said after "Machine").
 
 Likelihood (95 % CI over seeds):
 

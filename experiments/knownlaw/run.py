@@ -43,6 +43,7 @@ from xdlm.runs import load_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
 from seedgrid import (  # noqa: E402
+    budget_grid,
     finished_models,
     models,
     parse_args,
@@ -198,7 +199,7 @@ def collect(settings: dict, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __doc__, "knownlaw", "cpu", STAGES)
     stages = args.stage_list
-    settings = load_settings()
+    settings = budget_grid(load_settings(), args.budget)
     if args.worker is not None:
         torch.set_num_threads(1)
         i, n = (int(v) for v in args.worker.split("/"))

@@ -144,12 +144,13 @@ class _Split:
 
 def reference_classifier(data_dir: str, seed: int = 0):
     """(classifier trained on the train split, the valid split as `.images`/`.labels`); the
-    classifier is cached as `{data_dir}/classifier-s{seed}.pt`."""
+    classifier is cached as `{data_dir}/classifier-v2-s{seed}.pt` (v2: the 2-block CNN with
+    shift augmentation; an older cache of the 1-block CNN is not read)."""
     import torch
 
     from xdlm.eval.images import SmallCNN, train_classifier
 
-    path = Path(data_dir) / f"classifier-s{seed}.pt"
+    path = Path(data_dir) / f"classifier-v2-s{seed}.pt"
     real = _Split(data_dir, "valid")
     if path.is_file():
         clf = SmallCNN(int(real.labels.max()) + 1)

@@ -8,7 +8,7 @@ FID (Heusel et al.) between feature sets with means μ_r, μ_g and covariances �
 The trace term uses the symmetric product Σ_r^{1/2} Σ_g Σ_r^{1/2} (PSD), so its square root is
 an eigen-decomposition with eigenvalues clipped at 0: no complex parts, no scipy needed.
 
-Without Inception weights (none here) the features are the penultimate layer (D = 32) of
+Without Inception weights (none here) the features are the penultimate layer (D = 64) of
 `SmallCNN`, trained on the real training split (`train_classifier`). Users with Inception
 weights pass image folders to `inception_fid` (torch-fidelity or pytorch-fid, optional imports).
 Scores from different feature extractors or sample counts are not comparable.
@@ -31,15 +31,20 @@ from xdlm.sampling import generate
 
 
 class SmallCNN(nn.Module):
-    """Images (B, H, W) in [0, 1] -> logits (B, C); `features` is the penultimate (B, D)."""
+    """Images (B, H, W) in [0, 1] -> logits (B, C); `features` is the penultimate (B, D).
 
-    def __init__(self, num_classes: int = 10, feature_dim: int = 32) -> None:
+    Two conv blocks (3×3 conv, ReLU, 3×3 conv, ReLU, 2×2 max-pool; 32 then 64 channels), average
+    pooled to 3×3, a D-wide hidden layer and the class head: ≈ 0.1 M parameters, any H, W ≥ 4."""
+
+    def __init__(self, num_classes: int = 10, feature_dim: int = 64) -> None:
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(3),
-        )  # fmt: skip
-        self.fc = nn.Linear(32 * 9, feature_dim)
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
+                    nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]  # fmt: skip
+
+        self.conv = nn.Sequential(*block(1, 32), *block(32, 64), nn.AdaptiveAvgPool2d(3))
+        self.fc = nn.Linear(64 * 9, feature_dim)
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -50,29 +55,47 @@ class SmallCNN(nn.Module):
         return self.head(self.features(images))
 
 
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image of x (B, H, W) by its own integer (dy, dx) in [−s, s]², filling the
+    uncovered border with 0 (background): the augmentation digit classifiers are trained with."""
+    if max_shift == 0:
+        return x
+    s, (b, h, w) = max_shift, x.shape
+    padded = F.pad(x, (s, s, s, s))
+    dy, dx = torch.randint(0, 2 * s + 1, (2, b), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
+    return padded[torch.arange(b)[:, None, None], rows, cols]
+
+
 def train_classifier(
     images: np.ndarray,
     labels: np.ndarray,
     *,
     generator: torch.Generator,
-    epochs: int = 3,
+    epochs: int = 12,
     batch_size: int = 128,
     lr: float = 3e-3,
+    max_shift: int = 1,
 ) -> SmallCNN:
-    """Fit a `SmallCNN` on images (N, H, W) in [0, 1] and labels (N,); returns it in eval mode."""
+    """Fit a `SmallCNN` on images (N, H, W) in [0, 1] and labels (N,) with Adam, a cosine
+    learning rate and random shifts of up to `max_shift` pixels; returns it in eval mode."""
     x = torch.as_tensor(images, dtype=torch.float32)
     y = torch.as_tensor(labels, dtype=torch.int64)
     torch.manual_seed(int(torch.randint(0, 2**31, (), generator=generator)))  # init
     model = SmallCNN(int(y.max()) + 1)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
+    total = epochs * -(-len(x) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch_size):
             idx = perm[start : start + batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(model(random_shift(x[idx], max_shift, generator)), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
     return model.eval()
 
 

@@ -1,0 +1,125 @@
+"""experiments/digits: models differ only in k and the seed; the conditional NELBO uses each
+digit's own class; the report's statistics pair by seed and state the criteria from the numbers;
+the smoke budget runs end to end on the shared MNIST digits (slow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXP = ROOT / "experiments" / "digits"
+NPZ = ROOT.parent / "shared" / "data" / "images" / "mnist10k.npz"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The experiment's run.py and report.py as modules."""
+    sys.path.insert(0, str(EXP))
+    modules = {}
+    for name in ("run", "report"):
+        spec = importlib.util.spec_from_file_location(f"digits_{name}", EXP / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(modules[name])
+    yield modules
+    sys.path.remove(str(EXP))
+
+
+@pytest.mark.parametrize("budget", ["smoke", "cpu"])
+def test_models_differ_only_in_k_and_seed(digits, budget):
+    run = digits["run"]
+    settings = run.budget_grid(run.load_settings(), budget)
+    pairs = run.models(settings)
+    assert {k for k, _ in pairs} >= {0.0, 0.1, 1.0} and len(settings["seeds"]) >= 3
+    cfgs = [run.model_config(settings, budget, k, s, Path("d")) for k, s in pairs]
+    strip = [
+        dataclasses.replace(c, kernel=None, train=dataclasses.replace(c.train, seed=0)).to_dict()
+        for c in cfgs
+    ]
+    assert all(s == strip[0] for s in strip)
+    assert [(c.kernel.k, c.train.seed) for c in cfgs] == pairs
+    assert [c.kernel.use_mask for c in cfgs] == [k != 1.0 for k, _ in pairs]
+    assert cfgs[0].model.num_classes == 10 and cfgs[0].train.cond_drop > 0
+
+
+def _model(k: float, seed: int, nelbo: float, acc32: float) -> dict:
+    rows = [{"steps": t, "guidance": 1.0, "accuracy": a, "fid": 10.0 - a, "diversity": 9.0,
+             "real_diversity": 9.5} for t, a in ((4, acc32 - 0.2), (32, acc32))]  # fmt: skip
+    return {"k": k, "seed": seed, "nelbo": {"nats_per_token": nelbo}, "samples": rows,
+            "train": {"wall_s": 60.0}, "eval_wall_s": 6.0}  # fmt: skip
+
+
+def test_summary_pairs_by_seed_and_answers_state_the_criteria(digits):
+    report, run = digits["report"], digits["run"]
+    models = [_model(0.0, s, 0.5 + 0.1 * s, 0.85 + 0.01 * s) for s in range(3)]
+    models += [_model(0.1, s, 0.5 + 0.1 * s + 0.01, 0.93 + 0.01 * s) for s in range(3)]
+    summary = report.summarize({"models": dict(enumerate(models))})
+    d = summary["0.1"]["paired_vs_k0"]
+    assert math.isclose(d["nelbo"]["mean"], 0.01) and d["nelbo"]["lo"] > 0  # seed offsets cancel
+    assert math.isclose(d[report.cell("acc", 32, 1.0)]["mean"], 0.08)
+    assert math.isclose(d[report.cell("fid", 4, 1.0)]["mean"], -0.08)
+    settings = run.load_settings()
+    ev = {"steps": [4, 32], "guidance": [1.0]}
+    text = report.answers(summary, ev, {"valid_accuracy": 0.985, "valid_images": 1000}, settings)
+    assert "98.5 % on the 1000 held-out digits (needed ≥ 98 %: met)" in text
+    assert "at T = 32): met; best k = 0.1 (w = 1): 0.940" in text
+    assert "(a) k = 0.1 vs k = 0: ΔNELBO = 0.0100" in text and "(worse)" in text
+    low = report.answers(summary, ev, {"valid_accuracy": 0.9, "valid_images": 1000}, settings)
+    assert "needed ≥ 98 %: NOT met" in low
+
+
+def test_conditional_nelbo_passes_each_digit_its_class(digits, tmp_path, monkeypatch):
+    """The denoiser sees the labels of exactly the rows it scores."""
+    import torch
+
+    run = digits["run"]
+    seen = []
+
+    class Rows:
+        def __init__(self, ids):
+            self.tokens = torch.zeros(len(ids), 4, dtype=torch.long)
+            self.labels = torch.as_tensor(ids) % 10
+
+    class Shards:
+        def __len__(self):
+            return 5
+
+        def rows(self, ids):
+            return Rows(ids)
+
+    def fake_nelbo(denoiser, kernel, schedule, x0, mask, row_ids, **kw):
+        seen.append((row_ids.tolist(), denoiser.keywords["cond"].tolist()))
+        from xdlm.eval.likelihood import SequenceNats
+
+        n = len(row_ids)
+        return SequenceNats(torch.ones(n, dtype=torch.float64), torch.full((n,), 4))
+
+    monkeypatch.setattr(run, "TokenShards", lambda d, split: Shards())
+    monkeypatch.setattr(run, "sequence_nelbo", fake_nelbo)
+    loaded = type("L", (), {"model": lambda *a, **k: None, "kernel": None, "schedule": None})
+    out = run.conditional_nelbo(loaded, tmp_path, {"sample_batch": 2, "valid_rows": 5,
+                                                   "seed": 0, "t_samples": 1})  # fmt: skip
+    assert seen == [([0, 1], [0, 1]), ([2, 3], [2, 3]), ([4], [4])]
+    assert math.isclose(out["nats_per_token"], 0.25)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not NPZ.is_file(), reason="needs ../shared/data/images/mnist10k.npz")
+def test_smoke_budget_end_to_end(tmp_path, digits):
+    cmd = [sys.executable, str(EXP / "run.py"), "--budget", "smoke", "--out", str(tmp_path),
+           "--publish", str(tmp_path / "pub"), "--jobs", "2"]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    raw = json.loads((tmp_path / "pub" / "experiments/digits/results/smoke.json").read_text())
+    assert len(raw["models"]) == 9 and set(raw["summary"]) == {"0", "0.1", "1"}
+    assert raw["classifier"]["valid_accuracy"] >= 0.98  # the reference classifier is good
+    text = (tmp_path / "pub" / "docs" / "results.md").read_text()
+    assert digits["report"].SECTION in text and "(a) k = 0.1 vs k = 0" in text
+    assert (tmp_path / "pub" / "docs" / "img" / "digits_smoke_k0.1.png").stat().st_size > 0
+    assert (tmp_path / "runs" / "k0.1-s2" / "checkpoints" / "latest").is_file()
