@@ -215,6 +215,8 @@ def test_flops_per_token_counts_per_token_matmuls_only():
         ({"d_model": 30}, "head size"),
         ({"dropout": 1.0}, "dropout"),
         ({"num_classes": -1}, "num_classes"),
+        ({"grid_width": -1}, "grid_width"),
+        ({"grid_width": 4, "d_model": 24, "n_heads": 4}, "divisible by 4"),
     ],
 )
 def test_config_validation(overrides, match):
@@ -228,3 +230,52 @@ def test_input_validation():
         model(torch.zeros(1, 65, dtype=torch.long), None)
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids(), None, torch.ones(2, L))
+
+
+def _rotated_score(cos, sin, p: int, q: int, a: torch.Tensor, b: torch.Tensor) -> float:
+    """<R_p a, R_q b> for one head: the attention logit of query a at p and key b at q."""
+    from xdlm.models.dit import apply_rotary
+
+    qa = apply_rotary(a[None, None, None], cos[p : p + 1], sin[p : p + 1])
+    kb = apply_rotary(b[None, None, None], cos[q : q + 1], sin[q : q + 1])
+    return float((qa * kb).sum())
+
+
+def test_2d_rotary_scores_depend_on_row_and_column_offsets_only():
+    """Axial RoPE on a W-wide grid: moving both pixels by whole rows or columns keeps the score
+    (1-D RoPE would change it by the row step's phase at the wrap), and a vertical neighbour
+    differs from a horizontal one."""
+    from xdlm.models.dit import rotary_tables
+
+    W, Dh = 5, 8
+    cos, sin = rotary_tables(25, Dh, 10_000.0, grid_width=W)
+    a, b = torch.randn(Dh, dtype=torch.float64), torch.randn(Dh, dtype=torch.float64)
+    cos, sin = cos.double(), sin.double()
+    base = _rotated_score(cos, sin, 6, 12, a, b)  # (1,1) -> (2,2)
+    assert math.isclose(_rotated_score(cos, sin, 11, 17, a, b), base, rel_tol=1e-6)  # +1 row
+    assert math.isclose(_rotated_score(cos, sin, 7, 13, a, b), base, rel_tol=1e-6)  # +1 column
+    wrapped = _rotated_score(cos, sin, 4, 10, a, b)  # (0,4) -> (2,0): same 1-D offset 6
+    assert not math.isclose(wrapped, base, rel_tol=1e-3)
+    assert not math.isclose(_rotated_score(cos, sin, 6, 11, a, b),
+                            _rotated_score(cos, sin, 6, 7, a, b), rel_tol=1e-3)  # fmt: skip
+    # the row angles use the first Dh/4 pairs, the column angles the last Dh/4
+    angles = torch.atan2(sin, cos)
+    assert torch.allclose(angles[7, : Dh // 4], angles[5, : Dh // 4])  # both in row 1
+    assert torch.allclose(angles[7, Dh // 4 :], angles[2, Dh // 4 :])  # both in column 2
+
+
+def test_1d_rotary_is_the_default_and_grid_width_reaches_the_model():
+    from xdlm.models.dit import rotary_tables
+
+    cos, sin = rotary_tables(10, 8, 10_000.0)
+    theta = 10_000.0 ** (-torch.arange(0, 8, 2) / 8)
+    assert torch.allclose(cos, torch.cos(torch.arange(10.0)[:, None] * theta))
+    flat, image = tiny(), tiny(grid_width=4)
+    image.load_state_dict(flat.state_dict())  # same weights; the RoPE tables are not state
+    x = ids()
+    assert not torch.allclose(image(x, None), flat(x, None))  # only the positions differ
+    from xdlm.builders import build_model
+    from xdlm.config import ModelConfig
+
+    built = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, rope_grid_width=14), 7)
+    assert built.cfg.grid_width == 14

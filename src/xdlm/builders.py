@@ -53,6 +53,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
                 time_conditioning=cfg.time_conditioning,
                 num_classes=cfg.num_classes,
                 tie_embeddings=cfg.tie_embeddings,
+                grid_width=cfg.rope_grid_width,
                 **overrides,
             )
         )

@@ -42,6 +42,7 @@ class ModelConfig:
     time_conditioning: bool = False
     num_classes: int = 0
     tie_embeddings: bool = False
+    rope_grid_width: int = 0  # dit only: > 0 = 2-D rotary positions of a W-wide image (images)
     cond_dim: int = 128  # mdlm-dit only
     time_input: Literal["none", "sigma", "t"] = "none"  # mdlm-dit only (models/mdlm_dit.py)
     hf_name: str | None = None

@@ -50,6 +50,7 @@ class DiTConfig:
     max_seq_len: int = 1024
     norm_eps: float = 1e-5
     rope_base: float = 10_000.0
+    grid_width: int = 0  # > 0: 2-D (axial) rotary positions (p // W, p % W) for image tokens
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "cond_dim", "max_seq_len"):
@@ -59,6 +60,11 @@ class DiTConfig:
             raise ValueError(
                 f"d_model={self.d_model} must be n_heads={self.n_heads} times an even head size "
                 "(rotary embeddings rotate pairs); change d_model or n_heads"
+            )
+        if self.grid_width < 0 or (self.grid_width and self.head_dim % 4):
+            raise ValueError(
+                f"DiTConfig.grid_width={self.grid_width} must be >= 0, and 2-D rotary positions "
+                f"need a head size divisible by 4 (got {self.head_dim})"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"DiTConfig.dropout must be in [0, 1), got {self.dropout}")
@@ -89,11 +95,24 @@ PRESETS: dict[str, DiTConfig] = {
 }
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
-    """cos, sin tables (seq_len, head_dim // 2) for rotary position embedding (float32)."""
-    even = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
-    inv_freq = base ** (-even / head_dim)
-    angles = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq
+def rotary_tables(
+    seq_len: int, head_dim: int, base: float, device=None, grid_width: int = 0
+) -> tuple[Tensor, Tensor]:
+    """cos, sin tables (seq_len, head_dim // 2) for rotary position embedding (float32).
+
+    1-D (grid_width = 0): pair i of position p turns by p·θ_i, θ_i = base^(−2i/Dh).
+    2-D (grid_width = W > 0, axial RoPE for a row-major image): position p is the pixel
+    (r, c) = (p // W, p % W); the first Dh/4 pairs turn by r·θ'_i and the last Dh/4 by c·θ'_i,
+    θ'_i = base^(−4i/Dh), so attention scores depend on the row and column offsets."""
+    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    if grid_width == 0:
+        even = torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+        angles = pos[:, None] * base ** (-even / head_dim)
+        return angles.cos(), angles.sin()
+    quarter = torch.arange(0, head_dim, 4, device=device, dtype=torch.float32)
+    inv_freq = base ** (-quarter / head_dim)  # (Dh/4,)
+    rows, cols = torch.div(pos, grid_width, rounding_mode="floor"), pos % grid_width
+    angles = torch.cat((rows[:, None] * inv_freq, cols[:, None] * inv_freq), dim=-1)
     return angles.cos(), angles.sin()
 
 
@@ -228,7 +247,9 @@ class DiT(nn.Module):
             if mod is not None:
                 nn.init.zeros_(mod.weight)
                 nn.init.zeros_(mod.bias)
-        cos, sin = rotary_tables(cfg.max_seq_len, cfg.head_dim, cfg.rope_base, self.rope_cos.device)
+        cos, sin = rotary_tables(
+            cfg.max_seq_len, cfg.head_dim, cfg.rope_base, self.rope_cos.device, cfg.grid_width
+        )
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
