@@ -6,6 +6,7 @@ Imported by `experiments/<name>/run.py` after it puts this folder on `sys.path`.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import torch
 
 from xdlm.config import XDLMConfig
 from xdlm.eval.seeds import paired_difference, t_interval
+from xdlm.precision import cpu_description
 from xdlm.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +67,38 @@ def spawn_workers(script: str, args, n: int) -> None:
     codes = [p.wait() for p in procs]
     if any(codes):
         raise RuntimeError(f"a worker failed (exit codes {codes}); rerun to resume")
+
+
+def run_stages(
+    script: str, args: Namespace, settings: dict, prepare: Callable[[], object],
+    work: Callable, collect: Callable[[], dict],
+) -> int:  # fmt: skip
+    """The main of experiments/<name>/run.py once its arguments are parsed. A worker
+    (`--worker i/n`) trains and evaluates its share single-threaded; otherwise `prepare()`, the
+    train and eval stages (`work` here, or in args.jobs worker processes), then the report:
+    `collect()` with the budget, machine and CPU, passed to `report.report` beside the script."""
+    stages = args.stage_list
+    if args.worker is not None:
+        torch.set_num_threads(1)
+        i, n = (int(v) for v in args.worker.split("/"))
+        work(settings, args.budget, args.out, stages, (i, n))
+        return 0
+    start = time.perf_counter()
+    prepare()
+    print(f"data ready in {args.out} ({time.perf_counter() - start:.0f} s)", flush=True)
+    if "train" in stages or "eval" in stages:
+        if args.jobs > 1:
+            spawn_workers(script, args, args.jobs)
+        else:
+            work(settings, args.budget, args.out, stages, (0, 1))
+    if "report" in stages:
+        command = f"python experiments/{Path(script).parent.name}/run.py --budget {args.budget}"
+        command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
+        results = collect()
+        results.update(budget=args.budget, machine=args.machine, cpu=cpu_description())
+        report = importlib.import_module("report").report  # matplotlib only when reporting
+        report(results, settings, args.budget, command, Path(args.publish))
+    return 0
 
 
 def parse_args(

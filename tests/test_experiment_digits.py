@@ -5,7 +5,6 @@ the smoke budget runs end to end on the shared MNIST digits (slow)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import subprocess
@@ -13,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from experiment_modules import experiment_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments" / "digits"
@@ -22,14 +22,7 @@ NPZ = ROOT.parent / "shared" / "data" / "images" / "mnist10k.npz"
 @pytest.fixture(scope="module")
 def digits():
     """The experiment's run.py and report.py as modules."""
-    sys.path.insert(0, str(EXP))
-    modules = {}
-    for name in ("run", "report"):
-        spec = importlib.util.spec_from_file_location(f"digits_{name}", EXP / f"{name}.py")
-        modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(modules[name])
-    yield modules
-    sys.path.remove(str(EXP))
+    yield from experiment_modules("digits")
 
 
 @pytest.mark.parametrize("budget", ["smoke", "cpu"])

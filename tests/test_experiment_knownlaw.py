@@ -4,7 +4,6 @@ the smoke budget runs end to end and its checkpoints score exactly under the law
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from experiment_modules import experiment_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 EXP = ROOT / "experiments" / "knownlaw"
@@ -20,14 +20,7 @@ EXP = ROOT / "experiments" / "knownlaw"
 @pytest.fixture(scope="module")
 def knownlaw():
     """The experiment's run.py and report.py as modules."""
-    sys.path.insert(0, str(EXP))
-    modules = {}
-    for name in ("run", "report"):
-        spec = importlib.util.spec_from_file_location(f"knownlaw_{name}", EXP / f"{name}.py")
-        modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(modules[name])
-    yield modules
-    sys.path.remove(str(EXP))
+    yield from experiment_modules("knownlaw")
 
 
 @pytest.mark.parametrize("budget", ["smoke", "cpu"])

@@ -129,6 +129,11 @@ def plot(summary: dict, steps: list[int], path: Path) -> None:
     plt.close(fig)
 
 
+def _cpu(results: dict) -> str:
+    cpu = results.get("cpu", {"cpu": "CPU not recorded", "capability": "?"})
+    return f"{cpu['cpu']}, {cpu['capability']}"
+
+
 def report(results: dict, settings: dict, budget: str, command: str, root: Path) -> None:
     """Raw JSON, plot and the docs/results.md section under `root`."""
     summary = summarize(results)
@@ -149,7 +154,8 @@ def report(results: dict, settings: dict, budget: str, command: str, root: Path)
         f"{train_cfg['steps']} steps × {data_cfg['batch_size']} × {data_cfg['seq_len']} = "
         f"{tokens / 1e6:.1f} M characters each; validation NELBO on {ev['valid_rows']} rows "
         f"({ev['t_samples']} t per row), {ev['num_samples']} samples per T (ancestral, "
-        f"temperature 1). Machine: {results['machine']}. Settings: "
+        f"temperature 1). Machine: {results['machine']} ({_cpu(results)}), 1 thread per model, "
+        f"fp32. Settings: "
         f"`experiments/chartext/chartext.yaml`; raw: `experiments/chartext/results/{budget}.json`."
         f"\n\n    {command}\n\n"
         + tables(summary, steps, mean_train_wall(results))

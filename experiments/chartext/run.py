@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from xdlm.builders import build_sampler
@@ -42,7 +41,7 @@ from seedgrid import (  # noqa: E402
     finished_models,
     models,
     parse_args,
-    spawn_workers,
+    run_stages,
     train_model,
 )
 
@@ -138,28 +137,11 @@ def collect(settings: dict, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __doc__, "chartext", "cpu-small", STAGES)
-    stages = args.stage_list
     settings = budget_grid(load_settings(), args.budget)
-    if args.worker is not None:
-        torch.set_num_threads(1)
-        i, n = (int(v) for v in args.worker.split("/"))
-        work(settings, args.budget, args.out, stages, (i, n))
-        return 0
-    prepare_data(settings, args.budget, args.out)
-    if "train" in stages or "eval" in stages:
-        if args.jobs > 1:
-            spawn_workers(__file__, args, args.jobs)
-        else:
-            work(settings, args.budget, args.out, stages, (0, 1))
-    if "report" in stages:
-        from report import report  # beside this file; matplotlib only when reporting
-
-        command = f"python experiments/chartext/run.py --budget {args.budget}"
-        command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
-        results = collect(settings, args.out)
-        results.update(budget=args.budget, machine=args.machine)
-        report(results, settings, args.budget, command, Path(args.publish))
-    return 0
+    return run_stages(
+        __file__, args, settings, lambda: prepare_data(settings, args.budget, args.out), work,
+        lambda: collect(settings, args.out),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from xdlm.data.images import image_info, prepare_images
 from xdlm.data.loader import TokenShards
 from xdlm.eval.images import classifier_accuracy, image_metrics, sample_classes
 from xdlm.eval.likelihood import sequence_nelbo, shard_batches, summarize
-from xdlm.precision import cpu_description
 from xdlm.runs import load_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
@@ -45,7 +44,7 @@ from seedgrid import (  # noqa: E402
     finished_models,
     models,
     parse_args,
-    spawn_workers,
+    run_stages,
     train_model,
 )
 
@@ -174,31 +173,11 @@ def collect(settings: dict, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv, __doc__, "digits", "cpu", STAGES)
-    stages = args.stage_list
     settings = budget_grid(load_settings(), args.budget)
-    budget_spec(settings, args.budget)
-    if args.worker is not None:
-        torch.set_num_threads(1)
-        i, n = (int(v) for v in args.worker.split("/"))
-        work(settings, args.budget, args.out, stages, (i, n))
-        return 0
-    t0 = time.perf_counter()
-    prepare_data(settings, args.out)
-    print(f"data and classifier ready in {args.out} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    if "train" in stages or "eval" in stages:
-        if args.jobs > 1:
-            spawn_workers(__file__, args, args.jobs)
-        else:
-            work(settings, args.budget, args.out, stages, (0, 1))
-    if "report" in stages:
-        command = f"python experiments/digits/run.py --budget {args.budget}"
-        command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
-        results = collect(settings, args.out)
-        results.update(budget=args.budget, machine=args.machine, cpu=cpu_description())
-        from report import report  # matplotlib only when reporting
-
-        report(results, settings, args.budget, command, Path(args.publish))
-    return 0
+    return run_stages(
+        __file__, args, settings, lambda: prepare_data(settings, args.out), work,
+        lambda: collect(settings, args.out),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
