@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from xdlm.config import XDLMConfig
+from xdlm.config import XDLMConfig, merge
 from xdlm.eval.seeds import paired_difference, t_interval
 from xdlm.precision import cpu_description
 from xdlm.train.loop import train
@@ -32,6 +32,27 @@ def budget_grid(settings: dict, budget: str) -> dict:
     top-level ones, so a later budget can widen the grid without changing earlier results."""
     spec = settings["budgets"].get(budget, {})
     return {**settings, **{key: spec[key] for key in ("ks", "seeds") if key in spec}}
+
+
+def budget_spec(settings: dict, budget: str) -> dict:
+    """The budget's block of the settings; ValueError naming the valid budgets."""
+    if budget not in settings["budgets"]:
+        raise ValueError(f"unknown budget {budget!r}; choose one of {sorted(settings['budgets'])}")
+    return settings["budgets"][budget]
+
+
+def model_config(settings: dict, budget: str, k: float, seed: int, data_dir: Path) -> XDLMConfig:
+    """Base, then the budget's overrides, then k and the seed (the only changes between models;
+    k = 1 is UDLM without a mask state, kernel.use_mask = false)."""
+    cfg = merge(merge(XDLMConfig(), settings["base"]), budget_spec(settings, budget)["config"])
+    kernel = {"k": float(k), "use_mask": k != 1.0}
+    data = {"path": str(data_dir), "sources": []}
+    return merge(cfg, {"kernel": kernel, "data": data, "train": {"seed": int(seed)}})
+
+
+def run_name(k: float, seed: int) -> str:
+    """k0-s0, k0.1-s2, k1-nomask-s1, ..."""
+    return f"k{k:g}" + ("-nomask" if k == 1.0 else "") + f"-s{seed}"
 
 
 def models(settings: dict) -> list[tuple[float, int]]:
@@ -124,7 +145,7 @@ def parse_args(
     return args
 
 
-def finished_models(settings: dict, out: Path, run_name: Callable[[float, int], str]) -> dict:
+def finished_models(settings: dict, out: Path) -> dict:
     """{run name: {k, seed, train: train_info.json, **eval.json}} of every evaluated model."""
     done = {}
     for k, seed in models(settings):

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from xdlm.builders import build_sampler
-from xdlm.config import SampleConfig, XDLMConfig, merge
+from xdlm.config import SampleConfig
 from xdlm.data.documents import read_documents
 from xdlm.data.prepare import prepare
 from xdlm.eval.genquality import load_scorer
@@ -39,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seed
 from seedgrid import (  # noqa: E402
     budget_grid,
     finished_models,
+    model_config,
     models,
     parse_args,
+    run_name,
     run_stages,
     train_model,
 )
@@ -61,20 +63,6 @@ def text8_normalise(text: str) -> str:
 
 def load_settings(path: Path = HERE / "chartext.yaml") -> dict:
     return yaml.safe_load(path.read_text())
-
-
-def model_config(settings: dict, budget: str, k: float, seed: int, data_dir: Path) -> XDLMConfig:
-    """Base, the budget's overrides, then k and the seed (the only changes between models)."""
-    if budget not in settings["budgets"]:
-        raise ValueError(f"unknown budget {budget!r}; choose one of {sorted(settings['budgets'])}")
-    cfg = merge(merge(XDLMConfig(), settings["base"]), settings["budgets"][budget]["config"])
-    kernel = {"k": float(k), "use_mask": k != 1.0}
-    data = {"path": str(data_dir), "sources": []}
-    return merge(cfg, {"kernel": kernel, "data": data, "train": {"seed": int(seed)}})
-
-
-def run_name(k: float, seed: int) -> str:
-    return f"k{k:g}" + ("-nomask" if k == 1.0 else "") + f"-s{seed}"
 
 
 def prepare_data(settings: dict, budget: str, out: Path) -> Path:
@@ -132,7 +120,7 @@ def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple
 
 def collect(settings: dict, out: Path) -> dict:
     """Every finished model's train info and evaluation."""
-    return {"models": finished_models(settings, out, run_name)}
+    return {"models": finished_models(settings, out)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ import yaml
 
 from xdlm.builders import build_sampler
 from xdlm.commands.images import reference_classifier, save_grid
-from xdlm.config import SampleConfig, XDLMConfig, merge
+from xdlm.config import SampleConfig
 from xdlm.data.images import image_info, prepare_images
 from xdlm.data.loader import TokenShards
 from xdlm.eval.images import classifier_accuracy, image_metrics, sample_classes
@@ -41,9 +41,12 @@ from xdlm.runs import load_run
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
 from seedgrid import (  # noqa: E402
     budget_grid,
+    budget_spec,
     finished_models,
+    model_config,
     models,
     parse_args,
+    run_name,
     run_stages,
     train_model,
 )
@@ -59,24 +62,6 @@ SAMPLER = {"sampler": PLAN.sampler, "final": PLAN.final, "grid": PLAN.grid}
 
 def load_settings(path: Path = HERE / "digits.yaml") -> dict:
     return yaml.safe_load(path.read_text())
-
-
-def budget_spec(settings: dict, budget: str) -> dict:
-    if budget not in settings["budgets"]:
-        raise ValueError(f"unknown budget {budget!r}; choose one of {sorted(settings['budgets'])}")
-    return settings["budgets"][budget]
-
-
-def model_config(settings: dict, budget: str, k: float, seed: int, data_dir: Path) -> XDLMConfig:
-    """Base, the budget's overrides, then k and the seed (the only changes between models)."""
-    cfg = merge(merge(XDLMConfig(), settings["base"]), budget_spec(settings, budget)["config"])
-    kernel = {"k": float(k), "use_mask": k != 1.0}
-    return merge(cfg, {"kernel": kernel, "data": {"path": str(data_dir), "sources": []},
-                       "train": {"seed": int(seed)}})  # fmt: skip
-
-
-def run_name(k: float, seed: int) -> str:
-    return f"k{k:g}" + ("-nomask" if k == 1.0 else "") + f"-s{seed}"
 
 
 def prepare_data(settings: dict, out: Path) -> Path:
@@ -164,7 +149,7 @@ def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple
 
 def collect(settings: dict, out: Path) -> dict:
     """Every finished model's train info and evaluation, with the classifier's accuracy."""
-    models_done = finished_models(settings, out, run_name)
+    models_done = finished_models(settings, out)
     for name, model in models_done.items():
         model["grid"] = str(out / "runs" / name / "grid.png")
     classifier = json.loads((out / "classifier.json").read_text())

@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from xdlm.builders import build_sampler
-from xdlm.config import SampleConfig, XDLMConfig, merge
+from xdlm.config import SampleConfig
 from xdlm.data.loader import TokenShards
 from xdlm.data.synthetic import HiddenMarkovLaw, load_law, topic_hmm, write_dataset
 from xdlm.eval.genquality import unigram_entropy
@@ -43,9 +43,12 @@ from xdlm.runs import load_run
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
 from seedgrid import (  # noqa: E402
     budget_grid,
+    budget_spec,
     finished_models,
+    model_config,
     models,
     parse_args,
+    run_name,
     run_stages,
     train_model,
 )
@@ -61,26 +64,6 @@ SAMPLER = {"sampler": PLAN.sampler, "final": PLAN.final, "grid": PLAN.grid}
 
 def load_settings(path: Path = HERE / "knownlaw.yaml") -> dict:
     return yaml.safe_load(path.read_text())
-
-
-def budget_spec(settings: dict, budget: str) -> dict:
-    if budget not in settings["budgets"]:
-        raise ValueError(f"unknown budget {budget!r}; choose one of {sorted(settings['budgets'])}")
-    return settings["budgets"][budget]
-
-
-def model_config(settings: dict, budget: str, k: float, seed: int, data_dir: Path) -> XDLMConfig:
-    """Base, then the budget's overrides, then k and the seed (the only changes between models)."""
-    cfg = merge(XDLMConfig(), settings["base"])
-    cfg = merge(cfg, budget_spec(settings, budget)["config"])
-    kernel = {"k": float(k), "use_mask": k != 1.0}
-    data = {"path": str(data_dir), "sources": []}
-    return merge(cfg, {"kernel": kernel, "data": data, "train": {"seed": int(seed)}})
-
-
-def run_name(k: float, seed: int) -> str:
-    """k0-s0, k0.1-s2, k1-nomask-s1, ..."""
-    return f"k{k:g}" + ("-nomask" if k == 1.0 else "") + f"-s{seed}"
 
 
 def per_token(nll: torch.Tensor, length: int) -> dict:
@@ -192,7 +175,7 @@ def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple
 def collect(settings: dict, out: Path) -> dict:
     """Every finished model's train info and evaluation, with the law reference."""
     reference = json.loads((out / "law_reference.json").read_text())
-    return {"reference": reference, "models": finished_models(settings, out, run_name)}
+    return {"reference": reference, "models": finished_models(settings, out)}
 
 
 def main(argv: list[str] | None = None) -> int:
