@@ -78,8 +78,9 @@ def train_classifier(
     lr: float = 3e-3,
     max_shift: int = 1,
 ) -> SmallCNN:
-    """Fit a `SmallCNN` on images (N, H, W) in [0, 1] and labels (N,) with Adam, a cosine
-    learning rate and random shifts of up to `max_shift` pixels; returns it in eval mode."""
+    """Fit a `SmallCNN` on images (N, H, W) in [0, 1] and labels (N,) with Adam, a one-cycle
+    learning rate (warm-up, then cosine decay) and random shifts of up to `max_shift` pixels;
+    returns it in eval mode."""
     x = torch.as_tensor(images, dtype=torch.float32)
     y = torch.as_tensor(labels, dtype=torch.int64)
     torch.manual_seed(int(torch.randint(0, 2**31, (), generator=generator)))  # init
