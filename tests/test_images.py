@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from xdlm.config import load_config
-from xdlm.data.images import dequantize, image_info, prepare_images, quantize, tokens_to_images
+from xdlm.data.images import (
+    dequantize,
+    from_patches,
+    image_info,
+    prepare_images,
+    quantize,
+    to_patches,
+    tokens_to_images,
+)
 from xdlm.data.loader import ShardedLoader, TokenShards
 from xdlm.eval.images import class_diversity, frechet_distance, sample_classes
 from xdlm.runs import load_run
@@ -68,6 +76,50 @@ def test_prepare_vq_codes_both_layouts(tmp_path):
     assert (m.image["height"], m.image["width"]) == (1, 12)
     with pytest.raises(ValueError, match="codebook_size"):
         prepare_images(tmp_path / "v.npz", tmp_path / "g", kind="vq", codebook_size=8)
+
+
+def test_patch_codes_match_a_loop_reference_and_invert():
+    grey = np.random.default_rng(2).integers(0, 3, (5, 6, 4))
+    codes = to_patches(grey, 2, 3)
+    assert codes.shape == (5, 3, 2) and codes.max() < 3**4
+    for n, i, j in np.ndindex(*codes.shape):
+        block = grey[n, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].ravel()  # raster order in the block
+        assert codes[n, i, j] == sum(int(q) * 3**b for b, q in enumerate(block))
+    assert np.array_equal(from_patches(codes, 2, 3), grey)
+    with pytest.raises(ValueError, match="3x3 patches"):
+        to_patches(grey, 3, 3)
+
+
+def test_prepare_patches_is_the_pixel_images_with_fewer_tokens(tmp_path, capsys):
+    from xdlm.cli import main
+    from xdlm.commands.images import save_strip
+
+    _npz(tmp_path / "x.npz")
+    pix = prepare_images(tmp_path / "x.npz", tmp_path / "p", size=6, levels=4)
+    argv = ["images", "prepare", "--npz", str(tmp_path / "x.npz"), "--out", str(tmp_path / "q")]
+    assert main([*argv, "--kind", "patches", "--size", "6", "--levels", "4", "--patch", "2"]) == 0
+    assert "'patch': 2" in capsys.readouterr().out
+    info = image_info(tmp_path / "q")
+    assert (info.kind, info.height, info.width, info.levels, info.patch) == (
+        "patches",
+        3,
+        3,
+        256,
+        2,
+    )
+    assert (info.grey_levels, pix.seq_len, image_info(tmp_path / "p").patch) == (4, 36, 1)
+    rows = {d: TokenShards(tmp_path / d, "train").rows(np.arange(10)) for d in "pq"}
+    assert rows["q"].tokens.shape == (10, 9) and torch.equal(rows["p"].labels, rows["q"].labels)
+    images = tokens_to_images(rows["q"].tokens, info)
+    assert np.array_equal(images, tokens_to_images(rows["p"].tokens, image_info(tmp_path / "p")))
+    masked = rows["q"].tokens.clone()
+    masked[0, 4] = info.levels  # the mask id: the centre patch shows as a grey block
+    grey = tokens_to_images(masked, info)[0]
+    assert (grey[2:4, 2:4] == 0.5).all() and np.array_equal(grey[:2], images[0, :2])
+    save_strip(torch.stack([masked, rows["q"].tokens]), info, tmp_path / "s.png")
+    assert _red_pixels(tmp_path / "s.png") > 0  # the masked patch is drawn in the mask colour
+    with pytest.raises(ValueError, match="65,535 codes"):
+        prepare_images(tmp_path / "x.npz", tmp_path / "r", kind="patches", size=6, patch=3)
 
 
 def test_frechet_distance_zero_for_same_set_large_for_noise():

@@ -279,3 +279,26 @@ def test_1d_rotary_is_the_default_and_grid_width_reaches_the_model():
 
     built = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, rope_grid_width=14), 7)
     assert built.cfg.grid_width == 14
+
+
+def test_absolute_positions_break_the_symmetry_of_an_all_mask_input():
+    """Relative (rotary) positions alone give every position of a constant input the same output,
+    so a fully masked image cannot be told apart by place; `abs_positions` can."""
+    from xdlm.builders import build_model
+    from xdlm.config import ModelConfig
+
+    constant = torch.full((1, L), V - 1)
+    out = tiny()(constant, None)[0]
+    assert torch.allclose(out, out[:1].expand_as(out), atol=1e-5)
+    placed = tiny(abs_positions=True)
+    out = placed(constant, None)[0]
+    assert not torch.allclose(out[0], out[1], atol=1e-3)
+    assert placed.pos_embed.weight.shape == (64, 32) and tiny().pos_embed is None
+    with torch.no_grad():
+        placed.pos_embed.weight.zero_()  # zero positions: the relative-only model, same weights
+    plain = tiny()
+    plain.load_state_dict({k: v for k, v in placed.state_dict().items() if "pos_embed" not in k})
+    x = ids()
+    assert torch.allclose(placed(x, None), plain(x, None), atol=1e-6)
+    built = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2, abs_positions=True), 7)
+    assert built.cfg.abs_positions and built.pos_embed is not None

@@ -4,8 +4,9 @@
     python experiments/digits/run.py --budget smoke --out /tmp/dg --publish /tmp/dg   # tests
 
 Stages (each skips work already done in `--out`, so a stopped run resumes where it was):
-  data    14 × 14 images of 4 grey levels (`xdlm.data.images.prepare_images`), and the reference
-          classifier (`xdlm.commands.images.reference_classifier`) trained on the train split;
+  data    14 × 14 images of 4 grey levels, one token a pixel or a 2 × 2 patch (`data.kind`;
+          `xdlm.data.images.prepare_images`), and the reference classifier
+          (`xdlm.commands.images.reference_classifier`) trained on the train split;
           its accuracy on the held-out split is recorded and must reach `classifier.min_accuracy`;
   train   one class-conditional model per (k, seed) (<out>/runs/k<k>-s<seed>, `xdlm eval`-able);
   eval    per model: the conditional NELBO −log p(x | c) bound on the held-out digits (nats per
@@ -71,8 +72,9 @@ def prepare_data(settings: dict, out: Path) -> Path:
     if not (data_dir / "manifest.json").is_file():
         if not NPZ.is_file():
             raise FileNotFoundError(f"{NPZ} is missing; the experiment needs ../shared/data")
-        prepare_images(NPZ, data_dir, size=spec["size"], levels=spec["levels"],
-                       valid_fraction=spec["valid_fraction"], seed=spec["seed"])  # fmt: skip
+        prepare_images(NPZ, data_dir, spec.get("kind", "pixels"), spec["size"], spec["levels"],
+                       valid_fraction=spec["valid_fraction"], seed=spec["seed"],
+                       patch=spec.get("patch", 1))  # fmt: skip
     path = out / "classifier.json"
     if not path.is_file():
         start = time.perf_counter()
@@ -90,8 +92,9 @@ def prepare_data(settings: dict, out: Path) -> Path:
 @torch.no_grad()
 def conditional_nelbo(loaded, data_dir: Path, ev: dict) -> dict:
     """The continuous NELBO of −log p(x | c) on the first `valid_rows` held-out digits, each with
-    its own class c: nats per pixel token with the delta-method SE (`summarize`)."""
-    shards = TokenShards(data_dir, "valid")
+    its own class c: nats per pixel (a patch token's nats over its patch² pixels) with the
+    delta-method SE (`summarize`)."""
+    shards, pixels_per_token = TokenShards(data_dir, "valid"), image_info(data_dir).patch ** 2
     nats, tokens = [], []
     for row_ids, rows in shard_batches(shards, ev["sample_batch"], ev["valid_rows"]):
         denoiser = functools.partial(loaded.model, cond=rows.labels)
@@ -99,7 +102,7 @@ def conditional_nelbo(loaded, data_dir: Path, ev: dict) -> dict:
                              row_ids, seed=ev["seed"], t_samples=ev["t_samples"])  # fmt: skip
         nats.append(seq.nats)
         tokens.append(seq.tokens)
-    return summarize(torch.cat(nats), torch.cat(tokens)).to_dict()
+    return summarize(torch.cat(nats), torch.cat(tokens) * pixels_per_token).to_dict()
 
 
 def sample_rows(loaded, data_dir: Path, ev: dict, clf, real, grid_path: Path) -> list[dict]:

@@ -54,6 +54,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
                 num_classes=cfg.num_classes,
                 tie_embeddings=cfg.tie_embeddings,
                 grid_width=cfg.rope_grid_width,
+                abs_positions=cfg.abs_positions,
                 **overrides,
             )
         )

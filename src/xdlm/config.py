@@ -43,6 +43,7 @@ class ModelConfig:
     num_classes: int = 0
     tie_embeddings: bool = False
     rope_grid_width: int = 0  # dit only: > 0 = 2-D rotary positions of a W-wide image (images)
+    abs_positions: bool = False  # dit only: learned absolute positions (images: where a pixel is)
     cond_dim: int = 128  # mdlm-dit only
     time_input: Literal["none", "sigma", "t"] = "none"  # mdlm-dit only (models/mdlm_dit.py)
     hf_name: str | None = None

@@ -39,9 +39,15 @@ def register(sub) -> None:
     prep = actions.add_parser("prepare", help="an .npz of images or VQ codes -> shards")
     prep.add_argument("--npz", required=True, help="images+labels or codes+labels (docs/images.md)")
     prep.add_argument("--out", required=True)
-    prep.add_argument("--kind", choices=["pixels", "vq"], default="pixels")
-    prep.add_argument("--size", type=int, default=14, help="pixels: resize to SIZE x SIZE")
-    prep.add_argument("--levels", type=int, default=8, help="pixels: grey levels (vocab)")
+    prep.add_argument("--kind", choices=["pixels", "patches", "vq"], default="pixels")
+    prep.add_argument("--size", type=int, default=14, help="pixels/patches: resize to SIZE x SIZE")
+    prep.add_argument("--levels", type=int, default=8, help="pixels/patches: grey levels")
+    prep.add_argument(
+        "--patch",
+        type=int,
+        default=2,
+        help="patches: PATCH x PATCH pixels per token (levels^(PATCH^2) codes)",
+    )
     prep.add_argument("--codebook-size", type=int, default=None, help="vq: codebook size")
     prep.add_argument("--valid-fraction", type=float, default=0.1)
     prep.add_argument("--seed", type=int, default=0)
@@ -71,7 +77,7 @@ def run(args) -> int:
 
         m = prepare_images(
             args.npz, args.out, args.kind, args.size, args.levels, args.codebook_size,
-            args.valid_fraction, args.seed, args.overwrite,
+            args.valid_fraction, args.seed, args.overwrite, args.patch,
         )  # fmt: skip
         rows = {name: info.rows for name, info in m.splits.items()}
         print(f"prepared {rows} images, image={m.image}, vocab_size={m.vocab_size} -> {args.out}")
@@ -223,7 +229,7 @@ def save_grid(images: np.ndarray, per_class: int, path, title: str = "") -> None
 def save_strip(states, info, path, columns: int = 8) -> None:
     """Trajectory states (S + 1, B, L) -> PNG (or GIF if `path` ends in .gif): rows = samples,
     `columns` evenly spaced steps; masked positions are red."""
-    from xdlm.data.images import tokens_to_images
+    from xdlm.data.images import expand_patches, tokens_to_images
 
     s = np.asarray(states)
     picks = np.unique(np.linspace(0, len(s) - 1, columns).round().astype(int))
@@ -231,7 +237,8 @@ def save_strip(states, info, path, columns: int = 8) -> None:
     for i in picks:
         grey = tokens_to_images(s[i], info)
         rgb = np.repeat(grey[..., None], 3, -1)
-        rgb[s[i].reshape(grey.shape) == info.levels] = (0.85, 0.1, 0.1)  # the mask id
+        masked = s[i].reshape(len(grey), info.height, info.width) == info.levels  # the mask id
+        rgb[expand_patches(masked, info.patch)] = (0.85, 0.1, 0.1)
         frames.append(rgb)
     if str(path).endswith(".gif"):
         from PIL import Image

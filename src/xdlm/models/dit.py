@@ -11,6 +11,10 @@ Choices (documented here once):
   final norm gets its own shift/scale. All modulation layers start at zero ("adaLN-Zero"), so at
   initialisation every block is the identity and t has no effect until trained. When off, `t` is
   accepted and ignored.
+- Positions are relative only (RoPE) by default, as MDLM's DiT for text. With
+  `abs_positions` a learned embedding of each position (normal(0, 0.02) init) is added to the
+  token embeddings: images need it, because a fully masked image is the same token everywhere
+  and relative positions alone cannot tell the centre of a digit from its background.
 - Class conditioning (num_classes > 0) is an additive embedding of the label on every position of
   the input stream, whether adaLN is on or not: one code path, and the label changes the output
   from initialisation. Row `num_classes` is the "null" class used for classifier-free guidance;
@@ -51,6 +55,7 @@ class DiTConfig:
     norm_eps: float = 1e-5
     rope_base: float = 10_000.0
     grid_width: int = 0  # > 0: 2-D (axial) rotary positions (p // W, p % W) for image tokens
+    abs_positions: bool = False  # learned absolute position embeddings added to the tokens
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "n_layers", "d_model", "n_heads", "cond_dim", "max_seq_len"):
@@ -213,6 +218,7 @@ class DiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.abs_positions else None
         self.class_embed = (
             nn.Embedding(cfg.num_classes + 1, cfg.d_model) if cfg.num_classes > 0 else None
         )
@@ -286,7 +292,10 @@ class DiT(nn.Module):
         L = z_t.shape[1]
         if L > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {L} > max_seq_len={self.cfg.max_seq_len}")
-        x, c = self._conditioning(t, cond, self.embed(z_t))
+        x = self.embed(z_t)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.weight[:L]
+        x, c = self._conditioning(t, cond, x)
         key_mask = _key_mask(attention_mask, z_t.shape)
         cos, sin = self.rope_cos[:L], self.rope_sin[:L]
         for block in self.blocks:
