@@ -24,7 +24,7 @@ def digits():
     yield from experiment_modules("digits")
 
 
-@pytest.mark.parametrize("budget", ["smoke", "cpu"])
+@pytest.mark.parametrize("budget", ["smoke", "cpu", "cpu-1500"])
 def test_models_differ_only_in_k_and_seed(digits, budget):
     run = digits["run"]
     settings = run.budget_grid(run.load_settings(), budget)
@@ -60,8 +60,19 @@ def test_summary_pairs_by_seed_and_answers_state_the_criteria(digits):
     assert "needed ≥ 98 %: NOT met" in low
 
 
-def test_conditional_nelbo_passes_each_digit_its_class(digits, tmp_path, monkeypatch):
-    """The denoiser sees the labels of exactly the rows it scores."""
+def test_a_budget_can_bring_its_own_data(digits):
+    run = digits["run"]
+    patches = {"size": 14, "levels": 4, "kind": "patches", "patch": 2}
+    settings = {"ks": [0.0], "seeds": [0], "data": {"size": 14, "levels": 4},
+                "budgets": {"p": {"data": patches}}}  # fmt: skip
+    assert run.budget_grid(settings, "p")["data"]["kind"] == "patches"
+    assert run.budget_grid(settings, "other")["data"] == settings["data"]
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_conditional_nelbo_passes_each_digit_its_class(digits, tmp_path, monkeypatch, patch):
+    """The denoiser sees the labels of exactly the rows it scores; a patch token's nats are
+    spread over its patch² pixels."""
     import torch
 
     run = digits["run"]
@@ -87,12 +98,13 @@ def test_conditional_nelbo_passes_each_digit_its_class(digits, tmp_path, monkeyp
         return SequenceNats(torch.ones(n, dtype=torch.float64), torch.full((n,), 4))
 
     monkeypatch.setattr(run, "TokenShards", lambda d, split: Shards())
+    monkeypatch.setattr(run, "image_info", lambda d: type("I", (), {"patch": patch}))
     monkeypatch.setattr(run, "sequence_nelbo", fake_nelbo)
     loaded = type("L", (), {"model": lambda *a, **k: None, "kernel": None, "schedule": None})
     out = run.conditional_nelbo(loaded, tmp_path, {"sample_batch": 2, "valid_rows": 5,
                                                    "seed": 0, "t_samples": 1})  # fmt: skip
     assert seen == [([0, 1], [0, 1]), ([2, 3], [2, 3]), ([4], [4])]
-    assert math.isclose(out["nats_per_token"], 0.25)
+    assert math.isclose(out["nats_per_token"], 0.25 / patch**2)  # 1 nat per 4-token row
 
 
 @pytest.mark.slow
