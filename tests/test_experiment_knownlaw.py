@@ -71,4 +71,8 @@ def test_a_budget_may_widen_the_grid_without_touching_the_others(knownlaw):
     wide = run.budget_grid(settings, "cpu-1500")
     assert [k for k, s in run.models(wide) if s == 0] == [0.0, 0.01, 0.1, 0.5, 1.0]
     assert run.models(run.budget_grid(settings, "cpu-3000")) == run.models(settings)
+    # cpu-3000-wide is cpu-3000 with the two extra k, so cpu-3000's models are among its own
+    same = {key: v for key, v in settings["budgets"]["cpu-3000-wide"].items() if key != "ks"}
+    assert same == settings["budgets"]["cpu-3000"]
+    assert set(run.models(settings)) < set(run.models(run.budget_grid(settings, "cpu-3000-wide")))
     assert settings["ks"] == [0.0, 0.1, 1.0]  # the loaded settings are not modified
