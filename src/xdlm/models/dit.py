@@ -1,7 +1,8 @@
 """The native backbone: a bidirectional "DiT" transformer as in MDLM/UDLM/XDLM.
 
-    z_t (B, L) -> token embedding (+ class embedding) -> n_layers x [pre-LN attention with RoPE
-    on q, k and a key-padding mask; pre-LN GELU MLP] -> final LayerNorm -> output_head -> (B, L, V)
+    z_t (B, L) -> token embedding (+ absolute position, + class embedding) -> n_layers x
+    [pre-LN attention with RoPE on q, k and a key-padding mask; pre-LN GELU MLP]
+    -> final LayerNorm -> output_head -> (B, L, V)
 
 Choices (documented here once):
 - Norms are LayerNorm without bias (as MDLM); all Linear layers are bias-free, so a block has
