@@ -28,11 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def budget_grid(settings: dict, budget: str) -> dict:
-    """`settings` with the budget's own `ks` / `seeds` / `data` (where it names them) in place of
-    the top-level ones, so a later budget can widen the grid or change the data without changing
-    earlier results."""
+    """`settings` with the budget's own `ks` / `seeds` (where it names them) in place of the
+    top-level ones, so a later budget can widen the grid without changing earlier results."""
     spec = settings["budgets"].get(budget, {})
-    return {**settings, **{key: spec[key] for key in ("ks", "seeds", "data") if key in spec}}
+    return {**settings, **{key: spec[key] for key in ("ks", "seeds") if key in spec}}
 
 
 def budget_spec(settings: dict, budget: str) -> dict:

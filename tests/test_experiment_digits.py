@@ -60,15 +60,6 @@ def test_summary_pairs_by_seed_and_answers_state_the_criteria(digits):
     assert "needed ≥ 98 %: NOT met" in low
 
 
-def test_a_budget_can_bring_its_own_data(digits):
-    run = digits["run"]
-    patches = {"size": 14, "levels": 4, "kind": "patches", "patch": 2}
-    settings = {"ks": [0.0], "seeds": [0], "data": {"size": 14, "levels": 4},
-                "budgets": {"p": {"data": patches}}}  # fmt: skip
-    assert run.budget_grid(settings, "p")["data"]["kind"] == "patches"
-    assert run.budget_grid(settings, "other")["data"] == settings["data"]
-
-
 @pytest.mark.parametrize("patch", [1, 2])
 def test_conditional_nelbo_passes_each_digit_its_class(digits, tmp_path, monkeypatch, patch):
     """The denoiser sees the labels of exactly the rows it scores; a patch token's nats are

@@ -199,9 +199,10 @@ def report(results: dict, settings: dict, budget: str, command: str, root: Path)
     train_cfg = {**settings["base"]["train"], **spec["config"]["train"]}
     data_cfg = {**settings["base"]["data"], **spec["config"].get("data", {})}
     images = train_cfg["steps"] * data_cfg["batch_size"]
-    pixels, patch = settings["data"], settings["data"].get("patch", 1)
-    tokens = f"{(pixels['size'] // patch) ** 2} tokens" + (
-        f" of {patch} × {patch} patches" if settings["data"].get("kind") == "patches" else ""
+    image = settings["data"]
+    patch = image.get("patch", 1) if image.get("kind") == "patches" else 1
+    tokens = f"{(image['size'] // patch) ** 2} tokens" + (
+        f" of {patch} × {patch} patches" if patch > 1 else ""
     )
     positions = " with learned absolute positions" if model.get("abs_positions") else ""
     wall = sum(m["train"]["wall_s"] + m["eval_wall_s"] for m in results["models"].values())
@@ -210,8 +211,8 @@ def report(results: dict, settings: dict, budget: str, command: str, root: Path)
         f"{SECTION}\n\nBudget `{budget}`: {len(results['models'])} models (k × seed), each a "
         f"{model['n_layers']} × {model['d_model']} class-conditional DiT{positions} trained "
         f"{train_cfg['steps']} steps × {data_cfg['batch_size']} images = {images / 9000:.1f} "
-        f"epochs of the 9,000 training digits ({pixels['size']} × {pixels['size']}, "
-        f"{pixels['levels']} grey levels, {tokens}). NELBO of "
+        f"epochs of the 9,000 training digits ({image['size']} × {image['size']}, "
+        f"{image['levels']} grey levels, {tokens}). NELBO of "
         f"−log p(x | c) on {ev['valid_rows']} held-out digits ({ev['t_samples']} t each); "
         f"{ev['per_class']} samples per class per (T, w) (ancestral, temperature 1, seed "
         f"{ev['seed']}), scored by the reference classifier (`xdlm.eval.images.SmallCNN`, trained "
