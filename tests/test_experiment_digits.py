@@ -24,7 +24,7 @@ def digits():
     yield from experiment_modules("digits")
 
 
-@pytest.mark.parametrize("budget", ["smoke", "cpu", "cpu-1500"])
+@pytest.mark.parametrize("budget", ["smoke", "cpu", "cpu-1500", "cpu-2500"])
 def test_models_differ_only_in_k_and_seed(digits, budget):
     run = digits["run"]
     settings = run.budget_grid(run.load_settings(), budget)
