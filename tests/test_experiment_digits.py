@@ -24,7 +24,7 @@ def digits():
     yield from experiment_modules("digits")
 
 
-@pytest.mark.parametrize("budget", ["smoke", "cpu", "cpu-1500", "cpu-2500"])
+@pytest.mark.parametrize("budget", ["smoke", "cpu", "cpu-1500", "cpu-2500", "cpu-2500-s5"])
 def test_models_differ_only_in_k_and_seed(digits, budget):
     run = digits["run"]
     settings = run.budget_grid(run.load_settings(), budget)
@@ -32,6 +32,18 @@ def test_models_differ_only_in_k_and_seed(digits, budget):
     assert {k for k, _ in pairs} >= {0.0, 0.1, 1.0} and len(settings["seeds"]) >= 3
     cfgs = grid_configs(run, settings, budget)
     assert cfgs[0].model.num_classes == 10 and cfgs[0].train.cond_drop > 0
+
+
+def test_cpu_2500_s5_is_cpu_2500_with_two_more_seeds(digits):
+    """Run in cpu-2500's work dir, it reuses those 9 models: only valid if their config and
+    evaluation are the same."""
+    run = digits["run"]
+    settings = run.load_settings()
+    same = {key: v for key, v in settings["budgets"]["cpu-2500-s5"].items() if key != "seeds"}
+    assert same == settings["budgets"]["cpu-2500"]
+    five = run.models(run.budget_grid(settings, "cpu-2500-s5"))
+    assert set(run.models(settings)) < set(five) and {s for _, s in five} == {0, 1, 2, 3, 4}
+    assert settings["seeds"] == [0, 1, 2]  # the loaded settings are not modified
 
 
 def _model(k: float, seed: int, nelbo: float, acc32: float) -> dict:
