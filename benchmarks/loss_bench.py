@@ -321,13 +321,14 @@ def main() -> None:
     parser.add_argument("--docs", action="store_true", help="rewrite the docs/performance.md block")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), help="V of the sizes to run")
+    parser.add_argument("--name", help="results file stem (default: loss, loss_quick with --quick)")
     args = parser.parse_args()
     doc = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
     if args.mode == "render":
         render_saved(RESULTS / "loss.json", doc)
         return
     data = {"machine": machine(), "repeats": args.repeats}
-    name = "loss_quick" if args.quick else "loss"
+    name = args.name or ("loss_quick" if args.quick else "loss")
     only = [SIZES[v] for v in args.sizes] if args.sizes else None
 
     def on_row(rows):  # save after every size: a long run keeps what it has measured
