@@ -1,7 +1,8 @@
 """scripts/gpu_session.sh with DEVICE=cpu: the lease script's train + sample path (two runs,
 k = 0.1 and k = 0, T = 8 and 32 samples each, runs.tgz without weights) on the quickstart model,
 3 steps, so that a GPU lease is not spent on a broken script. The CUDA-only steps (gpu_check,
-gpu_llm_check, loss_bench) have their own tests."""
+gpu_llm_check, loss_bench) are skipped here; gpu_llm_check's code path has a CPU smoke test of
+its own (test_scripts_gpu_llm.py)."""
 
 import os
 import subprocess
