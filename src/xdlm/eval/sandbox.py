@@ -7,16 +7,24 @@
 Isolation (`isolation="bwrap"`, the default; docs/security.md): the program runs under
 bubblewrap in new user, PID, network, mount, IPC and UTS namespaces, as an unprivileged user
 (uid 65534 when we are root), with no capabilities and an empty environment (PATH only). Its
-file system is the system's `/usr` (and the interpreter's prefix) read-only, fresh `/proc`,
-`/dev` and `/tmp`, and one writable temporary directory; nothing else (no home, no repository,
-no /etc). The network namespace has no interface but a downed loopback. rlimits bound address
-space, CPU seconds, file size, open files and processes (`max_procs` more than the sandbox user
-already runs). When the program ends or is killed, its PID namespace ends, and with it every
-process it started (`setsid`, double fork and all); a wall-clock timeout kills the whole tree.
+file system is read-only: the system's `/usr` (and the interpreter's prefix), fresh `/proc` and
+`/dev`, an empty root; the one writable place is its working directory `/sandbox` (also `/tmp`),
+a tmpfs of `disk_mb`; nothing else (no home, no repository, no /etc). The network namespace has
+no interface but a downed loopback. When the program ends or is killed, its PID namespace ends,
+and with it every process it started (`setsid`, double fork and all); a wall-clock timeout
+kills the whole tree.
+
+Limits hold for the whole process tree (cgroups are not used: they are rarely delegated to an
+unprivileged caller): the program runs at most 1 + `max_procs` processes or threads at once
+(RLIMIT_NPROC, which Linux ≥ 5.14 counts per user namespace, i.e. per sandbox), each with
+`memory_mb / (1 + max_procs)` of address space (RLIMIT_AS), so together they never map more than
+`memory_mb`; its files share the `disk_mb` tmpfs. Also bounded: CPU seconds, 16 MiB per file,
+64 open files, no POSIX message queues.
 
 Verdict: the parent hands the harness a random per-run secret on stdin; the harness reads it
-before the candidate runs, and writes `SECRET passed` (or `SECRET memory` after a MemoryError)
-to a private pipe only after the program returned normally. Exiting early (`os._exit(0)`,
+before the candidate runs, and writes `SECRET passed` to a private pipe only after the program
+returned normally (`SECRET memory` after a MemoryError, `SECRET disk` after a full disk or an
+oversized file, from any of its processes). Exiting early (`os._exit(0)`,
 `sys.exit(0)`), printing "MemoryError" or killing itself is therefore never a pass nor a
 memory verdict. Limitation: the candidate shares the harness's interpreter, so code written to
 search the harness's memory for the secret could forge a pass; it still cannot escape.
@@ -28,6 +36,7 @@ program with the rlimits and the verdict only, not isolated from files, network 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -38,6 +47,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from math import comb
 from pathlib import Path
@@ -53,8 +63,9 @@ class SandboxUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class SandboxResult:
-    """status: "passed", "failed" (non-zero exit, e.g. an assertion, or no verdict), "timeout"
-    or "memory" (the harness caught a MemoryError).
+    """status: "passed", "failed" (non-zero exit, e.g. an assertion, or no verdict), "timeout",
+    "memory" (a MemoryError: a process reached its share of `memory_mb`) or "disk" (no space
+    left in the `disk_mb` tmpfs, or a file over 16 MiB).
 
     passed: status == "passed"; returncode: the child's exit status (negative: killed by that
     signal; None on timeout); stderr: its last 2,000 characters.
@@ -70,19 +81,27 @@ class SandboxResult:
 
 
 # The harness, run before the candidate in the sandboxed interpreter: read the secret, set the
-# limits, run the program as __main__, report through the verdict fd only if it returned.
+# limits, run the program as __main__, report through the verdict fd only if it returned (or
+# ran out of memory or disk, in any process of the tree). RLIMIT_NPROC counts the processes of
+# this uid already running: with bwrap those of this sandbox's user namespace.
 # (Limits set here rather than in a preexec_fn keep the parent's fork free of Python code.)
 _BOOTSTRAP = """
-import os, resource, runpy, sys
+import errno, os, resource, runpy, sys
 def main():
     secret = sys.stdin.readline().strip()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     mem, cpu, nproc = (int(a) for a in sys.argv[1:4])
-    verdict_fd = int(sys.argv[5])
-    for lim, val in ((resource.RLIMIT_AS, mem * 1024 * 1024), (resource.RLIMIT_CPU, cpu),
+    verdict_fd, me, running = int(sys.argv[5]), os.getpid(), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            running += os.stat("/proc/" + pid).st_uid == os.getuid()
+        except OSError:
+            pass
+    for lim, val in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_CPU, cpu),
                      (resource.RLIMIT_FSIZE, 16 * 1024 * 1024), (resource.RLIMIT_NOFILE, 64),
-                     (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
+                     (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, running + nproc),
+                     (resource.RLIMIT_MSGQUEUE, 0)):
         hard = resource.getrlimit(lim)[1]
         val = val if hard == resource.RLIM_INFINITY else min(val, hard)
         resource.setrlimit(lim, (val, val))
@@ -92,7 +111,12 @@ def main():
         status = "passed"
     except MemoryError:
         status = "memory"
-    os.write(verdict_fd, f"{secret} {status}\\n".encode())
+    except OSError as err:
+        if err.errno not in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        status = "memory" if err.errno == errno.ENOMEM else "disk"
+    if status != "passed" or os.getpid() == me:
+        os.write(verdict_fd, f"{secret} {status}\\n".encode())
     os.close(verdict_fd)
 main()
 """
@@ -104,22 +128,34 @@ def run_sandboxed(
     memory_mb: int = 1024,
     *,
     isolation: str = "bwrap",
-    max_procs: int = 32,
+    max_procs: int = 3,
+    disk_mb: int = 64,
     python: str | None = None,
 ) -> SandboxResult:
     """Run `code` as a Python program isolated and limited as in the module docstring.
 
     Args:
+        memory_mb: address space of the whole process tree; each of its at most 1 + max_procs
+            processes gets memory_mb / (1 + max_procs), at least 32 MiB.
         isolation: "bwrap" (default; refused with `SandboxUnavailableError` where it cannot be
-            set up) or "none" (rlimits only: the candidate can read files and use the network).
-        max_procs: processes the program may add (RLIMIT_NPROC above the sandbox user's count).
+            set up) or "none" (rlimits only: the candidate can read files and use the network,
+            and `disk_mb` does not apply).
+        max_procs: processes (or threads) the program may start besides itself.
+        disk_mb: size of its writable tmpfs (`/sandbox` = `/tmp`), RAM-backed.
         python: interpreter to run it with (default: this one, or the system python3 when the
             unprivileged sandbox user cannot read this one, e.g. under /root).
     """
-    if timeout_s <= 0 or memory_mb <= 0 or max_procs <= 0:
+    if timeout_s <= 0 or memory_mb <= 0 or max_procs < 0 or disk_mb <= 0:
         raise ValueError(
-            f"timeout_s, memory_mb and max_procs must be positive, got {timeout_s}, "
-            f"{memory_mb}, {max_procs}"
+            f"timeout_s, memory_mb and disk_mb must be positive and max_procs >= 0, got "
+            f"{timeout_s}, {memory_mb}, {disk_mb}, {max_procs}"
+        )
+    share = memory_mb * 2**20 // (1 + max_procs)
+    if share < 32 * 2**20:
+        raise ValueError(
+            f"memory_mb={memory_mb} over 1 + max_procs={max_procs} processes leaves "
+            f"{share / 2**20:.1f} MiB each; an interpreter needs 32: raise memory_mb to "
+            f"{32 * (1 + max_procs)} or lower max_procs"
         )
     if isolation not in ISOLATION:
         raise ValueError(f"unknown isolation {isolation!r}; choose one of {ISOLATION}")
@@ -127,17 +163,12 @@ def run_sandboxed(
     interpreter = _interpreter(python, as_user)
     if isolation == "bwrap":
         _check_bwrap(interpreter, as_user)
-    with tempfile.TemporaryDirectory(prefix="xdlm_sandbox_") as workdir:
-        Path(workdir, "candidate.py").write_text(code)
-        if as_user is not None:
-            for p in (workdir, os.path.join(workdir, "candidate.py")):
-                os.chown(p, as_user, as_user)
+    with _workdir(code, as_user) as workdir:
         inside = _INSIDE if isolation == "bwrap" else workdir
-        nproc = _processes_of(as_user if as_user is not None else os.getuid()) + max_procs
-        limits = [str(memory_mb), str(max(1, math.ceil(timeout_s) + 1)), str(nproc)]
+        limits = [str(share), str(max(1, math.ceil(timeout_s) + 1)), str(max_procs)]
         cmd = [interpreter, "-I", "-c", _BOOTSTRAP, *limits, f"{inside}/candidate.py"]
         if isolation == "bwrap":
-            cmd = [*_bwrap_args(interpreter, workdir), *cmd]
+            cmd = [*_bwrap_args(interpreter, workdir, disk_mb), *cmd]
         return _run(cmd, workdir if isolation == "none" else None, as_user, timeout_s)
 
 
@@ -163,13 +194,15 @@ def _run(cmd: list[str], cwd: str | None, as_user: int | None, timeout_s: float)
             _kill_group(proc)
             return SandboxResult("timeout", None, "")
         _kill_group(proc)  # what is left of its process group (isolation="none")
-        verdict = (verdict_pipe.read(256) or b"").decode(errors="replace").strip()
+        raw = (verdict_pipe.read(1 << 16) or b"").decode(errors="replace")
+        verdicts = {line.strip() for line in raw.splitlines()}
         err_file.seek(max(0, err_file.seek(0, os.SEEK_END) - 2000))
         text = err_file.read().decode(errors="replace")
-    if verdict == f"{secret} passed" and proc.returncode == 0:
+    for limit in ("memory", "disk"):  # reported by any process of the tree
+        if f"{secret} {limit}" in verdicts:
+            return SandboxResult(limit, proc.returncode, text)
+    if f"{secret} passed" in verdicts and proc.returncode == 0:
         return SandboxResult("passed", 0, text)
-    if verdict == f"{secret} memory":
-        return SandboxResult("memory", proc.returncode, text)
     if proc.returncode in (-signal.SIGXCPU, 128 + signal.SIGXCPU):
         return SandboxResult("timeout", proc.returncode, text)
     return SandboxResult("failed", proc.returncode, text)
@@ -212,12 +245,15 @@ def _interpreter(python: str | None, as_user: int | None) -> str:
     )
 
 
-def _bwrap_args(interpreter: str, workdir: str) -> list[str]:
-    """bubblewrap: every namespace new, the system read-only, one writable directory."""
+def _bwrap_args(interpreter: str, workdir: str, disk_mb: int) -> list[str]:
+    """bubblewrap: every namespace new, the whole file system read-only but a `disk_mb` tmpfs
+    at `/sandbox` (`/tmp` links to it) holding a read-only bind of workdir/candidate.py."""
     args = [
         "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
         "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", _INSIDE,
-        "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+        "--size", str(disk_mb * 2**20), "--perms", "1777", "--tmpfs", _INSIDE,
+        "--symlink", _INSIDE, "/tmp",
     ]  # fmt: skip
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
@@ -227,7 +263,15 @@ def _bwrap_args(interpreter: str, workdir: str) -> list[str]:
     prefix = str(Path(interpreter).parent.parent)  # PREFIX/bin/python3.X
     if not (prefix + "/").startswith("/usr/"):
         args += ["--ro-bind", prefix, prefix]
-    return [*args, "--bind", workdir, _INSIDE, "--chdir", _INSIDE]
+    candidate = f"{_INSIDE}/candidate.py"
+    return [*args, "--ro-bind", f"{workdir}/candidate.py", candidate, "--chdir", _INSIDE,
+            "--remount-ro", "/"]  # fmt: skip
+
+
+def check_isolation(python: str | None = None) -> None:
+    """Raise `SandboxUnavailableError` (with the fix) unless `run_sandboxed` can isolate here."""
+    as_user = _NOBODY if os.geteuid() == 0 else None
+    _check_bwrap(_interpreter(python, as_user), as_user)
 
 
 @functools.lru_cache(maxsize=8)
@@ -236,10 +280,8 @@ def _check_bwrap(interpreter: str, as_user: int | None) -> None:
     if shutil.which("bwrap") is None:
         reason = "bubblewrap (bwrap) is not installed"
     else:
-        with tempfile.TemporaryDirectory(prefix="xdlm_sandbox_probe_") as workdir:
-            if as_user is not None:
-                os.chown(workdir, as_user, as_user)
-            cmd = [*_bwrap_args(interpreter, workdir), interpreter, "-I", "-c", "pass"]
+        with _workdir("", as_user) as workdir:
+            cmd = [*_bwrap_args(interpreter, workdir, 1), interpreter, "-I", "-c", "pass"]
             probe = subprocess.run(
                 cmd, capture_output=True, timeout=60, user=as_user, group=as_user,
                 extra_groups=[] if as_user is not None else None, env={"PATH": "/usr/bin:/bin"},
@@ -256,16 +298,15 @@ def _check_bwrap(interpreter: str, as_user: int | None) -> None:
     )
 
 
-def _processes_of(uid: int) -> int:
-    """How many processes `uid` runs now (RLIMIT_NPROC counts them all)."""
-    count = 0
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                count += os.stat(entry.path).st_uid == uid
-            except FileNotFoundError:
-                continue
-    return count
+@contextlib.contextmanager
+def _workdir(code: str, as_user: int | None) -> Iterator[str]:
+    """A private temporary directory holding candidate.py, owned by `as_user` when given."""
+    with tempfile.TemporaryDirectory(prefix="xdlm_sandbox_") as workdir:
+        Path(workdir, "candidate.py").write_text(code)
+        if as_user is not None:
+            for p in (workdir, os.path.join(workdir, "candidate.py")):
+                os.chown(p, as_user, as_user)
+        yield workdir
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
