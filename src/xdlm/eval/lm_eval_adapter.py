@@ -47,7 +47,10 @@ from xdlm.builders import build_sampler, build_schedule
 from xdlm.config import KernelConfig, SampleConfig
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.objective import corrupt_batch
+from xdlm.eval import lm_eval_code
 from xdlm.sampling import XDM, fixed_from_template, generate
+
+lm_eval_code.install()  # lm-eval's code tasks run model-written programs only in the sandbox
 
 
 @register_model("xdlm")
