@@ -1,12 +1,17 @@
 """The sandbox's limits hold for the whole process tree (issue 27.3): `memory_mb` of address
 space shared by its at most 1 + max_procs processes, `disk_mb` of files in its tmpfs; exactly at
-each limit passes, one page / byte beyond is a "memory" / "disk" verdict."""
+each limit passes, one page / byte beyond is a "memory" / "disk" verdict; no RAM-backed storage
+outside both (the seccomp filter, no nested user namespace)."""
 
 from __future__ import annotations
+
+import errno
+import struct
 
 import pytest
 from test_sandbox import needs_bwrap, report, run
 
+from xdlm.eval import seccomp
 from xdlm.eval.sandbox import run_sandboxed
 
 MiB = 2**20
@@ -123,3 +128,60 @@ def test_memory_share_must_fit_an_interpreter():
         run_sandboxed("pass", memory_mb=127, max_procs=3, isolation="none")
     with pytest.raises(ValueError, match="disk_mb must be positive"):
         run_sandboxed("pass", disk_mb=0)
+
+
+@needs_bwrap
+def test_no_memory_outside_the_budget():
+    """RAM that neither RLIMIT_AS nor the tmpfs counts: memfd files, System V shared memory
+    (outlives its detach), the same call by its x32 number, a nested user namespace (could
+    mount its own tmpfs). All refused."""
+    probe = """
+        import ctypes, json, os, sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        def call(fn, *args):
+            return fn(*args), ctypes.get_errno()
+        out = {"shmget": call(libc.shmget, 0, 1 << 20, 0o1600),
+               "unshare_user": call(libc.unshare, 0x10000000)}  # CLONE_NEWUSER
+        if os.uname().machine == "x86_64":
+            out["x32_memfd_create"] = call(libc.syscall, 0x40000000 | 319, b"m", 0)
+        try:
+            os.memfd_create("m")
+            out["memfd_create"] = "created"
+        except OSError as err:
+            out["memfd_create"] = (-1, err.errno)
+        print(json.dumps(out), file=sys.stderr)
+    """
+    got = report(run(probe))
+    assert got.pop("unshare_user") == [-1, errno.ENOSPC]  # user namespaces: max 0
+    assert set(map(tuple, got.values())) == {(-1, errno.EPERM)}
+
+
+def _bpf(program: bytes, arch: int, nr: int) -> int:
+    """What the classic BPF `program` returns for a system call (a, k: accumulator, constant)."""
+    insns = [struct.unpack("=HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
+    data, a, pc = {0: nr, 4: arch}, 0, 0
+    while True:
+        code, jt, jf, k = insns[pc]
+        pc += 1
+        if code == 0x20:  # ld [k]
+            a = data[k]
+        elif code in (0x15, 0x35):  # jeq / jge #k
+            pc += jt if (a == k if code == 0x15 else a >= k) else jf
+        else:  # ret #k
+            return k
+
+
+@pytest.mark.parametrize(
+    ("machine", "arch", "nr", "allowed"),
+    [("x86_64", 0xC000003E, 0, True), ("x86_64", 0xC000003E, 319, False),
+     ("x86_64", 0xC000003E, 29, False), ("x86_64", 0xC000003E, 447, False),
+     ("x86_64", 0xC000003E, 0x40000000 | 319, False), ("x86_64", 0x40000003, 356, False),
+     ("x86_64", 0x40000003, 1, False), ("aarch64", 0xC00000B7, 279, False),
+     ("aarch64", 0xC00000B7, 194, False), ("aarch64", 0xC00000B7, 319, True)],
+    ids=["x86_64-read", "memfd_create", "shmget", "memfd_secret", "x32", "i386-memfd",
+         "i386-exit", "arm64-memfd_create", "arm64-shmget", "arm64-other"],
+)  # fmt: skip
+def test_seccomp_program(machine, arch, nr, allowed):
+    verdict = _bpf(seccomp.deny_filter(machine), arch, nr)
+    assert verdict == (0x7FFF0000 if allowed else 0x00050000 | errno.EPERM)
+    assert seccomp.deny_filter("riscv64") is None

@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from math import comb
 from pathlib import Path
 
+from xdlm.eval import seccomp
+
 ISOLATION = ("bwrap", "none")
 _NOBODY = 65534
 _INSIDE = "/sandbox"
@@ -163,18 +165,22 @@ def run_sandboxed(
     interpreter = _interpreter(python, as_user)
     if isolation == "bwrap":
         _check_bwrap(interpreter, as_user)
-    with _workdir(code, as_user) as workdir:
+    with _workdir(code, as_user) as workdir, _seccomp_fd() as filter_fd:
         inside = _INSIDE if isolation == "bwrap" else workdir
         limits = [str(share), str(max(1, math.ceil(timeout_s) + 1)), str(max_procs)]
         cmd = [interpreter, "-I", "-c", _BOOTSTRAP, *limits, f"{inside}/candidate.py"]
-        if isolation == "bwrap":
-            cmd = [*_bwrap_args(interpreter, workdir, disk_mb), *cmd]
-        return _run(cmd, workdir if isolation == "none" else None, as_user, timeout_s)
+        if isolation == "none":
+            return _run(cmd, workdir, None, timeout_s, ())
+        cmd = [*_bwrap_args(interpreter, workdir, disk_mb, filter_fd), *cmd]
+        return _run(cmd, None, as_user, timeout_s, (filter_fd,) if filter_fd else ())
 
 
-def _run(cmd: list[str], cwd: str | None, as_user: int | None, timeout_s: float) -> SandboxResult:
-    """Start `cmd` with the secret on stdin and the verdict pipe's write end as its fd given
-    by the last argument; judge how it ended. stderr goes to a file (RLIMIT_FSIZE bounds it)."""
+def _run(
+    cmd: list[str], cwd: str | None, as_user: int | None, timeout_s: float, fds: tuple
+) -> SandboxResult:
+    """Start `cmd` (inheriting `fds`) with the secret on stdin and the verdict pipe's write end
+    as its fd given by the last argument; judge how it ended. stderr goes to a file
+    (RLIMIT_FSIZE bounds it)."""
     secret = secrets.token_hex(16)
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
@@ -183,7 +189,7 @@ def _run(cmd: list[str], cwd: str | None, as_user: int | None, timeout_s: float)
             proc = subprocess.Popen(
                 [*cmd, str(write_end)], cwd=cwd, stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL, stderr=err_file, env={"PATH": "/usr/bin:/bin"},
-                start_new_session=True, pass_fds=(write_end,), user=as_user, group=as_user,
+                start_new_session=True, pass_fds=(write_end, *fds), user=as_user, group=as_user,
                 extra_groups=[] if as_user is not None else None,
             )  # fmt: skip
         finally:
@@ -245,11 +251,13 @@ def _interpreter(python: str | None, as_user: int | None) -> str:
     )
 
 
-def _bwrap_args(interpreter: str, workdir: str, disk_mb: int) -> list[str]:
-    """bubblewrap: every namespace new, the whole file system read-only but a `disk_mb` tmpfs
-    at `/sandbox` (`/tmp` links to it) holding a read-only bind of workdir/candidate.py."""
+def _bwrap_args(interpreter: str, workdir: str, disk_mb: int, filter_fd: int | None) -> list[str]:
+    """bubblewrap: every namespace new (and no further user namespace: it could mount its own
+    tmpfs), the seccomp filter read from `filter_fd`, the whole file system read-only but a
+    `disk_mb` tmpfs at `/sandbox` (`/tmp` links to it) holding workdir/candidate.py read-only."""
     args = [
-        "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+        "bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+        "--new-session", "--cap-drop", "ALL",
         "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", _INSIDE,
         "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
         "--size", str(disk_mb * 2**20), "--perms", "1777", "--tmpfs", _INSIDE,
@@ -264,6 +272,8 @@ def _bwrap_args(interpreter: str, workdir: str, disk_mb: int) -> list[str]:
     if not (prefix + "/").startswith("/usr/"):
         args += ["--ro-bind", prefix, prefix]
     candidate = f"{_INSIDE}/candidate.py"
+    if filter_fd is not None:
+        args += ["--seccomp", str(filter_fd)]
     return [*args, "--ro-bind", f"{workdir}/candidate.py", candidate, "--chdir", _INSIDE,
             "--remount-ro", "/"]  # fmt: skip
 
@@ -280,10 +290,12 @@ def _check_bwrap(interpreter: str, as_user: int | None) -> None:
     if shutil.which("bwrap") is None:
         reason = "bubblewrap (bwrap) is not installed"
     else:
-        with _workdir("", as_user) as workdir:
-            cmd = [*_bwrap_args(interpreter, workdir, 1), interpreter, "-I", "-c", "pass"]
+        with _workdir("", as_user) as workdir, _seccomp_fd() as filter_fd:
+            cmd = _bwrap_args(interpreter, workdir, 1, filter_fd)
+            cmd += [interpreter, "-I", "-c", "pass"]
             probe = subprocess.run(
                 cmd, capture_output=True, timeout=60, user=as_user, group=as_user,
+                pass_fds=(filter_fd,) if filter_fd else (),
                 extra_groups=[] if as_user is not None else None, env={"PATH": "/usr/bin:/bin"},
             )  # fmt: skip
         if probe.returncode == 0:
@@ -296,6 +308,19 @@ def _check_bwrap(interpreter: str, as_user: int | None) -> None:
         "with resource limits only (it could then read your files, use the network and "
         "outlive the run)"
     )
+
+
+@contextlib.contextmanager
+def _seccomp_fd() -> Iterator[int | None]:
+    """A readable fd holding this machine's seccomp program (None where there is none)."""
+    program = seccomp.deny_filter()
+    if program is None:
+        yield None
+        return
+    with tempfile.TemporaryFile() as fh:
+        fh.write(program)
+        fh.seek(0)
+        yield fh.fileno()
 
 
 @contextlib.contextmanager
