@@ -40,7 +40,9 @@ def code_eval(
         predictions: per problem, its candidate programs (n_i ≥ 1 strings).
         references: per problem, the test code run after each candidate.
         k: the k of pass@k (an int or several).
-        num_workers: sandboxes run at once; timeout_s, memory_mb: limits of each program.
+        num_workers: sandboxes run at once; memory_mb: limit of each program's process tree;
+            timeout_s: its wall-clock limit, counted from the sandbox's start (bubblewrap and
+            the interpreter take about 0.2 s of it).
     """
     if len(predictions) != len(references):
         raise ValueError(

@@ -300,7 +300,10 @@ def _check_bwrap(interpreter: str, as_user: int | None) -> None:
             )  # fmt: skip
         if probe.returncode == 0:
             return
-        reason = f"bwrap failed: {probe.stderr.decode(errors='replace').strip()[:300]}"
+        reason = (
+            f"bwrap failed: {probe.stderr.decode(errors='replace').strip()[:300]} (xdlm needs "
+            "bubblewrap >= 0.8 for --size and --disable-userns)"
+        )
     raise SandboxUnavailableError(
         f"cannot isolate model-written code: {reason}. Install bubblewrap (Debian/Ubuntu: "
         "apt-get install bubblewrap; it needs user namespaces, e.g. sysctl "
