@@ -19,7 +19,9 @@ unprivileged caller): the program runs at most 1 + `max_procs` processes or thre
 (RLIMIT_NPROC, which Linux ≥ 5.14 counts per user namespace, i.e. per sandbox), each with
 `memory_mb / (1 + max_procs)` of address space (RLIMIT_AS), so together they never map more than
 `memory_mb`; its files share the `disk_mb` tmpfs. Also bounded: CPU seconds, 16 MiB per file,
-64 open files, no POSIX message queues.
+64 open files, no POSIX message queues; a seccomp filter (`xdlm.eval.seccomp`) denies the calls
+that make RAM-backed storage outside both (memfd, System V shared memory), and no nested user
+namespace can mount a tmpfs of its own (`--disable-userns`).
 
 Verdict: the parent hands the harness a random per-run secret on stdin; the harness reads it
 before the candidate runs, and writes `SECRET passed` to a private pipe only after the program
