@@ -163,6 +163,16 @@ def test_code_tasks_are_refused_without_the_sandbox(tmp_path, monkeypatch):
     assert Canned.prompts == []
 
 
+@needs_bwrap
+def test_lm_evals_own_consent_is_still_required(tmp_path):
+    Canned.completions, Canned.prompts = {"P0": "def add(a, b):\n    return a + b\n"}, []
+    base, docs, _, _ = _mbpp("unused", 0)
+    manager = _local_task(tmp_path, base, docs[:1], "xdlm_code_consent")
+    with pytest.raises(ValueError, match="marked as unsafe"):
+        simple_evaluate(model=Canned(), tasks=["xdlm_code_consent"], task_manager=manager)
+    assert Canned.prompts == []
+
+
 def test_reproduce_llada_evaluates_with_the_hook(monkeypatch):
     from xdlm.eval.reproduce import llada_table
 

@@ -12,7 +12,8 @@ host. `install()` makes this process's
   `run_sandboxed`), so those tasks' metrics and a yaml `metric: code_eval` run sandboxed;
 - `lm_eval.evaluator.evaluate` refuse, before any generation, an unsafe task whose code does not
   go through it (`check_code_tasks`: e.g. cruxeval and longproc, which execute code their own
-  way, or a task module imported before `install()`), and probe that the sandbox can start.
+  way, or a task module imported before `install()`), and probe that the sandbox can start;
+  lm-eval's own `confirm_run_unsafe_code` check follows.
 
 Which task runs code is lm-eval's `unsafe_code` marking; a task that executes code without it is
 not detected.
@@ -21,6 +22,7 @@ not detected.
 from __future__ import annotations
 
 import functools
+import inspect
 
 from xdlm.eval.code_eval import SandboxedCodeEval
 from xdlm.eval.sandbox import SandboxUnavailableError, check_isolation
@@ -52,11 +54,11 @@ def _sandboxed_load(load):
 
 
 def _guarded_evaluate(evaluate_fn):
+    signature = inspect.signature(evaluate_fn)
+
     @functools.wraps(evaluate_fn)
     def evaluate(*args, **kwargs):
-        task_dict = kwargs["task_dict"] if "task_dict" in kwargs else args[1]
-        if kwargs.get("confirm_run_unsafe_code"):  # else lm-eval refuses unsafe tasks itself
-            check_code_tasks(task_dict)
+        check_code_tasks(signature.bind(*args, **kwargs).arguments["task_dict"])
         return evaluate_fn(*args, **kwargs)
 
     evaluate._xdlm_sandboxed = True
