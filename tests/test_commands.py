@@ -43,7 +43,7 @@ def recorded_sample(monkeypatch):
     """`xdlm sample` with the run config of a default run and the sampler stubbed: the resolved
     `SampleConfig` each call would sample with."""
     seen = []
-    monkeypatch.setattr(runs, "read_run_config", lambda path: XDLMConfig())
+    monkeypatch.setattr(runs, "read_run_config", lambda path, trust=False: XDLMConfig())
     monkeypatch.setattr(sample_cmd, "sample_from_run", lambda run, s, **kw: seen.append(s))
     return seen
 
@@ -63,14 +63,18 @@ def test_sample_flags_set_and_config_file_are_one_schema(recorded_sample, tmp_pa
     assert recorded_sample[-1].steps == 2  # --set wins over the shorthand flag
 
 
-def test_inference_commands_start_from_the_run_config(monkeypatch):
+def test_inference_commands_take_how_to_denoise_from_the_run_and_sizes_from_the_invocation(
+    monkeypatch,
+):
+    """The run's sampler choice carries over; its steps and eval sizes do not (xdlm.invocation:
+    how much to compute belongs to the command line or the schema's defaults)."""
     run_cfg = load_config(None, ["sample.steps=16", "sample.sampler=remdm", "eval.t_samples=2"])
-    monkeypatch.setattr(runs, "read_run_config", lambda path: run_cfg)
+    monkeypatch.setattr(runs, "read_run_config", lambda path, trust=False: run_cfg)
     args = build_parser().parse_args(["sample", "--ckpt", "R", "--num-samples", "1"])
     cfg = command_config(args)
-    assert (cfg.sample.steps, cfg.sample.sampler, cfg.sample.num_samples) == (16, "remdm", 1)
+    assert (cfg.sample.steps, cfg.sample.sampler, cfg.sample.num_samples) == (32, "remdm", 1)
     args = build_parser().parse_args(["eval", "--ckpt", "R", "--set", "eval.steps=[4, 8]"])
-    assert command_config(args).eval.steps == [4, 8] and command_config(args).eval.t_samples == 2
+    assert command_config(args).eval.steps == [4, 8] and command_config(args).eval.t_samples == 4
 
 
 @pytest.mark.parametrize(

@@ -33,14 +33,14 @@ def run_dir(tmp_path, monkeypatch):
     )  # fmt: skip
     calls = []
 
-    def fake_load(path, device="cpu", use_ema=True):
+    def fake_load(path, device="cpu", use_ema=True, trust_remote_code=False):
         calls.append(use_ema)
         return loaded
 
     monkeypatch.setattr("xdlm.runs.load_run", fake_load)
     saved = XDLMConfig()
     saved.data.path = str(tmp_path / "data")  # the run's own data
-    monkeypatch.setattr("xdlm.runs.read_run_config", lambda path: saved)
+    monkeypatch.setattr("xdlm.runs.read_run_config", lambda path, trust=False: saved)
     monkeypatch.setattr("xdlm.eval.genquality.load_scorer", lambda name, device: tiny_scorer())
     return tmp_path, calls, saved
 

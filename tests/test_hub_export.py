@@ -16,8 +16,8 @@ from xdlm.config import XDLMConfig
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import LogLinear, schedule_spec
 from xdlm.data.tokenizers import load_tokenizer
-from xdlm.hub import is_export, resolve_model_path
 from xdlm.models.ema import EMA
+from xdlm.runs import is_export, resolve_model_path
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a fortune."
 

@@ -41,7 +41,7 @@ def fake_run(monkeypatch):
     )  # fmt: skip
     calls = []
     monkeypatch.setattr(runs, "load_run", lambda *a, **kw: calls.append(kw) or loaded)
-    monkeypatch.setattr(runs, "read_run_config", lambda path: cfg)
+    monkeypatch.setattr(runs, "read_run_config", lambda path, trust=False: cfg)
     return SimpleNamespace(tok=tok, calls=calls, loaded=loaded)
 
 

@@ -2,18 +2,31 @@
 loss weighting, sampler. Every command builds through these functions; the sampling and loss
 code below takes objects only (docs/training.md §4 lists the string choices still dispatched in
 their own package: dist.strategy, the tokenizer kind, xdm's remasking).
+
+`build_model` runs a model's own Python code only when `cfg.trust_remote_code` is set, and every
+config read from a file reaches it through `grant_remote_code`, which sets that field to the
+user's `--trust-remote-code` of this invocation (docs/security.md, "Trust comes from the command
+line").
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from xdlm.config import DataConfig, KernelConfig, ModelConfig, SampleConfig, TrainConfig
+from xdlm.config import (
+    DataConfig,
+    KernelConfig,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    XDLMConfig,
+)
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.objective import Weighting
 from xdlm.core.schedules import Schedule, make_schedule
@@ -73,6 +86,52 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:
             vocab_size=vocab_size,
         )
     raise ValueError(f"unknown model.backbone {cfg.backbone!r}; choose 'dit', 'mdlm-dit' or 'hf'")
+
+
+TRUST_FLAG = "--trust-remote-code"
+
+
+def grant_remote_code(cfg: XDLMConfig, trust_remote_code: bool, source: str | Path) -> XDLMConfig:
+    """`cfg` with its model as this invocation may build it: `trust_remote_code` is the user's
+    `--trust-remote-code` on this command line, never the value saved in `source` (the file
+    `cfg` was read from: a run's meta.json / config.yaml, an export's config.json, a recipe).
+
+    A model whose loading would run Python code of its own (an HF backbone that sets
+    `trust_remote_code` or `hf_kind=remote`, or whose `hf_name` is a directory with `.py` files
+    or an `auto_map`) is refused without the flag: ValueError naming `source` and the flag.
+    `model.trust_remote_code` of the result is the user's choice (False for native backbones)."""
+    model = cfg.model
+    reason = _own_code(model) if model.backbone == "hf" else None
+    if reason and not trust_remote_code:
+        raise ValueError(
+            f"{source}: {reason}, so loading it would run Python code from model.hf_name="
+            f"{model.hf_name!r}; xdlm runs a model's own code only when you pass {TRUST_FLAG} "
+            "on the command line (only for code you trust)"
+        )
+    granted = trust_remote_code and model.backbone == "hf"
+    return dataclasses.replace(cfg, model=dataclasses.replace(model, trust_remote_code=granted))
+
+
+def _own_code(cfg: ModelConfig) -> str | None:
+    """Why building the HF backbone `cfg` would run code it ships, or None."""
+    if cfg.trust_remote_code:
+        return "it sets model.trust_remote_code=true"
+    if cfg.hf_kind == "remote":
+        return "it sets model.hf_kind=remote"
+    directory = Path(cfg.hf_name or "")
+    if not cfg.hf_name or not directory.is_dir():
+        return None  # a Hub id: transformers runs no code of it without trust_remote_code
+    code = sorted(p.name for p in directory.glob("*.py"))
+    if code:
+        return f"its model.hf_name directory holds Python files ({', '.join(code[:3])})"
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            mapped = "auto_map" in json.loads((directory / name).read_text())
+        except (OSError, ValueError, TypeError):
+            mapped = False
+        if mapped:
+            return f"its model.hf_name directory's {name} has an auto_map (code to import)"
+    return None
 
 
 def _mdlm_dit(cfg: ModelConfig, vocab_size: int) -> torch.nn.Module:

@@ -3,8 +3,9 @@
     cfg = load_config("configs/quickstart.yaml", ["train.steps=100", "kernel.k=0"])
 
 Every command reads this one schema (docs/training.md, "Configuration"): `train` the whole of
-it; `sample`, `eval` and `images` start from the run's saved config and may change only the
-`sample`, `eval` and `images` sections (`inference_config`). Unknown keys, wrongly typed
+it; `sample`, `eval` and `images` start from the run's saved config, less the settings that
+belong to the invocation, and may change only the `sample`, `eval` and `images` sections
+(`xdlm.invocation.inference_config`). Unknown keys, wrongly typed
 values, values outside a `Literal` and values out of range (`validate`) raise `ValueError`
 naming the key, the value and the valid choices or range. `k` is one setting (`kernel.k`), so
 MDLM (0), XDLM (0.1) and UDLM (1) share recipes.
@@ -224,7 +225,7 @@ def apply_file(cfg: XDLMConfig, path: str | Path | None, sections=None) -> XDLMC
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     for section in data:
-        _check_section(section, sections, f"{path}: section")
+        check_section(section, sections, f"{path}: section")
     return merge(cfg, data)
 
 
@@ -235,28 +236,9 @@ def apply_overrides(cfg: XDLMConfig, overrides: list[str] | None, sections=None)
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE (e.g. train.steps=100), got {item!r}")
         keys = key.strip().split(".")
-        _check_section(keys[0], sections, "--set")
+        check_section(keys[0], sections, "--set")
         cfg = merge(cfg, _nest(keys, yaml.safe_load(value)))
     return cfg
-
-
-INFERENCE_SECTIONS = ("sample", "eval", "images")
-
-
-def inference_config(
-    run_config: XDLMConfig,
-    path: str | Path | None = None,
-    overrides: list[str] | None = None,
-    flags: dict | None = None,
-) -> XDLMConfig:
-    """The config of `xdlm sample | eval | images`: the run's saved config, then the YAML file,
-    then the command's shorthand flags (a nested dict, e.g. {"sample": {"steps": 8}}), then
-    `--set`. Only `INFERENCE_SECTIONS` may change: model, kernel and data are the checkpoint's."""
-    cfg = apply_file(run_config, path, INFERENCE_SECTIONS)
-    for section in flags or {}:
-        _check_section(section, INFERENCE_SECTIONS, "flag for section")
-    cfg = merge(cfg, flags or {})
-    return validate(apply_overrides(cfg, overrides, INFERENCE_SECTIONS))
 
 
 def choices(cls, name: str) -> list:
@@ -266,7 +248,8 @@ def choices(cls, name: str) -> list:
     return list(typing.get_args(args[0])) if typing.get_origin(args[0]) is Literal else list(args)
 
 
-def _check_section(name: str, sections, where: str) -> None:
+def check_section(name: str, sections, where: str) -> None:
+    """ValueError when section `name` is not among `sections` (None: every section)."""
     if sections is not None and name not in sections:
         raise ValueError(
             f"{where} {name!r} cannot be changed here: the run's model, kernel and data are "

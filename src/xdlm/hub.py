@@ -11,10 +11,11 @@ An exported directory holds only what inference needs, in open formats:
     tokenizer_config.json   so `transformers.PreTrainedTokenizerFast` also reads it
     README.md               the model card: data, steps, metrics with error bars, sample command
 
-`load_export(path)` rebuilds a `LoadedRun` from such a directory, reading JSON and
-safetensors only (no pickle, no optimizer state); `resolve_model_path` also accepts a Hub repo
-id ("org/name", downloaded with `huggingface_hub.snapshot_download`). `xdlm sample` / `eval`
-take either through `xdlm.runs.load_run`.
+`xdlm.runs.load_export(path)` rebuilds a `LoadedRun` from such a directory, reading JSON and
+safetensors only (no pickle, no optimizer state); `xdlm.runs.resolve_model_path` also accepts a
+Hub repo id ("org/name", downloaded with `huggingface_hub.snapshot_download`). `xdlm sample` /
+`eval` take either through `xdlm.runs.load_run` (reading lives there, writing here: this module
+imports `xdlm.runs`, never the other way).
 """
 
 from __future__ import annotations
@@ -22,57 +23,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_model
 
-EXPORT_FORMAT = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-
-
-def is_export(path: str | Path) -> bool:
-    """True when `path` is a directory written by `export_run`."""
-    config = Path(path) / CONFIG_FILE
-    return config.is_file() and "xdlm_format" in json.loads(config.read_text())
-
-
-def export_config(directory: str | Path) -> dict:
-    """The config.json of an export, checked for a format this library reads."""
-    config = json.loads((Path(directory) / CONFIG_FILE).read_text())
-    if config["xdlm_format"] != EXPORT_FORMAT:
-        raise ValueError(f"{directory} has xdlm_format {config['xdlm_format']}, this library "
-                         f"reads {EXPORT_FORMAT}; upgrade xdlm")  # fmt: skip
-    return config
-
-
-def resolve_model_path(path: str | Path) -> Path:
-    """A local run / checkpoint / export dir as is; a Hub id ("org/name") downloaded."""
-    local = Path(path)
-    if local.exists() or str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):
-        return local
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as err:
-        raise ValueError(f"{path} is not a local path; loading it from the Hub needs "
-                         "huggingface_hub: pip install 'xdlm[hf]'") from err  # fmt: skip
-    try:
-        return Path(snapshot_download(str(path)))
-    except Exception as err:  # offline, missing repo, auth: many error types
-        raise FileNotFoundError(
-            f"{path} is neither a local directory nor a downloadable Hub repo ({err}); pass a "
-            "run dir, a checkpoint dir or an `xdlm export` dir"
-        ) from err
+from xdlm.runs import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, is_export, load_run
 
 
 def export_run(run: str | Path, out_dir: str | Path, use_ema: bool = True,
-               overwrite: bool = False) -> Path:  # fmt: skip
-    """Write RUN's latest checkpoint (or a checkpoint dir) as a Hub repo in `out_dir`."""
-    from xdlm.runs import load_run
-
+               overwrite: bool = False, trust_remote_code: bool = False) -> Path:  # fmt: skip
+    """Write RUN's latest checkpoint (or a checkpoint dir) as a Hub repo in `out_dir`
+    (`trust_remote_code`: the user's --trust-remote-code, as in `xdlm.runs.load_run`)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite)")
-    loaded = load_run(run, use_ema=use_ema)
+    loaded = load_run(run, use_ema=use_ema, trust_remote_code=trust_remote_code)
     if loaded.tokenizer is None:
         raise ValueError(
             f"{run} has no tokenizer/ directory; export needs a text model's tokenizer"
@@ -195,34 +158,6 @@ def _write_tokenizer_config(out_dir: Path, tok) -> None:
     roles = {f"{role}_token": token for role, token in tok.special_tokens.items()}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def load_export(directory: str | Path, device: str | torch.device = "cpu"):
-    """An `export_run` directory -> `LoadedRun` (eval mode), from JSON and safetensors only."""
-    from safetensors.torch import load_model as st_load_model
-
-    from xdlm.builders import build_model
-    from xdlm.config import config_from_dict
-    from xdlm.core.kernel import MixedKernel
-    from xdlm.core.schedules import make_schedule
-    from xdlm.data.tokenizers import load_tokenizer_dir
-    from xdlm.runs import LoadedRun
-
-    directory = Path(directory)
-    config = export_config(directory)
-    cfg = config_from_dict(config["config"])
-    model = build_model(cfg.model, config["architecture"]["vocab_size"])
-    missing, unexpected = st_load_model(model, str(directory / WEIGHTS_FILE), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{directory}/{WEIGHTS_FILE} does not fit its config.json: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
-    spec = dict(config["kernel"])
-    schedule = make_schedule(**spec.pop("schedule"))
-    spec.pop("use_mask")
-    tokenizer = load_tokenizer_dir(directory)
-    model.to(device).eval()
-    step = config["training"]["steps"]
-    return LoadedRun(model, MixedKernel(**spec), schedule, tokenizer, cfg, step, directory)
 
 
 def push_to_hub(directory: str | Path, repo_id: str, private: bool = False) -> str:

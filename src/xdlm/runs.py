@@ -13,6 +13,14 @@ Layout of a run directory (written by `xdlm train`, see `xdlm.train.checkpoint`)
 `meta.json` records the kernel (V, mask id, k), the schedule and the config, so inference needs
 nothing else. Loading reads only safetensors and JSON: the pickled training state (`state.pt`,
 optimizer and RNG states) is for `xdlm train --resume` alone and is never opened here.
+
+This module also reads what `xdlm export` writes (`xdlm.hub`, which imports this one): an
+export directory, or a Hub id of one, loads like a run.
+
+Trust comes from the caller, never from the files read here: a model whose loading would run
+Python code of its own is built only with `trust_remote_code=True` (the user's
+`--trust-remote-code`; `builders.grant_remote_code`), and `checkpoints/latest` is followed only
+to a checkpoint directory inside that same `checkpoints/`.
 """
 
 from __future__ import annotations
@@ -29,20 +37,25 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import load_model as st_load_model
 
-from xdlm.builders import build_model
+from xdlm.builders import build_model, grant_remote_code
 from xdlm.config import XDLMConfig, config_from_dict
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Schedule, make_schedule
 from xdlm.data.tokenizers import load_tokenizer_dir
 
 LATEST = "latest"
+EXPORT_FORMAT = 1
+CONFIG_FILE = "config.json"  # of an export
+WEIGHTS_FILE = "model.safetensors"
 
 
 def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """Published checkpoints under `ckpt_root`, oldest first (a `step_N` directory exists only
-    after its save completed and was renamed into place)."""
+    after its save completed and was renamed into place; a symbolic link is never one)."""
     return sorted(
-        p for p in ckpt_root.glob("step_*") if ".tmp-" not in p.name and (p / "meta.json").is_file()
+        p
+        for p in ckpt_root.glob("step_*")
+        if ".tmp-" not in p.name and not p.is_symlink() and (p / "meta.json").is_file()
     )
 
 
@@ -54,7 +67,7 @@ def find_checkpoint(path: str | Path) -> Path:
         return path
     pointer = path / "checkpoints" / LATEST
     if pointer.is_file():
-        ckpt = path / "checkpoints" / pointer.read_text().strip()
+        ckpt = latest_target(pointer)
         if (ckpt / "meta.json").is_file():
             return ckpt
     done = complete_checkpoints(path / "checkpoints")
@@ -76,33 +89,56 @@ def find_checkpoint(path: str | Path) -> Path:
     )
 
 
+def latest_target(pointer: Path) -> Path:
+    """The checkpoint `checkpoints/latest` names: one directory name, resolved inside that
+    same `checkpoints/`. An absolute path, a `..`, a path with `/` or a name whose link leads
+    out of `checkpoints/` is refused (a run's files never lead loading out of the run)."""
+    name = pointer.read_text().strip()
+    root = pointer.parent
+    target = root / name
+    plain = name not in ("", ".", "..") and Path(name).name == name
+    if not plain or target.resolve().parent != root.resolve():
+        raise ValueError(
+            f"{pointer} names {name[:200]!r}, which is not a checkpoint directory inside "
+            f"{root}; it must hold one name like step_0000500 (write the newest step_N there, "
+            "or delete the file to load the newest complete checkpoint)"
+        )
+    return target
+
+
 def read_meta(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / "meta.json").read_text())
 
 
-def read_run_config(path: str | Path) -> XDLMConfig:
+def read_run_config(path: str | Path, trust_remote_code: bool = False) -> XDLMConfig:
     """The config a run was trained with (its latest checkpoint's meta.json, or the config.json
-    of an `xdlm export` directory / Hub id)."""
-    from xdlm.hub import export_config, is_export, resolve_model_path
-
+    of an `xdlm export` directory / Hub id), with `model.trust_remote_code` the caller's
+    (`builders.grant_remote_code`: a model with code of its own is refused without it)."""
     path = resolve_model_path(path)
     if is_export(path):
-        return config_from_dict(export_config(path)["config"])
-    return config_from_dict(read_meta(find_checkpoint(path))["config"])
+        return _saved_config(export_config(path)["config"], trust_remote_code, path / CONFIG_FILE)
+    ckpt = find_checkpoint(path)
+    return _saved_config(read_meta(ckpt)["config"], trust_remote_code, ckpt / "meta.json")
 
 
-def latest_config(run_dir: str | Path) -> XDLMConfig:
+def latest_config(run_dir: str | Path, trust_remote_code: bool = False) -> XDLMConfig:
     """The config a run continues with: its latest checkpoint's, else its config.yaml (a run
     stopped before its first checkpoint). FileNotFoundError when `run_dir` holds no run."""
     run_dir = Path(run_dir)
     if (run_dir / "checkpoints" / LATEST).is_file():
-        return read_run_config(run_dir)
+        return read_run_config(run_dir, trust_remote_code)
     if (run_dir / "config.yaml").is_file():
-        return config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        return _saved_config(saved, trust_remote_code, run_dir / "config.yaml")
     raise FileNotFoundError(
         f"--resume: {run_dir} holds no run (no config.yaml, no checkpoint); drop --resume to "
         "start a new run there, or pass the --out of an existing run"
     )
+
+
+def _saved_config(saved: dict, trust_remote_code: bool, source: Path) -> XDLMConfig:
+    """The config saved in the file `source`, its model as this invocation may build it."""
+    return grant_remote_code(config_from_dict(saved), trust_remote_code, source)
 
 
 def kernel_from_meta(meta: dict) -> MixedKernel:
@@ -216,16 +252,19 @@ class LoadedRun:
 
 
 def load_run(
-    path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    use_ema: bool = True,
+    trust_remote_code: bool = False,
 ) -> LoadedRun:
     """Load RUN_DIR (its latest checkpoint), a checkpoint dir, an `xdlm export` dir or a Hub id
     of one for inference. An export holds one set of weights (chosen when exporting), so
-    `use_ema` applies to runs and checkpoints."""
-    from xdlm.hub import is_export, load_export, resolve_model_path
-
+    `use_ema` applies to runs and checkpoints. `trust_remote_code`: the user's
+    `--trust-remote-code`, needed for a model that runs Python code of its own (what the run's
+    files say never grants it)."""
     path = resolve_model_path(path)
     if is_export(path):
-        return load_export(path, device)
+        return load_export(path, device, trust_remote_code)
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
     if meta.get("sharded"):
@@ -233,7 +272,7 @@ def load_run(
             f"{ckpt} is a sharded (FSDP) checkpoint; turn it into a single-file one first: "
             f"xdlm consolidate {ckpt} --out DIR"
         )
-    cfg = config_from_dict(meta["config"])
+    cfg = _saved_config(meta["config"], trust_remote_code, ckpt / "meta.json")
     model = build_model(cfg.model, meta["kernel"]["vocab_size"])
     load_weights(ckpt, model)
     if use_ema:
@@ -245,3 +284,61 @@ def load_run(
     return LoadedRun(
         model, kernel_from_meta(meta), schedule_from_meta(meta), tokenizer, cfg, meta["step"], ckpt
     )
+
+
+# ---------------------------------------------------------------- `xdlm export` directories
+
+
+def is_export(path: str | Path) -> bool:
+    """True when `path` is a directory written by `xdlm.hub.export_run`."""
+    config = Path(path) / CONFIG_FILE
+    return config.is_file() and "xdlm_format" in json.loads(config.read_text())
+
+
+def export_config(directory: str | Path) -> dict:
+    """The config.json of an export, checked for a format this library reads."""
+    config = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    if config["xdlm_format"] != EXPORT_FORMAT:
+        raise ValueError(f"{directory} has xdlm_format {config['xdlm_format']}, this library "
+                         f"reads {EXPORT_FORMAT}; upgrade xdlm")  # fmt: skip
+    return config
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A local run / checkpoint / export dir as is; a Hub id ("org/name") downloaded."""
+    local = Path(path)
+    if local.exists() or str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:
+        raise ValueError(f"{path} is not a local path; loading it from the Hub needs "
+                         "huggingface_hub: pip install 'xdlm[hf]'") from err  # fmt: skip
+    try:
+        return Path(snapshot_download(str(path)))
+    except Exception as err:  # offline, missing repo, auth: many error types
+        raise FileNotFoundError(
+            f"{path} is neither a local directory nor a downloadable Hub repo ({err}); pass a "
+            "run dir, a checkpoint dir or an `xdlm export` dir"
+        ) from err
+
+
+def load_export(
+    directory: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False
+) -> LoadedRun:
+    """An export directory -> `LoadedRun` (eval mode), from JSON and safetensors only."""
+    directory = Path(directory)
+    config = export_config(directory)
+    cfg = _saved_config(config["config"], trust_remote_code, directory / CONFIG_FILE)
+    model = build_model(cfg.model, config["architecture"]["vocab_size"])
+    missing, unexpected = st_load_model(model, str(directory / WEIGHTS_FILE), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{directory}/{WEIGHTS_FILE} does not fit its config.json: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
+    spec = dict(config["kernel"])
+    schedule = make_schedule(**spec.pop("schedule"))
+    spec.pop("use_mask")
+    tokenizer = load_tokenizer_dir(directory)
+    model.to(device).eval()
+    step = config["training"]["steps"]
+    return LoadedRun(model, MixedKernel(**spec), schedule, tokenizer, cfg, step, directory)

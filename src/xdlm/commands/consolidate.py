@@ -16,6 +16,8 @@ import argparse
 import shutil
 from pathlib import Path
 
+from xdlm.commands.options import add_trust_argument
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -26,13 +28,15 @@ def register(sub) -> None:
     )
     p.add_argument("path", help="an FSDP run directory (its latest checkpoint) or step_N dir")
     p.add_argument("--out", required=True, help="new run directory to write")
+    add_trust_argument(p)
     p.set_defaults(func=run)
 
 
-def consolidate(path: str | Path, out: str | Path) -> Path:
+def consolidate(path: str | Path, out: str | Path, trust_remote_code: bool = False) -> Path:
     """Load the sharded checkpoint at `path` into a plain model + EMA and write it under `out`
-    as a non-distributed checkpoint; returns the written checkpoint directory."""
-    from xdlm.builders import build_model
+    as a non-distributed checkpoint; returns the written checkpoint directory.
+    `trust_remote_code`: the user's --trust-remote-code (`builders.grant_remote_code`)."""
+    from xdlm.builders import build_model, grant_remote_code
     from xdlm.config import config_from_dict
     from xdlm.models.ema import EMA
     from xdlm.runs import find_checkpoint, read_meta
@@ -45,7 +49,7 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if (out / "checkpoints").exists():
         raise ValueError(f"{out} already holds checkpoints; choose a new --out")
-    cfg = config_from_dict(meta["config"])
+    cfg = grant_remote_code(config_from_dict(meta["config"]), trust_remote_code, ckpt / "meta.json")
     model = build_model(cfg.model, meta["kernel"]["vocab_size"])
     ema = EMA(model)
     state = load_sharded_state(ckpt, model, None, ema)  # fills model and ema in place
@@ -69,6 +73,6 @@ def consolidate(path: str | Path, out: str | Path) -> Path:
 
 
 def run(args) -> int:
-    final = consolidate(args.path, args.out)
+    final = consolidate(args.path, args.out, args.trust_remote_code)
     print(f"wrote {final}; load it with load_run({str(Path(args.out))!r}) or xdlm sample")
     return 0

@@ -23,7 +23,12 @@ import argparse
 import json
 from pathlib import Path
 
-from xdlm.commands.options import add_config_arguments, command_config, shorthand
+from xdlm.commands.options import (
+    add_config_arguments,
+    add_trust_argument,
+    command_config,
+    shorthand,
+)
 from xdlm.config import EvalConfig, choices
 from xdlm.precision import inference_precision
 
@@ -38,6 +43,7 @@ def register(sub) -> None:
     p.add_argument("--ckpt", required=True, help="run directory or checkpoint directory")
     p.add_argument("--out", default=None, help="JSON file (default: RUN_DIR/eval.json)")
     add_config_arguments(p, "eval (and sample)")
+    add_trust_argument(p)
     E = "eval."
     shorthand(p, "--seed", key=E + "seed", type=int)
     shorthand(p, "--device", key=E + "device", help="auto, cpu, cuda ...")
@@ -81,7 +87,9 @@ def run(args) -> int:
     if not (ev.data or ev.zero_shot or ev.gen_ppl):
         ev.data = _own_data(cfg.data.path, ev.split, args.ckpt)
     device = build_device(ev.device)
-    loaded = runs.load_run(args.ckpt, device=device, use_ema=ev.use_ema)
+    loaded = runs.load_run(
+        args.ckpt, device=device, use_ema=ev.use_ema, trust_remote_code=args.trust_remote_code
+    )
     report = {
         "xdlm_version": xdlm.__version__,
         "checkpoint": str(loaded.checkpoint),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from xdlm.commands.options import add_trust_argument
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -23,13 +25,15 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload to REPO")
     p.add_argument("--private", action="store_true", help="create the Hub repo private")
+    add_trust_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from xdlm.hub import export_run, push_to_hub
 
-    out = export_run(args.run, args.out, use_ema=not args.no_ema, overwrite=args.overwrite)
+    out = export_run(args.run, args.out, use_ema=not args.no_ema, overwrite=args.overwrite,
+                     trust_remote_code=args.trust_remote_code)  # fmt: skip
     print(f"exported {args.run} -> {out}")
     if args.push_to_hub:
         print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private)}")

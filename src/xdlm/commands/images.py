@@ -23,7 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from xdlm.commands.options import add_config_arguments, command_config, shorthand
+from xdlm.commands.options import (
+    add_config_arguments,
+    add_trust_argument,
+    command_config,
+    shorthand,
+)
 from xdlm.config import ImagesConfig, SampleConfig, choices
 from xdlm.precision import inference_precision
 
@@ -57,6 +62,7 @@ def register(sub) -> None:
         q.add_argument("--ckpt", required=True, help="run dir or checkpoint dir")
         q.add_argument("--out", default=None, help="grid PNG (sample) / JSON (eval)")
         add_config_arguments(q, "sample / images")
+        add_trust_argument(q)
         shorthand(q, "--steps", key="sample.steps", type=int)
         shorthand(q, "--per-class", key="images.per_class", type=int)
         shorthand(q, "--guidance", key="sample.guidance", type=float, help="CFG scale w")
@@ -95,7 +101,9 @@ def _load(args):
     cfg = command_config(args)
     s = cfg.sample
     device = build_device(s.device)
-    loaded = runs.load_run(args.ckpt, device=device, use_ema=s.use_ema)
+    loaded = runs.load_run(
+        args.ckpt, device=device, use_ema=s.use_ema, trust_remote_code=args.trust_remote_code
+    )
     info = image_info(loaded.config.data.path)
     s = resolve_sampling(s, cfg.model, loaded.kernel.mask_id)
     with inference_precision(s.precision, device, loaded.model).autocast(device):

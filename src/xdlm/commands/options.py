@@ -3,14 +3,19 @@
 A shorthand flag is an argparse option whose `dest` is a config key ("sample.steps") and whose
 default is `argparse.SUPPRESS`, so only the flags the user typed reach the config; the defaults
 live in `xdlm.config` alone. Precedence: the run's saved config < `--config FILE` < flags <
-`--set KEY=VALUE`.
+`--set KEY=VALUE`; the run contributes only what `xdlm.invocation` lets it.
+
+`--trust-remote-code` (`add_trust_argument`) is the one way to let a model run Python code of its
+own; every command that loads a run, an export or an HF model takes it.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from xdlm.config import XDLMConfig, inference_config
+from xdlm.builders import TRUST_FLAG
+from xdlm.config import XDLMConfig
+from xdlm.invocation import inference_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, sections: str) -> None:
@@ -22,6 +27,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, sections: str) -> None
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help=f"override one {sections} setting, e.g. --set sample.steps=8 (repeatable)",
+    )  # fmt: skip
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """`--trust-remote-code`: this invocation may run the model's own Python code (an HF model
+    with configuration_*.py / modeling_*.py); a run's or export's files never grant it."""
+    parser.add_argument(
+        TRUST_FLAG, dest="trust_remote_code", action="store_true",
+        help="allow the model's own Python code to run (HF models shipping code; only for "
+        "sources you trust; a run's saved config never turns this on)",
     )  # fmt: skip
 
 
@@ -43,9 +58,9 @@ def flag_values(args: argparse.Namespace) -> dict:
 
 
 def command_config(args: argparse.Namespace) -> XDLMConfig:
-    """The run's saved config with `--config`, the shorthand flags and `--set` applied."""
+    """The run's saved config (less what belongs to the invocation) with `--config`, the
+    shorthand flags and `--set` applied."""
     from xdlm import runs
 
-    return inference_config(
-        runs.read_run_config(args.ckpt), args.config, args.overrides, flag_values(args)
-    )
+    saved = runs.read_run_config(args.ckpt, args.trust_remote_code)
+    return inference_config(saved, args.config, args.overrides, flag_values(args))

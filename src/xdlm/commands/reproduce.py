@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from xdlm.commands.options import add_trust_argument
 from xdlm.eval.protocols import BENCHMARKS, GEN_PPL_SCORER
 
 
@@ -53,8 +54,8 @@ def register(sub) -> None:
     ll.add_argument("--gen-length", type=int, default=256)
     ll.add_argument("--block-length", type=int, default=None)
     ll.add_argument("--limit", type=int, default=None, help="examples per task (smoke runs)")
-    ll.add_argument("--trust-remote-code", action="store_true", help="run the model's own code")
     for q in (z, g, ll):
+        add_trust_argument(q)
         q.add_argument("--paper-model", default=None, help="row of paper_values.yaml to compare")
         q.add_argument("--paper-values", default=None, help="another paper_values.yaml")
         q.add_argument("--out", default=None, metavar="FILE.json")
@@ -84,7 +85,7 @@ def run(args) -> int:
     else:
         from xdlm.runs import load_run
 
-        loaded = load_run(args.ckpt, device=args.device)
+        loaded = load_run(args.ckpt, args.device, trust_remote_code=args.trust_remote_code)
         results, ours, model = _run_run(R, args, loaded)
     rows = R.comparison(
         ours, args.table.replace("-", "_"), model, R.paper_values(args.paper_values)

@@ -36,7 +36,12 @@ from pathlib import Path
 import torch
 
 from xdlm.builders import build_device, build_sampler, resolve_sampling
-from xdlm.commands.options import add_config_arguments, command_config, shorthand
+from xdlm.commands.options import (
+    add_config_arguments,
+    add_trust_argument,
+    command_config,
+    shorthand,
+)
 from xdlm.config import SampleConfig, XDLMConfig, choices, merge, validate
 from xdlm.precision import inference_precision
 from xdlm.sampling import fixed_from_template, generate, parse_infill, write_trace_html
@@ -53,6 +58,7 @@ def register(sub) -> None:
     )
     p.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="run or checkpoint dir")
     add_config_arguments(p, "sample")
+    add_trust_argument(p)
     S = "sample."
     shorthand(p, "--steps", key=S + "steps", type=int,
               help="T steps per block (xdm: in total, split over blocks)")  # fmt: skip
@@ -95,7 +101,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     try:
-        sample_from_run(args.ckpt, command_config(args).sample, out=args.out, trace=args.trace)
+        sample_from_run(
+            args.ckpt, command_config(args).sample, out=args.out, trace=args.trace,
+            trust_remote_code=args.trust_remote_code,
+        )  # fmt: skip
     except KeyboardInterrupt:
         return 130
     return 0
@@ -107,20 +116,28 @@ def sample_from_run(
     *,
     out: str | Path | None = None,
     trace: str | Path | None = None,
+    trust_remote_code: bool = False,
     **overrides,
 ) -> list[dict]:
     """Load `run_dir`, sample, print, optionally write JSONL / HTML; returns the records.
 
-    `settings` default to the run's saved `sample` section; `overrides` change single keys with
-    the schema's type checks (e.g. `sample_from_run(run, steps=8, num_samples=2)`).
+    `settings` default to the run's saved `sample` section less its invocation-owned settings
+    (`xdlm.invocation`); `overrides` change single keys with the schema's type checks (e.g.
+    `sample_from_run(run, steps=8, num_samples=2)`). `trust_remote_code`: the user's
+    `--trust-remote-code` (`xdlm.runs.load_run`).
     """
     from xdlm import runs
+    from xdlm.invocation import invocation_defaults
 
-    s = merge(settings or runs.read_run_config(run_dir).sample, overrides, "sample.")
+    if settings is None:
+        settings = invocation_defaults(runs.read_run_config(run_dir, trust_remote_code)).sample
+    s = merge(settings, overrides, "sample.")
     _check(s)
     device = build_device(s.device)
     s = dataclasses.replace(s, device=device)  # records name the device actually used
-    loaded = runs.load_run(run_dir, device=device, use_ema=s.use_ema)
+    loaded = runs.load_run(
+        run_dir, device=device, use_ema=s.use_ema, trust_remote_code=trust_remote_code
+    )
     s = resolve_sampling(s, loaded.config.model, loaded.kernel.mask_id)
     seq_len = s.seq_len or loaded.config.data.seq_len
     batch = s.batch_size or min(s.num_samples, DEFAULT_BATCH)

@@ -11,6 +11,10 @@ instead from the run's saved config (its latest checkpoint's; config.yaml before
 applies only what you pass, prints each change, and never rewrites config.yaml. A `--set
 data.path=DIR` must name a prepared dataset unless `--set data.sources=...` says what to prepare.
 
+A model that runs Python code of its own (an HF backbone with configuration_*.py /
+modeling_*.py, e.g. LLaDA) trains only with `--trust-remote-code` on this command line; a recipe
+or the resumed run saying `model.trust_remote_code: true` does not grant it.
+
 Prints samples from the trained model at the end, with the config's `sample` section (the same
 settings `xdlm sample --ckpt RUN_DIR` starts from; sample.num_samples=0 turns them off).
 """
@@ -18,6 +22,8 @@ settings `xdlm sample --ckpt RUN_DIR` starts from; sample.num_samples=0 turns th
 from __future__ import annotations
 
 import argparse
+
+from xdlm.commands.options import add_trust_argument
 
 
 def register(sub) -> None:
@@ -39,6 +45,7 @@ def register(sub) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     p.add_argument("--no-samples", action="store_true", help="skip the samples printed at the end")
+    add_trust_argument(p)
     p.set_defaults(func=run)
 
 
@@ -69,11 +76,14 @@ def _config(args):
     """The run's config: a new one from the recipe, or the saved one plus the user's changes."""
     from pathlib import Path
 
+    from xdlm.builders import grant_remote_code as grant
     from xdlm.config import XDLMConfig, apply_file, apply_overrides, config_changes
     from xdlm.runs import latest_config
 
-    base = latest_config(args.out) if args.resume else XDLMConfig()
-    cfg = apply_overrides(apply_file(base, args.config), args.overrides)
+    trust = args.trust_remote_code  # checked at each source of the config
+    base = latest_config(args.out, trust) if args.resume else XDLMConfig()
+    cfg = grant(apply_file(base, args.config), trust, args.config or "the config")
+    cfg = grant(apply_overrides(cfg, args.overrides), trust, "--set")
     if args.resume and _is_main():
         changes = config_changes(base, cfg)
         for key, (old, new) in changes.items():
@@ -100,4 +110,4 @@ def _is_main() -> bool:
 def _print_samples(run_dir: str, cfg) -> None:
     from xdlm.commands.sample import sample_from_run
 
-    sample_from_run(run_dir, cfg.sample)
+    sample_from_run(run_dir, cfg.sample, trust_remote_code=cfg.model.trust_remote_code)
