@@ -91,6 +91,42 @@ def test_builders_and_runs_never_import_commands_or_train():
         assert bad == [], f"{name} imports {bad}"
 
 
+def _cycles() -> list[list[str]]:
+    """The import cycles of GRAPH: its strongly connected components of more than one module
+    (Tarjan's algorithm)."""
+    graph = {src: sorted(d for d in deps if d in GRAPH and d != src) for src, deps in GRAPH.items()}
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while not component or component[-1] != v:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles():
+    """Regression: `xdlm.hub` and `xdlm.runs` imported each other (lazily); export reading now
+    lives in runs.py and hub.py only writes."""
+    assert _cycles() == []
+
+
 def test_only_the_cli_imports_commands():
     bad = [
         src

@@ -2,8 +2,9 @@
 
 from xdlm.data.corpora import embedded_corpus_path
 from xdlm.data.documents import read_documents, split_documents
+from xdlm.data.integrity import verify_dataset as verify
 from xdlm.data.loader import Batch, Rows, ShardedLoader, TokenShards
-from xdlm.data.manifest import Manifest, SplitInfo, load_manifest, verify
+from xdlm.data.manifest import Manifest, SplitInfo, load_manifest
 from xdlm.data.prepare import prepare, split_indices
 from xdlm.data.tokenizers import TextTokenizer, load_tokenizer, load_tokenizer_dir
 

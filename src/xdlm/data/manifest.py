@@ -88,12 +88,3 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def verify(directory: str | Path) -> Manifest:
-    """Check every split against the manifest (file size, SHA-256, every id < vocab_size,
-    lengths and labels files) and the tokenizer against its recorded fingerprint; ValueError
-    naming the file and the fix on the first mismatch (`xdlm.data.integrity`)."""
-    from xdlm.data.integrity import verify_dataset
-
-    return verify_dataset(directory)
