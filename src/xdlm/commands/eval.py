@@ -6,10 +6,12 @@
     xdlm eval --ckpt runs/quickstart --zero-shot ../shared/data/text/kjv.txt.gz hf:ptb_text_only
     xdlm eval --ckpt runs/quickstart --gen-ppl --steps 8 32 128 --top-p 1.0 0.9 --plot sweep.png
 
-Settings: the `eval` section of the config schema (`xdlm.config.EvalConfig`), starting from the
-run's saved config; each flag is a shorthand for one key (`--help` shows it), `--config FILE`
-and `--set eval.KEY=VALUE` work as in `xdlm train`. Generation (`--gen-ppl`) uses the `sample`
-section's sampler, final step and grid; its steps / temperature / top-p come from the sweep lists.
+Settings: the `eval` section of the config schema (`xdlm.config.EvalConfig`) from the command
+line and the schema's defaults (a run's saved `eval` section is never used, `xdlm.invocation`);
+each flag is a shorthand for one key (`--help` shows it), `--config FILE` and `--set
+eval.KEY=VALUE` work as in `xdlm train`; `--trust-remote-code` as in `xdlm sample`. Generation
+(`--gen-ppl`) uses the `sample` section's sampler, final step and grid; its steps / temperature /
+top-p come from the sweep lists.
 Progress bars go to stderr.
 
 The model is loaded with its EMA weights (`--no-ema` for the raw ones). Every run writes one JSON

@@ -12,8 +12,11 @@
     xdlm sample --ckpt RUN --class-label 3 --guidance 1.5                  (class-conditional)
 
 Settings: the `sample` section of the config schema (`xdlm.config.SampleConfig`, defaults there
-only), starting from the run's saved config; each flag is a shorthand for one key (shown in
-`--help`), and `--config` / `--set` change any key with the same type checks as `xdlm train`.
+only), starting from the run's saved config less the invocation's settings (`xdlm.invocation`:
+the run's sampler choice carries over, its steps, sizes, prompt, seed and device do not); each
+flag is a shorthand for one key (shown in `--help`), and `--config` / `--set` change any key
+with the same type checks as `xdlm train`. `--trust-remote-code` lets a model with Python code
+of its own (an HF backbone shipping modeling_*.py) load; nothing in the run's files does.
 `sample.sampler` unset (the default) means `xdm` (the authors' LLaDA-XDLM algorithm, greedy;
 `--steps` in total over the blocks) for HF backbones (LLaDA-style models) and `ancestral` for
 the native DiT; `sample.temperature` unset means 0 for xdm, 1 otherwise.
