@@ -232,6 +232,21 @@ def test_the_flag_lets_a_models_own_code_run(clean_code, tmp_path, capsys):
     assert load_run(run, trust_remote_code=True).config.model.trust_remote_code is True
 
 
+@pytest.mark.parametrize(
+    "content",
+    [{"trust_remote_code": True}, {"model_args": "pretrained=x,trust_remote_code=True"},
+     {"model_args": {"pretrained": "x", "trust_remote_code": "true"}}],
+    ids=["top-level", "model-args-string", "model-args-mapping"],
+)  # fmt: skip
+def test_an_lm_eval_config_file_never_turns_on_remote_code(tmp_path, capsys, content):
+    pytest.importorskip("lm_eval")
+    config = tmp_path / "lm.yaml"
+    config.write_text(yaml.safe_dump({"model": "xdlm", "tasks": ["arc_easy"], **content}))
+    assert main(["lm-eval", "--config", str(config)]) == 2
+    line = _error(capsys)
+    assert str(config) in line and "trust_remote_code=True in --model_args" in line
+
+
 # ---------------------------------------------------------------- settings of the invocation
 
 
