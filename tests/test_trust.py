@@ -18,7 +18,7 @@ import pytest
 import yaml
 from hf_fixtures import write_remote_model
 
-from xdlm.builders import build_model
+from xdlm.builders import build_device, build_model
 from xdlm.cli import main
 from xdlm.config import XDLMConfig, load_config
 from xdlm.core.kernel import MixedKernel
@@ -261,7 +261,8 @@ def sized_run(tiny_run, tmp_path):
         f"data.path={tiny_run / 'data'}", "data.seq_len=32",
         f"sample.steps={big}", f"sample.num_samples={big}", f"sample.seq_len={big}",
         f"sample.batch_size={big}", "sample.block_size=1", "sample.device=cuda:7",
-        "sample.prompt=NEVER", "sample.sampler=ancestral",
+        "sample.prompt=NEVER", "sample.sampler=ancestral", "sample.guidance=3.0",
+        "sample.class_label=1", "sample.seed=7", "sample.top_p=0.5",
         "eval.gen_ppl=true", f"eval.plot={victim}", f"eval.scorer={tmp_path / 'scorer'}",
         f"eval.steps=[{big}]", f"eval.num_samples={big}", f"eval.discrete_T=[{big}]",
         f"eval.t_samples={big}", "eval.zero_shot=[/etc/passwd]", "eval.device=cuda:7",
@@ -275,12 +276,14 @@ def sized_run(tiny_run, tmp_path):
 def test_sample_takes_no_sizes_from_the_run(sized_run, tmp_path):
     run, _ = sized_run
     out = tmp_path / "s.jsonl"
-    assert main(["sample", "--ckpt", str(run), "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["sample", "--ckpt", str(run), "--out", str(out)]) == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
     s = records[0]["settings"]
     assert len(records) == 4 and (s["steps"], s["num_samples"], s["batch_size"]) == (32, 4, None)
     assert s["seq_len"] is None and len(records[0]["tokens"]) == 32  # the run's data.seq_len
-    assert s["block_size"] is None and s["prompt"] is None and s["sampler"] == "ancestral"
+    assert s["block_size"] is None and s["prompt"] is None and s["seed"] == 0
+    assert (s["class_label"], s["guidance"], s["device"]) == (None, 0.0, build_device("auto"))
+    assert (s["sampler"], s["top_p"]) == ("ancestral", 0.5)  # how to denoise: the run's
 
 
 def test_eval_writes_no_file_the_run_names(sized_run, tmp_path):

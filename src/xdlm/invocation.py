@@ -29,10 +29,11 @@ INFERENCE_SECTIONS = ("sample", "eval", "images")
 # What a run's saved `sample` section may carry into `xdlm sample | eval | images`: how to
 # denoise. Every other setting of the inference sections belongs to the invocation: how much to
 # compute (steps, samples, lengths, batch sizes, evaluation sizes), where (device, precision),
-# what to read, write or score with (data, corpora, scorer, plot, prompt) and the seed.
+# what to read, write or score with (data, corpora, scorer, plot), what to condition on (prompt,
+# infill, class label, guidance) and the seed.
 RUN_SAMPLING_KEYS = (
     "sampler", "final", "grid", "t_end", "temperature", "top_k", "top_p", "remdm_eta",
-    "remdm_strategy", "xdm_remasking", "xdm_protect_prompt", "guidance", "use_ema",
+    "remdm_strategy", "xdm_remasking", "xdm_protect_prompt", "use_ema",
 )  # fmt: skip
 
 

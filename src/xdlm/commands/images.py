@@ -11,8 +11,8 @@
 The dataset's image shape and levels come from the manifest of the run's `data.path`. Settings:
 the `sample` section (steps, guidance, sampler, seed, precision, device ...) and the `images`
 section (per_class, inception) of the config schema, starting from the run's saved config less
-the invocation's settings (`xdlm.invocation`: only the sampler choice and guidance carry over;
-steps and per_class are the defaults unless given); `--config FILE` and `--set sample.steps=8`
+the invocation's settings (`xdlm.invocation`: only the sampler choice carries over; steps,
+guidance and per_class are the defaults unless given); `--config FILE` and `--set sample.steps=8`
 work as in `xdlm train`. `--trust-remote-code`: a model with Python code of its own may load.
 """
 
