@@ -314,6 +314,7 @@ LATEST = {
     "dot-dot-after-a-name": lambda other: "step_0000004/../../../other/checkpoints/step_0000004",
     "link-out": lambda other: "step_0000009",
     "parent": lambda other: "..",
+    "huge-binary": lambda other: "\udcff" * 10**6,
 }
 
 
@@ -322,7 +323,8 @@ LATEST = {
 def test_latest_never_leads_out_of_checkpoints(two_runs, tmp_path, capsys, case, command):
     mine, other = two_runs
     (mine / "checkpoints" / "step_0000009").symlink_to(other / "checkpoints" / "step_0000004")
-    (mine / "checkpoints" / "latest").write_text(LATEST[case](other) + "\n")
+    text = LATEST[case](other) + "\n"
+    (mine / "checkpoints" / "latest").write_bytes(text.encode("utf-8", "surrogateescape"))
     assert main(COMMANDS[command](mine, tmp_path)) == 2
     line = _error(capsys)
     assert str(mine / "checkpoints" / "latest") in line and "inside" in line
