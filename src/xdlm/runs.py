@@ -90,9 +90,10 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def latest_target(pointer: Path) -> Path:
-    """The checkpoint `checkpoints/latest` names: one directory name (at most 255 characters, the
-    first 4 KiB of the file read), resolved inside that same `checkpoints/`. An absolute path, a `..`, a path with `/` or a name whose link leads
-    out of `checkpoints/` is refused (a run's files never lead loading out of the run)."""
+    """The checkpoint `checkpoints/latest` names: one directory name (at most 255 characters;
+    the first 4 KiB of the file are read), resolved inside that same `checkpoints/`. An absolute
+    path, a `..`, a path with `/` or a name whose link leads out of `checkpoints/` is refused (a
+    run's files never lead loading out of the run)."""
     with open(pointer, encoding="utf-8", errors="replace") as f:
         name = f.read(4096).strip()  # a name is short: never read a huge file whole
     root = pointer.parent
