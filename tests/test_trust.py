@@ -298,6 +298,15 @@ def test_eval_writes_no_file_the_run_names(sized_run, tmp_path):
     assert not (tmp_path / "scorer").exists()
 
 
+def test_images_take_no_sizes_from_the_run(sized_run):
+    """`xdlm images` resolves its settings like sample (its image run is not needed for that)."""
+    from xdlm.cli import build_parser
+    from xdlm.commands.options import command_config
+
+    cfg = command_config(build_parser().parse_args(["images", "eval", "--ckpt", str(sized_run[0])]))
+    assert (cfg.images.per_class, cfg.sample.steps, cfg.sample.guidance) == (8, 32, 0.0)
+
+
 # ---------------------------------------------------------------- checkpoints/latest
 
 
