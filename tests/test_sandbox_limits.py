@@ -11,8 +11,8 @@ import struct
 import pytest
 from test_sandbox import needs_bwrap, report, run
 
-from xdlm.eval import seccomp
-from xdlm.eval.sandbox import run_sandboxed
+from xdlm.eval import sandbox, seccomp
+from xdlm.eval.sandbox import SandboxUnavailableError, run_sandboxed
 
 MiB = 2**20
 
@@ -122,12 +122,56 @@ def test_filling_tmp_is_a_disk_verdict():
     assert result.status == "disk" and report(result) == {"written": 4}
 
 
+@needs_bwrap
+@pytest.mark.parametrize(("files", "status"), [(10, "passed"), (11, "disk")],
+                         ids=["files-at-limit", "one-file-over"])  # fmt: skip
+def test_file_count_is_bounded(files, status):
+    """Empty files cost kernel memory (about 1 KiB each) that no byte count sees: max_files
+    bounds them, directories and links included."""
+    probe = f"""
+        import os
+        os.mkdir("/tmp/d")
+        os.symlink("d", "/tmp/link")
+        for i in range({files} - 2):
+            open(f"/tmp/d/{{i}}", "w").close()
+    """
+    assert run(probe, max_files=10).status == status
+
+
+@needs_bwrap
+def test_the_program_holds_no_capability():
+    """The tmpfs is mounted before the harness starts; the program cannot mount or remount."""
+    probe = """
+        import ctypes, json, sys
+        libc = ctypes.CDLL(None, use_errno=True)
+        caps = {line.split(":")[0]: int(line.split()[1], 16) for line in open("/proc/self/status")
+                if line.startswith(("CapPrm", "CapEff", "CapAmb"))}
+        mounted = libc.mount(b"tmpfs", b"/sandbox", b"tmpfs", 0, b"size=1g"), ctypes.get_errno()
+        print(json.dumps({"caps": caps, "mount": mounted}), file=sys.stderr)
+    """
+    got = report(run(probe))
+    assert got == {"caps": {"CapPrm": 0, "CapEff": 0, "CapAmb": 0}, "mount": [-1, errno.EPERM]}
+
+
+@needs_bwrap
+def test_refuses_where_the_tmpfs_cannot_be_mounted(monkeypatch):
+    """Fails closed: a setup that cannot mount its limited tmpfs is a refusal, not a run."""
+    monkeypatch.setattr(sandbox, "_SETUP", sandbox._SETUP.replace("mode=1777", "bogus=1"))
+    sandbox._check_bwrap.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailableError, match="setup: Invalid argument"):
+            run_sandboxed("pass")
+    finally:
+        sandbox._check_bwrap.cache_clear()
+
+
 def test_memory_share_must_fit_an_interpreter():
     assert run_sandboxed("pass", memory_mb=128, max_procs=3, isolation="none").passed
     with pytest.raises(ValueError, match=r"31\.8 MiB each.*raise memory_mb to 128"):
         run_sandboxed("pass", memory_mb=127, max_procs=3, isolation="none")
-    with pytest.raises(ValueError, match="disk_mb must be positive"):
-        run_sandboxed("pass", disk_mb=0)
+    for bad in ({"disk_mb": 0}, {"max_files": 0}):
+        with pytest.raises(ValueError, match="disk_mb and max_files must be positive"):
+            run_sandboxed("pass", **bad)
 
 
 @needs_bwrap

@@ -8,8 +8,10 @@ Isolation (`isolation="bwrap"`, the default; docs/security.md): the program runs
 bubblewrap in new user, PID, network, mount, IPC and UTS namespaces, as an unprivileged user
 (uid 65534 when we are root), with no capabilities and an empty environment (PATH only). Its
 file system is read-only: the system's `/usr` (and the interpreter's prefix), fresh `/proc` and
-`/dev`, an empty root; the one writable place is its working directory `/sandbox` (also `/tmp`),
-a tmpfs of `disk_mb`; nothing else (no home, no repository, no /etc). The network namespace has
+`/dev`, an empty root holding `/candidate.py`; the one writable place is its working directory
+`/sandbox` (also `/tmp`), a tmpfs of `disk_mb` and `max_files`, which a setup step mounts with
+CAP_SYS_ADMIN of the sandbox's own namespaces before exec'ing the harness without any
+capability; nothing else (no home, no repository, no /etc). The network namespace has
 no interface but a downed loopback. When the program ends or is killed, its PID namespace ends,
 and with it every process it started (`setsid`, double fork and all); a wall-clock timeout
 kills the whole tree.
@@ -18,7 +20,7 @@ Limits hold for the whole process tree (cgroups are not used: they are rarely de
 unprivileged caller): the program runs at most 1 + `max_procs` processes or threads at once
 (RLIMIT_NPROC, which Linux ≥ 5.14 counts per user namespace, i.e. per sandbox), each with
 `memory_mb / (1 + max_procs)` of address space (RLIMIT_AS), so together they never map more than
-`memory_mb`; its files share the `disk_mb` tmpfs. Also bounded: CPU seconds, 16 MiB per file,
+`memory_mb`; its files share the tmpfs. Also bounded: CPU seconds, 16 MiB per file,
 64 open files, no POSIX message queues; a seccomp filter (`xdlm.eval.seccomp`) denies the calls
 that make RAM-backed storage outside both (memfd, System V shared memory), and no nested user
 namespace can mount a tmpfs of its own (`--disable-userns`).
@@ -59,6 +61,7 @@ from xdlm.eval import seccomp
 ISOLATION = ("bwrap", "none")
 _NOBODY = 65534
 _INSIDE = "/sandbox"
+_CANDIDATE = "/candidate.py"
 
 
 class SandboxUnavailableError(RuntimeError):
@@ -84,6 +87,23 @@ class SandboxResult:
         return self.status == "passed"
 
 
+# Run first inside bwrap, holding CAP_SYS_ADMIN of the sandbox's own namespaces: mount the
+# writable tmpfs with a size AND an inode limit (bwrap's --tmpfs has no inode limit; each file
+# costs kernel memory), then exec the harness with the ambient capabilities cleared: a non-root
+# uid keeps none across exec (and no_new_privs ignores file capabilities).
+_SETUP = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+opts = ("size=%s,nr_inodes=%s,mode=1777" % tuple(sys.argv[1:3])).encode()
+for step in (lambda: libc.unshare(0x20000),  # CLONE_NEWNS: a mount namespace we own
+             lambda: libc.mount(b"tmpfs", b"/sandbox", b"tmpfs", 6, opts),  # nosuid, nodev
+             lambda: libc.prctl(47, 4, 0, 0, 0)):  # PR_CAP_AMBIENT_CLEAR_ALL
+    if step() != 0:
+        sys.exit("xdlm sandbox setup: " + os.strerror(ctypes.get_errno()))
+os.chdir("/sandbox")
+os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
+"""
+
 # The harness, run before the candidate in the sandboxed interpreter: read the secret, set the
 # limits, run the program as __main__, report through the verdict fd only if it returned (or
 # ran out of memory or disk, in any process of the tree). RLIMIT_NPROC counts the processes of
@@ -92,6 +112,10 @@ class SandboxResult:
 _BOOTSTRAP = """
 import errno, os, resource, runpy, sys
 def main():
+    held = [line for line in open("/proc/self/status")
+            if line.startswith(("CapPrm", "CapEff", "CapAmb")) and int(line.split()[1], 16)]
+    if held and os.getuid() != 0:
+        sys.exit("xdlm sandbox: the harness still holds capabilities")
     secret = sys.stdin.readline().strip()
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
@@ -134,6 +158,7 @@ def run_sandboxed(
     isolation: str = "bwrap",
     max_procs: int = 3,
     disk_mb: int = 64,
+    max_files: int = 1024,
     python: str | None = None,
 ) -> SandboxResult:
     """Run `code` as a Python program isolated and limited as in the module docstring.
@@ -145,14 +170,15 @@ def run_sandboxed(
             set up) or "none" (rlimits only: the candidate can read files and use the network,
             and `disk_mb` does not apply).
         max_procs: processes (or threads) the program may start besides itself.
-        disk_mb: size of its writable tmpfs (`/sandbox` = `/tmp`), RAM-backed.
+        disk_mb, max_files: size and files (directories and links count) of its writable
+            tmpfs (`/sandbox` = `/tmp`), RAM-backed.
         python: interpreter to run it with (default: this one, or the system python3 when the
             unprivileged sandbox user cannot read this one, e.g. under /root).
     """
-    if timeout_s <= 0 or memory_mb <= 0 or max_procs < 0 or disk_mb <= 0:
+    if min(timeout_s, memory_mb, disk_mb, max_files) <= 0 or max_procs < 0:
         raise ValueError(
-            f"timeout_s, memory_mb and disk_mb must be positive and max_procs >= 0, got "
-            f"{timeout_s}, {memory_mb}, {disk_mb}, {max_procs}"
+            f"timeout_s, memory_mb, disk_mb and max_files must be positive and max_procs >= 0, "
+            f"got {timeout_s}, {memory_mb}, {disk_mb}, {max_files}, {max_procs}"
         )
     share = memory_mb * 2**20 // (1 + max_procs)
     if share < 32 * 2**20:
@@ -168,12 +194,13 @@ def run_sandboxed(
     if isolation == "bwrap":
         _check_bwrap(interpreter, as_user)
     with _workdir(code, as_user) as workdir, _seccomp_fd() as filter_fd:
-        inside = _INSIDE if isolation == "bwrap" else workdir
         limits = [str(share), str(max(1, math.ceil(timeout_s) + 1)), str(max_procs)]
-        cmd = [interpreter, "-I", "-c", _BOOTSTRAP, *limits, f"{inside}/candidate.py"]
+        harness = ["-I", "-c", _BOOTSTRAP, *limits]
         if isolation == "none":
+            cmd = [interpreter, *harness, f"{workdir}/candidate.py"]
             return _run(cmd, workdir, None, timeout_s, ())
-        cmd = [*_bwrap_args(interpreter, workdir, disk_mb, filter_fd), *cmd]
+        tmpfs = _bwrap_args(interpreter, workdir, filter_fd, disk_mb * 2**20, max_files)
+        cmd = [*tmpfs, *harness, _CANDIDATE]
         return _run(cmd, None, as_user, timeout_s, (filter_fd,) if filter_fd else ())
 
 
@@ -253,17 +280,19 @@ def _interpreter(python: str | None, as_user: int | None) -> str:
     )
 
 
-def _bwrap_args(interpreter: str, workdir: str, disk_mb: int, filter_fd: int | None) -> list[str]:
-    """bubblewrap: every namespace new (and no further user namespace: it could mount its own
-    tmpfs), the seccomp filter read from `filter_fd`, the whole file system read-only but a
-    `disk_mb` tmpfs at `/sandbox` (`/tmp` links to it) holding workdir/candidate.py read-only."""
+def _bwrap_args(
+    interpreter: str, workdir: str, filter_fd: int | None, disk_bytes: int, max_files: int
+) -> list[str]:
+    """bubblewrap and `_SETUP`, to be followed by the harness' interpreter arguments: every
+    namespace new (and no further user namespace: it could mount its own tmpfs), the seccomp
+    filter read from `filter_fd`, the whole file system read-only but the tmpfs `_SETUP` mounts
+    at `/sandbox` (`/tmp` links to it), workdir/candidate.py bound read-only at `/candidate.py`."""
     args = [
         "bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-        "--new-session", "--cap-drop", "ALL",
+        "--new-session", "--cap-drop", "ALL", "--cap-add", "CAP_SYS_ADMIN",
         "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", _INSIDE,
         "--ro-bind", "/usr", "/usr", "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
-        "--size", str(disk_mb * 2**20), "--perms", "1777", "--tmpfs", _INSIDE,
-        "--symlink", _INSIDE, "/tmp",
+        "--dir", _INSIDE, "--symlink", _INSIDE, "/tmp",
     ]  # fmt: skip
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
@@ -273,11 +302,11 @@ def _bwrap_args(interpreter: str, workdir: str, disk_mb: int, filter_fd: int | N
     prefix = str(Path(interpreter).parent.parent)  # PREFIX/bin/python3.X
     if not (prefix + "/").startswith("/usr/"):
         args += ["--ro-bind", prefix, prefix]
-    candidate = f"{_INSIDE}/candidate.py"
     if filter_fd is not None:
         args += ["--seccomp", str(filter_fd)]
-    return [*args, "--ro-bind", f"{workdir}/candidate.py", candidate, "--chdir", _INSIDE,
-            "--remount-ro", "/"]  # fmt: skip
+    args += ["--ro-bind", f"{workdir}/candidate.py", _CANDIDATE, "--remount-ro", "/"]
+    # nr_inodes counts the tmpfs' root directory too
+    return [*args, interpreter, "-I", "-c", _SETUP, str(disk_bytes), str(max_files + 1)]
 
 
 def check_isolation(python: str | None = None) -> None:
@@ -293,8 +322,7 @@ def _check_bwrap(interpreter: str, as_user: int | None) -> None:
         reason = "bubblewrap (bwrap) is not installed"
     else:
         with _workdir("", as_user) as workdir, _seccomp_fd() as filter_fd:
-            cmd = _bwrap_args(interpreter, workdir, 1, filter_fd)
-            cmd += [interpreter, "-I", "-c", "pass"]
+            cmd = [*_bwrap_args(interpreter, workdir, filter_fd, 2**20, 1), "-I", "-c", "pass"]
             probe = subprocess.run(
                 cmd, capture_output=True, timeout=60, user=as_user, group=as_user,
                 pass_fds=(filter_fd,) if filter_fd else (),
@@ -304,7 +332,7 @@ def _check_bwrap(interpreter: str, as_user: int | None) -> None:
             return
         reason = (
             f"bwrap failed: {probe.stderr.decode(errors='replace').strip()[:300]} (xdlm needs "
-            "bubblewrap >= 0.8 for --size and --disable-userns)"
+            "bubblewrap >= 0.8 for --disable-userns, and a user namespace may mount a tmpfs)"
         )
     raise SandboxUnavailableError(
         f"cannot isolate model-written code: {reason}. Install bubblewrap (Debian/Ubuntu: "
