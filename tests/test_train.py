@@ -172,22 +172,6 @@ def test_auto_precision_follows_the_probe_and_is_logged_first(
     assert train(explicit, tmp_path / "run", resume=True).step == 2 and used[-1] == "fp32"
 
 
-def test_ctrl_c_saves_and_resumes(corpus, tmp_path, monkeypatch):
-    real = loop_mod.Trainer.train_step
-
-    def interrupt_at_3(self):
-        if self.state.step == 2:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(loop_mod.Trainer, "train_step", interrupt_at_3)
-    result = train(tiny_cfg(corpus, tmp_path / "data"), tmp_path / "run")
-    assert result.interrupted and result.step == 2
-    assert find_checkpoint(tmp_path / "run").name == "step_0000002"
-    monkeypatch.setattr(loop_mod.Trainer, "train_step", real)
-    assert train(tiny_cfg(corpus, tmp_path / "data"), tmp_path / "run", resume=True).step == 6
-
-
 def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
     train(tiny_cfg(corpus, tmp_path / "data", "train.steps=3"), tmp_path / "run")
     script = textwrap.dedent(f"""

@@ -105,7 +105,7 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 500
     keep_last: int = 2
-    max_nan_steps: int = 10
+    max_nan_steps: int = 0  # non-finite steps skipped before stopping (0: stop at the first)
     tensorboard: bool = False  # scalars to RUN/tensorboard/ (xdlm.train.trackers)
     wandb: bool = False  # Weights & Biases, files in RUN/wandb/
     wandb_project: str = "xdlm"

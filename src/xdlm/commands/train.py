@@ -56,10 +56,15 @@ def run(args) -> int:
     result = train(cfg, args.out, resume=args.resume)
     if not _is_main():  # under torchrun only rank 0 reports and samples
         return 130 if result.interrupted else 0
-    print(
-        f"trained to step {result.step} at {result.tokens_per_s:,.0f} tokens/s; "
-        f"last loss {result.last_loss}; run dir {result.run_dir}"
-    )
+    if result.start_step == result.step and not result.interrupted:
+        print(
+            f"{result.run_dir} is finished: trained to step {result.step} = train.steps; to "
+            f"train further: xdlm train --out {args.out} --resume --set train.steps=N "
+            f"(N > {result.step})"
+        )
+        return 0
+    print(f"trained to step {result.step} at {result.tokens_per_s:,.0f} tokens/s; "
+          f"{_last_loss(result)}; run dir {result.run_dir}")  # fmt: skip
     if result.valid:
         print(
             f"validation NELBO {result.valid['valid_nats_per_token']:.4f} nats/token, "
@@ -70,6 +75,17 @@ def run(args) -> int:
     if not args.no_samples and cfg.sample.num_samples > 0:
         _print_samples(args.out, cfg)
     return 0
+
+
+def _last_loss(result) -> str:
+    """The last finite loss and its step, with the skipped non-finite steps counted."""
+    if result.last_loss is None:
+        text = "no finite loss"
+    else:
+        text = f"last loss {result.last_loss:.4f} (step {result.last_loss_step})"
+    if result.nan_steps:
+        text += f"; {result.nan_steps} steps had a non-finite loss and were skipped"
+    return text
 
 
 def _config(args):

@@ -57,22 +57,33 @@ from xdlm.train.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
+from xdlm.train.failures import (
+    NonFiniteLossError,
+    is_write_failure,
+    non_finite_error,
+    save_failed,
+    weights_finite,
+)
+from xdlm.train.interrupts import StopRequest
 from xdlm.train.rundir import acquire_run_lock, trim_metrics
 from xdlm.train.trackers import Trackers
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many steps with a NaN/inf loss or gradient."""
-
-
 @dataclass
 class TrainResult:
+    """How a `train` call ended. `last_loss` is the loss of the last step that had a finite one
+    (`last_loss_step`); `nan_steps` counts the steps skipped as non-finite (train.max_nan_steps);
+    `start_step == step` means there was nothing left to train (a finished run resumed)."""
+
     run_dir: Path
     step: int
     last_loss: float | None
     valid: dict | None
     interrupted: bool
     tokens_per_s: float
+    start_step: int = 0
+    last_loss_step: int | None = None
+    nan_steps: int = 0
 
 
 @dataclass
@@ -139,6 +150,8 @@ class Trainer:
         self.time_gen = torch.Generator(dev).manual_seed(cfg.train.seed)  # same on every rank
         torch.manual_seed(cfg.train.seed + 1 + self.ctx.rank)  # dropout differs across ranks
         self.state = _State()
+        self._last_loss: tuple[float, int] | None = None  # (loss, step) of the last finite one
+        self._saved_step, self._saved_path = -1, None
         self.meta = {
             "kernel": self.kernel.spec(),
             "schedule": schedule_spec(self.schedule),
@@ -165,6 +178,8 @@ class Trainer:
             self._prepare_run_dir(resume)
             if self.ctx.is_main:
                 self.trackers = Trackers(cfg.train, self.run_dir, cfg.to_dict())
+                if not (resume and (self.run_dir / "config.yaml").is_file()):
+                    save_config(cfg, self.run_dir / "config.yaml")  # set up: the run starts
         except BaseException:
             self.close()
             raise
@@ -172,9 +187,11 @@ class Trainer:
     # ------------------------------------------------------------------ setup / resume
 
     def _prepare_run_dir(self, resume: bool) -> None:
-        """Check new-run / resume, write config.yaml once (a resume never rewrites it: each
-        checkpoint's meta.json holds the config it was trained with, and a resume that changes
-        settings logs them to metrics.jsonl), copy the tokenizer."""
+        """Check new-run / resume, cut metrics.jsonl back to the step we start from, copy the
+        tokenizer. config.yaml is written by `__init__` once everything is set up (a failed
+        start leaves none, a new start replaces one a failed start left) and never by a resume:
+        each checkpoint's meta.json holds the config it was trained with, and a resume that
+        changes settings logs them to metrics.jsonl."""
         has_ckpt = has_checkpoint(self.run_dir)
         if has_ckpt and not resume:
             raise ValueError(
@@ -193,9 +210,8 @@ class Trainer:
         if resume and has_ckpt:
             self._resume(find_checkpoint(self.run_dir))
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if not (self.run_dir / "config.yaml").is_file():
-                save_config(self.cfg, self.run_dir / "config.yaml")
+            # lines logged after the step we continue from (before the first checkpoint: all)
+            trim_metrics(self.run_dir / "metrics.jsonl", self.state.step)
             tok, data_tok = self.run_dir / "tokenizer", Path(self.cfg.data.path) / "tokenizer"
             if not tok.is_dir() and data_tok.is_dir():  # image-token data has no tokenizer
                 load_tokenizer_dir(data_tok).save(tok)
@@ -240,12 +256,13 @@ class Trainer:
             torch.set_rng_state(mine["torch_rng"])
         self.time_gen.set_state(state["time_rng"])
         self.state = _State(**state["progress"])
-        if self.ctx.is_main:
-            trim_metrics(self.run_dir / "metrics.jsonl", self.state.step)
 
     def save(self) -> Path | None:
         """Checkpoint the current step: rank 0 writes (FSDP: every rank writes its DCP shards);
-        every rank's loader and RNG states are gathered into the one `state.pt`."""
+        every rank's loader and RNG states are gathered into the one `state.pt`. Weights
+        that are not finite are never saved (NonFiniteLossError; the newest checkpoint stays)."""
+        if not weights_finite(self.model, self.ctx):
+            raise self._non_finite(self.state.step, "weights after its optimizer step")
         mine = {
             "loader": self.loader.state_dict(),
             "noise_rng": self.noise_gen.get_state(),
@@ -274,19 +291,19 @@ class Trainer:
                     self.run_dir, self.state.step, model=self.model, train_state=train_state,
                     **kwargs,
                 )  # fmt: skip
-        except OSError as err:
-            raise self._save_failed(err) from err
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
+            newest = newest_checkpoint_name(self.run_dir)
+            raise save_failed(err, self.state.step, self.run_dir / "checkpoints", newest) from err
         D.barrier(self.ctx)
-        return path if self.ctx.is_main else None
+        self._saved_step, self._saved_path = self.state.step, path if self.ctx.is_main else None
+        return self._saved_path
 
-    def _save_failed(self, err: OSError) -> OSError:
-        done = newest_checkpoint_name(self.run_dir)
-        return OSError(
-            err.errno,
-            f"saving step {self.state.step} into {self.run_dir / 'checkpoints'} failed "
-            f"({err.strerror or err}); the partial checkpoint was removed, the newest complete "
-            f"one is {done or 'none'}. Free disk space (or lower train.keep_last) and continue "
-            "with --resume",
+    def _non_finite(self, step: int, what: str) -> NonFiniteLossError:
+        kept = newest_checkpoint_name(self.run_dir) if self.ctx.is_main else None
+        return non_finite_error(
+            self.run_dir, step, what, self.state.nan_steps, self.cfg.train.max_nan_steps, kept
         )
 
     # ------------------------------------------------------------------ one step
@@ -362,10 +379,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.nan_steps += 1
             if self.state.nan_steps > cfg.max_nan_steps:
-                raise NonFiniteLossError(
-                    f"{self.state.nan_steps} steps had a non-finite loss or gradient (last at step "
-                    f"{self.state.step}, loss={mean}); lower train.lr, use precision=fp32, or "
-                    "raise train.max_nan_steps"
+                raise self._non_finite(
+                    self.state.step + 1, f"loss={mean}, gradient norm={float(grad_norm)}"
                 )
             self.state.step += 1
             return None
@@ -429,9 +444,11 @@ class Trainer:
                 self.trackers.log(record)
 
     def run(self) -> TrainResult:
+        """Train to `train.steps`. Ctrl-C finishes the step in flight and saves that step
+        boundary (`xdlm.train.interrupts`), so `--resume` continues bit-identically."""
         cfg = self.cfg.train
         self.model.train()
-        last, valid, interrupted = None, None, False
+        start, valid, interrupted = self.state.step, None, False
         bar = tqdm(
             total=cfg.steps,
             initial=self.state.step,
@@ -439,61 +456,88 @@ class Trainer:
             dynamic_ncols=True,
             desc="train",
         )
-        if self.ctx.is_main:
+        if self.ctx.is_main and start < cfg.steps:
             bar.write(self.precision.describe())
             bar.write(
                 D.describe_batch(
                     self.cfg.data.batch_size, cfg.grad_accum, self.cfg.dist.strategy, self.ctx
                 )
             )
-        t0, tokens0 = time.perf_counter(), self.state.tokens_seen
-        elapsed0 = self.state.elapsed
+        self._clock = (time.perf_counter(), self.state.tokens_seen, self.state.elapsed)
         try:
-            while self.state.step < cfg.steps:
-                loss = self.train_step()
-                last = loss if loss is not None else last
-                self.state.elapsed = elapsed0 + time.perf_counter() - t0
-                tps = (self.state.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{last:.3f}" if last is not None else "nan", tok_s=f"{tps:,.0f}"
-                )
-                step = self.state.step
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    self._log(
-                        {
-                            "step": step,
-                            "loss": loss,
-                            "lr": lr_at(cfg, step - 1),
-                            "grad_norm": getattr(self, "last_grad_norm", None),
-                            "tokens_per_s": tps,
-                            "tokens_seen": self.state.tokens_seen,
-                            "nan_steps": self.state.nan_steps,
-                            "elapsed": self.state.elapsed,
-                        }
-                    )
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    valid = self.validate()
-                    if valid is not None:
-                        self._log({"step": step, **valid})
-                        bar.write(
-                            f"step {step}: valid NELBO {valid['valid_nats_per_token']:.4f} "
-                            f"nats/token, PPL ≤ {valid['valid_ppl']:.2f}"
-                        )
-                if step % cfg.save_every == 0 or step == cfg.steps:
-                    self.save()
+            with StopRequest() as stop:
+                while self.state.step < cfg.steps:
+                    valid = self._step_and_bookkeeping(bar) or valid
+                    if self._stop_agreed(stop) and self.state.step < cfg.steps:
+                        interrupted = True
+                        break
         except KeyboardInterrupt:
-            interrupted = True
-            path = self.save()
             if self.ctx.is_main:
                 print(
-                    f"\ninterrupted at step {self.state.step}; saved {path}. "
-                    f"Continue with --resume."
+                    f"\nstopped without saving; --resume continues from "
+                    f"{newest_checkpoint_name(self.run_dir) or 'the start (no checkpoint yet)'}"
                 )
+            raise
         finally:
             bar.close()
-        tps = (self.state.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
-        return TrainResult(self.run_dir, self.state.step, last, valid, interrupted, tps)
+        if interrupted:
+            path = self.save() if self._saved_step != self.state.step else self._saved_path
+            if self.ctx.is_main:
+                print(f"\ninterrupted at step {self.state.step}; saved {path}. "
+                      "Continue with --resume.")  # fmt: skip
+        last, last_at = self._last_loss or (None, None)
+        return TrainResult(
+            self.run_dir, self.state.step, last, valid, interrupted, self._tokens_per_s(),
+            start_step=start, last_loss_step=last_at, nan_steps=self.state.nan_steps,
+        )  # fmt: skip
+
+    def _tokens_per_s(self) -> float:
+        t0, tokens0, _ = self._clock
+        return (self.state.tokens_seen - tokens0) / max(time.perf_counter() - t0, 1e-9)
+
+    def _stop_agreed(self, stop: StopRequest) -> bool:
+        """Whether any rank was asked to stop (all ranks leave the loop at the same step)."""
+        flag = torch.tensor(float(stop.requested), device=self.ctx.device)
+        return bool(D.all_reduce_sum(flag, self.ctx).item() > 0)
+
+    def _step_and_bookkeeping(self, bar: tqdm) -> dict | None:
+        """One optimizer step, then its metrics line, validation and save as configured;
+        returns the validation metrics when they were computed."""
+        cfg = self.cfg.train
+        loss = self.train_step()
+        if loss is not None:
+            self._last_loss = (loss, self.state.step)
+        t0, _, elapsed0 = self._clock
+        self.state.elapsed = elapsed0 + time.perf_counter() - t0
+        tps = self._tokens_per_s()
+        bar.update(1)
+        shown = self._last_loss[0] if self._last_loss else None
+        bar.set_postfix(loss=f"{shown:.3f}" if shown is not None else "nan", tok_s=f"{tps:,.0f}")
+        step, valid = self.state.step, None
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            self._log(
+                {
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr_at(cfg, step - 1),
+                    "grad_norm": getattr(self, "last_grad_norm", None),
+                    "tokens_per_s": tps,
+                    "tokens_seen": self.state.tokens_seen,
+                    "nan_steps": self.state.nan_steps,
+                    "elapsed": self.state.elapsed,
+                }
+            )
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            valid = self.validate()
+            if valid is not None:
+                self._log({"step": step, **valid})
+                bar.write(
+                    f"step {step}: valid NELBO {valid['valid_nats_per_token']:.4f} "
+                    f"nats/token, PPL ≤ {valid['valid_ppl']:.2f}"
+                )
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            self.save()
+        return valid
 
 
 def train(cfg: XDLMConfig, run_dir: str | Path, resume: bool = False) -> TrainResult:
