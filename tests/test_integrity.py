@@ -167,12 +167,13 @@ def test_stale_lock_without_flock_uses_the_pid(tmp_path, monkeypatch, lock_holde
     import json
     import socket
 
+    from xdlm import dirlock
     from xdlm.train import rundir
 
     def no_flock(fd, op):
         raise OSError(errno.ENOLCK, "no locks")
 
-    monkeypatch.setattr(rundir.fcntl, "flock", no_flock)
+    monkeypatch.setattr(dirlock.fcntl, "flock", no_flock)
     with pytest.raises(RunLockedError, match=f"pid {lock_holder.pid}"):
         rundir.acquire_run_lock(tmp_path / "run")
     lock_holder.kill()

@@ -237,16 +237,21 @@ def ensure_dataset(cfg: DataConfig) -> Manifest:
     if not (path / "manifest.json").is_file() and cfg.sources:
         from xdlm.data.prepare import prepare
 
-        prepare(
-            resolve_sources(cfg.sources),
-            path,
-            tokenizer=cfg.tokenizer,
-            tokenizer_source=cfg.tokenizer_source,
-            tokenizer_vocab_size=cfg.tokenizer_vocab_size,
-            seq_len=cfg.seq_len,
-            mode=cfg.mode,
-            valid_fraction=cfg.valid_fraction,
-        )
+        try:  # a trainer preparing the same path first: wait for it, then use its result
+            prepare(
+                resolve_sources(cfg.sources),
+                path,
+                tokenizer=cfg.tokenizer,
+                tokenizer_source=cfg.tokenizer_source,
+                tokenizer_vocab_size=cfg.tokenizer_vocab_size,
+                seq_len=cfg.seq_len,
+                mode=cfg.mode,
+                valid_fraction=cfg.valid_fraction,
+                wait=True,
+            )
+        except FileExistsError:
+            if not (path / "manifest.json").is_file():
+                raise
     return load_manifest(path)
 
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # user errors; failed writes (disk full), locks held
         print(f"xdlm {args.command}: error: {err}", file=sys.stderr)
         return 2
 

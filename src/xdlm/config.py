@@ -314,13 +314,27 @@ _IN_RANGE = (
     ("data.valid_fraction", 0.0, 1.0, True, False),
     ("sample.temperature", 0.0, math.inf, True, False),
     ("sample.top_p", 0.0, 1.0, False, True),
+    ("sample.t_end", 0.0, 1.0, False, False),
+    ("eval.temperature", 0.0, math.inf, True, False),  # lists: every element
+    ("eval.top_p", 0.0, 1.0, False, True),
+    ("kernel.eps", 0.0, 1.0, False, False),
+    ("kernel.power", 0.0, math.inf, False, False),
+    ("train.weight_decay", 0.0, math.inf, True, False),
+    ("train.beta1", 0.0, 1.0, True, False),
+    ("train.beta2", 0.0, 1.0, True, False),
+    ("model.dropout", 0.0, 1.0, True, False),
+    ("model.mlp_ratio", 0.0, math.inf, False, False),
 )
+
+
+_INF_ALLOWED = ("train.grad_clip",)  # inf = no clipping
 
 
 def validate(cfg: XDLMConfig) -> XDLMConfig:
     """Values the loop would divide by, loop over or feed to the math: ValueError naming the
-    key, the value and the allowed range (instead of a ZeroDivisionError or a silent no-op).
-    Optional keys (None = the documented default) are checked only when set."""
+    key, the value and the allowed range (instead of a ZeroDivisionError, NaN weights or a silent
+    no-op); no float anywhere may be NaN or infinite (except `_INF_ALLOWED`). Optional keys
+    (None = the documented default) are checked only when set."""
     for key, low, meaning in _AT_LEAST:
         value = _get(cfg, key)
         if value is not None and value < low:
@@ -330,14 +344,17 @@ def validate(cfg: XDLMConfig) -> XDLMConfig:
             )
     for key, low, high, low_in, high_in in _IN_RANGE:
         value = _get(cfg, key)
-        if value is None:
-            continue
-        ok = (value >= low if low_in else value > low) and (
-            value <= high if high_in else value < high
-        )
-        if not ok or math.isnan(value):
-            span = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
-            raise ValueError(f"{key} must be in {span}, got {value}")
+        for v in value if isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            ok = (v >= low if low_in else v > low) and (v <= high if high_in else v < high)
+            if not ok or math.isnan(v):
+                span = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+                raise ValueError(f"{key} must be in {span}, got {v}")
+    for key, value in _flatten(cfg.to_dict()).items():  # NaN / inf anywhere else
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v) and key not in _INF_ALLOWED:
+                raise ValueError(f"{key} must be a finite number, got {v}")
     return cfg
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from xdlm.config import DataConfig, KernelConfig, ModelConfig, XDLMConfig
+from xdlm.config import DataConfig, KernelConfig, ModelConfig, XDLMConfig, validate
 from xdlm.models.upstream import UpstreamWeights, read_hf_dir, read_lightning
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -153,16 +153,19 @@ def convert(source: str, opts: ImportOptions | None = None) -> ImportedRun:
     from xdlm.core.schedules import make_schedule, schedule_spec
 
     opts = opts or ImportOptions()
+    if opts.seq_len is not None and opts.seq_len < 2:
+        raise ValueError(f"--seq-len must be >= 2 (tokens per row, the run's data.seq_len), "
+                         f"got {opts.seq_len}; leave it out for config.json's or 1024")  # fmt: skip
     w = read_source(source, opts.file, opts.revision)
     V = int(w.weights["embed.weight"].shape[0])
     k, tok = kernel_k(w, opts), import_tokenizer(V, opts)
-    seq_len = opts.seq_len or int(w.hints.get("model_length", 1024))
-    cfg = XDLMConfig(
+    seq_len = opts.seq_len if opts.seq_len is not None else int(w.hints.get("model_length", 1024))
+    cfg = validate(XDLMConfig(
         model=model_config(w, opts),
         kernel=KernelConfig(k=k, use_mask=k < 1.0, schedule="loglinear", eps=SIGMA_EPS),
         data=DataConfig(tokenizer=tok.spec["kind"], tokenizer_source=opts.tokenizer_source,
                         tokenizer_vocab_size=None, seq_len=seq_len, mode="wrap"),
-    )  # fmt: skip
+    ))  # fmt: skip
     model = build_model(cfg.model, V)
     model.load_state_dict(w.weights, strict=True)
     meta = {

@@ -311,6 +311,13 @@ def resolve_model_path(path: str | Path) -> Path:
     local = Path(path)
     if local.exists() or str(path).count("/") != 1 or str(path).startswith((".", "/", "~")):
         return local
+    if local.parent.is_dir():  # "runs/x" with a local runs/: a mistyped run, not a Hub id
+        found = sorted(p.name for p in local.parent.iterdir() if p.is_dir())[:10]
+        raise FileNotFoundError(
+            f"no run at {path}: {local.parent}/ exists but holds no {local.name!r} (it holds "
+            f"{found or 'no directory'}); fix the path (a Hub id 'org/name' is looked up only "
+            f"when no local directory {local.parent}/ exists)"
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:

@@ -4,15 +4,19 @@
 (BOS ids EOS per document, flat) in input order. With `num_proc > 1` the batches go to that
 many worker processes, each loading the tokenizer from `tok_dir` and encoding on one core; at
 most `2 * num_proc` batches are in flight, so memory is bounded by the batch size whatever the
-length of the stream, and the output is the same for every `num_proc`.
+length of the stream, and the output is the same for every `num_proc`. On Linux the workers die
+with their parent (a `kill -9` of `xdlm prepare` orphans none: PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import multiprocessing
 import os
+import signal
+import sys
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -23,6 +27,7 @@ import numpy as np
 
 from xdlm.data.tokenizers import TextTokenizer, load_tokenizer_dir
 
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 MAX_DOC_CHARS = 200_000  # longer documents are tokenized in pieces (`_encode_long`)
 
 
@@ -96,8 +101,9 @@ def encode_stream(
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    initargs = (str(tok_dir), os.getpid())
     with ProcessPoolExecutor(
-        num_proc, mp_context=context, initializer=_init_worker, initargs=(str(tok_dir),)
+        num_proc, mp_context=context, initializer=_init_worker, initargs=initargs
     ) as pool:
         pending: deque[Future] = deque()
         for texts in batches:
@@ -111,11 +117,24 @@ def encode_stream(
 _WORKER_TOKENIZER: TextTokenizer | None = None
 
 
-def _init_worker(tok_dir: str) -> None:
-    """One tokenizer per worker; its own thread pool off (the processes are the parallelism)."""
+def _init_worker(tok_dir: str, parent: int) -> None:
+    """One tokenizer per worker; its own thread pool off (the processes are the parallelism).
+    The worker dies with `parent` (`_die_with_parent`)."""
     global _WORKER_TOKENIZER
+    _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_TOKENIZER = load_tokenizer_dir(tok_dir)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: ask the kernel to SIGKILL this worker when its parent dies (PR_SET_PDEATHSIG), so
+    a `kill -9` of `xdlm prepare` leaves no orphaned tokenizer processes; exit at once if the
+    parent is already gone. Elsewhere a no-op (the pool's own shutdown is all there is)."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # died before the request took effect
+        os._exit(1)
 
 
 def _encode_in_worker(texts: list[str]) -> EncodedBatch:

@@ -18,9 +18,10 @@ for every `num_proc`.
 Memory is bounded by the batches in flight (2 * num_proc batches of about `batch_bytes` of
 text) whatever the corpus size, plus ~9 bytes per document while the split is drawn and 1 byte
 per document for the split mask. Work happens in `.{out_dir}.partial` next to `out_dir`, which
-is renamed into place only when complete (a crash never leaves a half-written dataset); a
-checkpoint (`progress.json`) every `checkpoint_seconds` lets an interrupted run with the same
-arguments resume where it stopped.
+is renamed into place only when complete (a crash never leaves a half-written dataset), by one
+process at a time (`.{out_dir}.lock`, `xdlm.dirlock`: a second one is refused, naming the
+holder, or waits with `wait=True`); a checkpoint (`progress.json`) every `checkpoint_seconds`
+lets an interrupted run with the same arguments resume where it stopped.
 
 Example:
     from xdlm.data import embedded_corpus_path, prepare
@@ -47,6 +48,7 @@ from xdlm.data.encoding import encode_stream
 from xdlm.data.manifest import MANIFEST_FILE, Manifest
 from xdlm.data.shard_writer import SplitFormat, SplitWriter, WriterState
 from xdlm.data.tokenizers import TextTokenizer, load_tokenizer, load_tokenizer_dir
+from xdlm.dirlock import acquire_lock
 
 __all__ = ["prepare", "read_documents", "split_documents", "split_indices"]
 
@@ -74,6 +76,7 @@ def prepare(
     progress: bool | None = None,
     batch_bytes: int = 1 << 20,
     checkpoint_seconds: float = 60.0,
+    wait: bool = False,
 ) -> Manifest:
     """Tokenize `inputs` into a prepared directory `out_dir` and return its manifest.
 
@@ -94,30 +97,38 @@ def prepare(
         progress: show progress bars (None: only on a terminal).
         batch_bytes: about this much text per tokenizer batch.
         checkpoint_seconds: seconds between resumable checkpoints.
+        wait: when another process prepares `out_dir` (it holds `.{out_dir}.lock`), wait for it
+            instead of raising `DirLockedError` (then `out_dir` usually exists: FileExistsError).
     """
     _check_args(seq_len, mode, pad_overflow, valid_fraction, valid_docs, num_proc)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; pass overwrite=True or another out_dir")
     sources = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
     if not sources:
         raise ValueError("no inputs given; pass text files or 'hf:NAME' dataset names")
     sources = [Path(s) if not str(s).startswith(HF_PREFIX) else str(s) for s in sources]
-    job = _Job(
-        sources=sources, text_field=text_field, seq_len=seq_len, mode=mode,
-        pad_overflow=pad_overflow, valid_fraction=valid_fraction, valid_docs=valid_docs,
-        seed=seed, tokenizer=tokenizer, tokenizer_source=tokenizer_source,
-        tokenizer_vocab_size=tokenizer_vocab_size, num_proc=num_proc, progress=progress,
-        batch_bytes=batch_bytes, checkpoint_seconds=checkpoint_seconds,
-        work=out_dir.parent / f".{out_dir.name}.partial",
-    )  # fmt: skip
-    job.open(resume)  # outside the try: a refused resume keeps its work directory
-    try:
-        manifest = job.run()
-    except (ValueError, FileNotFoundError):
-        shutil.rmtree(job.work, ignore_errors=True)  # bad input: nothing worth resuming
-        raise
-    _replace_dir(job.work, out_dir)
+    with acquire_lock(
+        out_dir.parent / f".{out_dir.name}.lock", guards=out_dir, holder="xdlm prepare",
+        harm="Two preparations of one --out mix their shards", wait=wait,
+    ):  # fmt: skip
+        if out_dir.exists() and not overwrite:
+            raise FileExistsError(
+                f"{out_dir} already exists; pass overwrite=True (--overwrite) or another out_dir"
+            )
+        job = _Job(
+            sources=sources, text_field=text_field, seq_len=seq_len, mode=mode,
+            pad_overflow=pad_overflow, valid_fraction=valid_fraction, valid_docs=valid_docs,
+            seed=seed, tokenizer=tokenizer, tokenizer_source=tokenizer_source,
+            tokenizer_vocab_size=tokenizer_vocab_size, num_proc=num_proc, progress=progress,
+            batch_bytes=batch_bytes, checkpoint_seconds=checkpoint_seconds,
+            work=out_dir.parent / f".{out_dir.name}.partial",
+        )  # fmt: skip
+        job.open(resume)  # outside the try: a refused resume keeps its work directory
+        try:
+            manifest = job.run()
+        except (ValueError, FileNotFoundError):
+            shutil.rmtree(job.work, ignore_errors=True)  # bad input: nothing worth resuming
+            raise
+        _replace_dir(job.work, out_dir)
     return manifest
 
 

@@ -40,12 +40,22 @@ def read_curves(run: str | Path) -> Curves:
 
 
 def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
-    """Write the two-panel PNG of `runs` to `out`; ValueError when no run logged anything."""
+    """Write the two-panel PNG of `runs` to `out`; ValueError when no run logged anything or
+    `out` is a directory or lacks an image extension (matplotlib would write `out.png`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = Path(out)
+    kinds = plt.figure().canvas.get_supported_filetypes()  # png, pdf, svg, ...
+    plt.close("all")
+    if out.is_dir() or out.suffix.lstrip(".").lower() not in kinds:
+        raise ValueError(
+            f"--out {out} is {'a directory' if out.is_dir() else 'not an image file name'}; "
+            f"pass a file ending in one of {', '.join('.' + k for k in sorted(kinds))}, e.g. "
+            f"{out / 'curves.png' if out.is_dir() else out.with_suffix('.png')}"
+        )
     curves = [read_curves(r) for r in runs]
     if not any(c.train_steps or c.valid_steps for c in curves):
         raise ValueError(f"no loss or validation record in {[str(r) for r in runs]}")
@@ -58,7 +68,6 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
