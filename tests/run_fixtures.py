@@ -16,13 +16,17 @@ def write_corpus(path: Path, chars: int = 60_000) -> Path:
     return path
 
 
-def tiny_cfg(corpus, data_dir, *extra) -> XDLMConfig:
-    """1-layer, 32-wide DiT on 32-character rows; 4 steps, checkpoints at steps 2 and 4."""
-    sets = [
+def tiny_sets(corpus, data_dir, *extra) -> list[str]:
+    """The `KEY=VALUE` settings of `tiny_cfg` (for `xdlm train --set ...`)."""
+    return [
         f"data.path={data_dir}", f"data.sources=[{corpus}]", "data.tokenizer=char",
         "data.seq_len=32", "data.batch_size=8", "model.n_layers=1", "model.d_model=32",
         "model.n_heads=2", "train.steps=4", "train.warmup_steps=1", "train.log_every=1",
         "train.eval_every=2", "train.eval_batches=1", "train.save_every=2",
         "train.ema_decay=0.9", "train.precision=fp32", *extra,
     ]  # fmt: skip
-    return load_config(None, sets)
+
+
+def tiny_cfg(corpus, data_dir, *extra) -> XDLMConfig:
+    """1-layer, 32-wide DiT on 32-character rows; 4 steps, checkpoints at steps 2 and 4."""
+    return load_config(None, tiny_sets(corpus, data_dir, *extra))
