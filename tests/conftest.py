@@ -48,3 +48,24 @@ def run_copy(tiny_run, tmp_path) -> Path:
 
     shutil.copytree(tiny_run / "run", tmp_path / "run")
     return tmp_path / "run"
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """An empty 4 MB tmpfs mounted at a directory under tmp_path, for real full-disk tests
+    (`run_fixtures.fill_disk`); skipped where mounting is not permitted (not root)."""
+    import subprocess
+
+    mount = tmp_path / "small_fs"
+    mount.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command here")
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip() or 'not root'}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -4,6 +4,7 @@ the `tiny_run` fixture from it)."""
 from __future__ import annotations
 
 import gzip
+import shutil
 from pathlib import Path
 
 from xdlm.config import XDLMConfig, load_config
@@ -14,6 +15,13 @@ def write_corpus(path: Path, chars: int = 60_000) -> Path:
     """The first `chars` characters of the embedded corpus as a text file."""
     path.write_text(gzip.open(embedded_corpus_path(), "rt").read()[:chars])
     return path
+
+
+def fill_disk(directory: Path, leave: int) -> None:
+    """Fill the file system of `directory` (a `small_fs`) until `leave` bytes are free."""
+    free = shutil.disk_usage(directory).free
+    with open(directory / "filler", "wb") as fh:
+        fh.write(b"\0" * max(free - leave, 0))
 
 
 def tiny_sets(corpus, data_dir, *extra) -> list[str]:

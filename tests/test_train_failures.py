@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import uuid
 
 import pytest
 import torch
-from run_fixtures import tiny_cfg, tiny_sets
+from run_fixtures import fill_disk, tiny_cfg, tiny_sets
 
 from xdlm.cli import main
 from xdlm.runs import find_checkpoint, load_run
@@ -155,28 +153,6 @@ def test_resuming_a_finished_run_says_so(run_copy, capsys):
 # ---------------------------------------------------------------- a full disk (real)
 
 
-@pytest.fixture
-def small_fs(tmp_path):
-    """An empty 4 MB tmpfs mounted at tmp_path/fs (root only; skipped where mount is refused)."""
-    mount = tmp_path / f"fs-{uuid.uuid4().hex[:6]}"
-    mount.mkdir()
-    cmd = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here ({proc.stderr.strip() or 'not root'})")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def _fill(directory, leave: int) -> None:
-    """Fill the file system of `directory` until `leave` bytes are free."""
-    stat = shutil.disk_usage(directory)
-    with open(directory / "filler", "wb") as fh:
-        fh.write(b"\0" * max(stat.free - leave, 0))
-
-
 @pytest.mark.parametrize(
     "fails_in, exc_name",
     [("model.safetensors", "SafetensorError"), ("state.pt", "RuntimeError")],
@@ -197,7 +173,7 @@ def test_full_disk_during_a_save_prints_the_documented_line_and_resumes_exactly(
         "model.safetensors": 0,
         "state.pt": sizes["model.safetensors"] + sizes["ema.safetensors"],
     }
-    _fill(small_fs, before[fails_in] + 64 * 1024 + 16 * 1024)  # + page slack + metrics lines
+    fill_disk(small_fs, before[fails_in] + 64 * 1024 + 16 * 1024)  # + page slack, metrics
     argv = ["train", "--out", str(run), "--resume", "--no-samples"]
     assert main(argv) == 2
     err = _error_line(capsys)

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.metadata
 import itertools
 import json
@@ -49,6 +50,7 @@ from xdlm.data.manifest import MANIFEST_FILE, Manifest
 from xdlm.data.shard_writer import SplitFormat, SplitWriter, WriterState
 from xdlm.data.tokenizers import TextTokenizer, load_tokenizer, load_tokenizer_dir
 from xdlm.dirlock import acquire_lock
+from xdlm.diskfull import describe, is_disk_full
 
 __all__ = ["prepare", "read_documents", "split_documents", "split_indices"]
 
@@ -122,12 +124,17 @@ def prepare(
             batch_bytes=batch_bytes, checkpoint_seconds=checkpoint_seconds,
             work=out_dir.parent / f".{out_dir.name}.partial",
         )  # fmt: skip
-        job.open(resume)  # outside the try: a refused resume keeps its work directory
         try:
-            manifest = job.run()
-        except (ValueError, FileNotFoundError):
-            shutil.rmtree(job.work, ignore_errors=True)  # bad input: nothing worth resuming
-            raise
+            manifest = job.open_and_run(resume)
+        except Exception as err:
+            if not is_disk_full(err):
+                raise
+            raise OSError(
+                errno.ENOSPC,
+                f"preparing {out_dir} failed: {describe(err)} while writing {job.work}; free "
+                "disk space and run the same command again: it continues from its last "
+                "checkpoint (--no-resume starts over)",
+            ) from err
         _replace_dir(job.work, out_dir)
     return manifest
 
@@ -153,6 +160,16 @@ class _Job:
     checkpoint_seconds: float
     work: Path
     state: dict = dataclasses.field(default_factory=dict)
+
+    def open_and_run(self, resume: bool) -> Manifest:
+        """`open`, then `run`; bad input removes the work directory (nothing worth resuming),
+        a refused resume keeps it, any other failure keeps the last checkpoint in it."""
+        self.open(resume)
+        try:
+            return self.run()
+        except (ValueError, FileNotFoundError):
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
 
     def run(self) -> Manifest:
         if "n_docs" not in self.state:

@@ -5,26 +5,18 @@
   never holds non-finite weights (`weights_finite` is checked before every save), so the newest
   checkpoint is the last good state.
 - `save_failed`: a checkpoint write that failed, as an `OSError` naming the step, the cause
-  (a full disk is recognised in each form it takes: `OSError` ENOSPC from Python, a
-  `SafetensorError` from safetensors, torch's `RuntimeError` "unexpected pos" / "file write
-  failed" from its zip writer) and the newest complete checkpoint to resume from.
+  (a full disk is recognised in each form it takes, `xdlm.diskfull`) and the newest complete
+  checkpoint to resume from.
 """
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from xdlm.collectives import DistContext, all_reduce_sum
-
-# What a full disk looks like in the messages of safetensors (Rust io::Error) and torch's
-# PyTorchStreamWriter (inline_container.cc), which carry no errno.
-_DISK_FULL_TEXT = ("no space left", "storagefull", "os error 28", "unexpected pos",
-                   "file write failed")  # fmt: skip
-_TORCH_WRITER_TEXT = ("inline_container", "pytorchstreamwriter", "file write failed")
+from xdlm.diskfull import describe, errno_of
 
 
 class NonFiniteLossError(ValueError):
@@ -58,32 +50,12 @@ def weights_finite(model: torch.nn.Module, ctx: DistContext) -> bool:
     return bool(all_reduce_sum(torch.tensor(float(bad), device=ctx.device), ctx).item() == 0)
 
 
-def is_write_failure(err: BaseException) -> bool:
-    """Whether `err` is a failed file write (not a bug in the caller): an OSError, a
-    SafetensorError, or a RuntimeError from torch's checkpoint writer."""
-    if isinstance(err, (OSError, SafetensorError)):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and any(m in text for m in _TORCH_WRITER_TEXT)
-
-
-def is_disk_full(err: BaseException) -> bool:
-    """Whether the failed write `err` (`is_write_failure`) ran out of space."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(err).lower()
-    return any(m in text for m in _DISK_FULL_TEXT)
-
-
 def save_failed(err: BaseException, step: int, ckpt_root: Path, newest: str | None) -> OSError:
     """One line for a checkpoint save of `step` that raised `err` (its partial directory was
     already removed); `newest` is the complete checkpoint a resume continues from."""
-    first = str(getattr(err, "strerror", None) or err).strip().splitlines()[0][:200]
-    full = is_disk_full(err)
-    cause = f"no space left on device ({type(err).__name__}: {first})" if full else first
     return OSError(
-        errno.ENOSPC if full else getattr(err, "errno", None) or errno.EIO,
-        f"saving step {step} into {ckpt_root} failed: {cause}; the partial checkpoint was "
-        f"removed, the newest complete one is {newest or 'none'}. Free disk space (or lower "
+        errno_of(err),
+        f"saving step {step} into {ckpt_root} failed: {describe(err)}; the partial checkpoint "
+        f"was removed, the newest complete one is {newest or 'none'}. Free disk space (or lower "
         "train.keep_last) and continue with --resume",
     )

@@ -44,6 +44,7 @@ from xdlm.core.objective import diffusion_loss, sample_times
 from xdlm.core.schedules import schedule_spec
 from xdlm.data.loader import ShardedLoader, TokenShards
 from xdlm.data.tokenizers import load_tokenizer_dir
+from xdlm.diskfull import is_write_failure
 from xdlm.models.ema import EMA
 from xdlm.precision import model_width, resolve_precision
 from xdlm.runs import find_checkpoint, read_meta
@@ -57,13 +58,7 @@ from xdlm.train.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from xdlm.train.failures import (
-    NonFiniteLossError,
-    is_write_failure,
-    non_finite_error,
-    save_failed,
-    weights_finite,
-)
+from xdlm.train.failures import NonFiniteLossError, non_finite_error, save_failed, weights_finite
 from xdlm.train.interrupts import StopRequest
 from xdlm.train.rundir import acquire_run_lock, trim_metrics
 from xdlm.train.trackers import Trackers
