@@ -198,7 +198,7 @@ def test_existing_output_and_atomicity(tmp_path, corpus_file):
     assert load_manifest(out).seq_len == 32  # the failed run left the old dataset intact
     prepare(corpus_file, out, tokenizer="char", seq_len=16, overwrite=True)
     assert load_manifest(out).seq_len == 16
-    assert sorted(os.listdir(tmp_path)) == ["corpus.txt", "d"]  # no temporary leftovers
+    assert sorted(os.listdir(tmp_path)) == [".d.lock", "corpus.txt", "d"]  # no temporary files
 
 
 def test_bad_inputs_raise_helpful_errors(tmp_path, corpus_file):

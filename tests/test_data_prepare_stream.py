@@ -108,7 +108,8 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, corpus_file, monkey
     assert len(encoded) == 300 - done  # only the documents after the checkpoint
     assert resumed == reference
     assert _files(tmp_path / "out") == _files(tmp_path / "ref")
-    assert sorted(os.listdir(tmp_path)) == ["corpus.txt", "out", "ref"]
+    assert sorted(os.listdir(tmp_path)) == [".out.lock", ".ref.lock", "corpus.txt", "out", "ref"]
+    assert (tmp_path / ".out.lock").read_text() == ""  # released (the empty file stays)
 
 
 def test_resume_refuses_other_arguments_and_restarts_on_request(tmp_path, corpus_file, monkeypatch):
