@@ -163,28 +163,6 @@ def test_directory_input_named(tmp_path):
     assert main(["prepare", str(tmp_path / "corpus"), "--out", str(tmp_path / "d")]) == 2
 
 
-@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
-def test_huge_document_tokenized_in_pieces(tmp_path, monkeypatch, tiny_corpus, tokenizer):
-    """One document far over the limit is tokenized piece by piece (bounded memory) with a
-    warning, and gives the ids the whole document gives."""
-    from xdlm.data import encoding
-    from xdlm.data.tokenizers import load_tokenizer
-
-    def docs(batch):
-        return [
-            batch.ids[a:b].tolist()
-            for a, b in zip(batch.offsets[:-1], batch.offsets[1:], strict=True)
-        ]
-
-    text = " ".join(tiny_corpus.read_text().split())[:20_000]  # one line, one document
-    tok = load_tokenizer(tokenizer, corpus_texts=[text], vocab_size=300)
-    short, whole = docs(encoding.encode_texts(tok, ["short doc", text]))
-    monkeypatch.setattr(encoding, "MAX_DOC_CHARS", 1000)
-    with pytest.warns(UserWarning, match="20,000 characters was tokenized in 2[0-9] pieces"):
-        pieced = docs(encoding.encode_texts(tok, ["short doc", text]))
-    assert pieced == [short, whole]  # order kept around the long document
-
-
 def test_resume_trims_metrics_to_the_checkpoint(run_copy):
     import json
 

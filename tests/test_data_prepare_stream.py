@@ -94,7 +94,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, corpus_file, monkey
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus_file, tmp_path / "out", **kw)
     partial = tmp_path / ".out.partial"
-    done = json.loads((partial / "progress.json").read_text())["docs_done"]
+    done = json.loads((partial / "progress.json").read_text())["pieces_done"]
     assert 0 < done < 300 and not (tmp_path / "out").exists()
     monkeypatch.undo()
     encoded = []

@@ -11,8 +11,12 @@ The document rule, shared by data preparation and zero-shot evaluation:
   - `hf:NAME[:CONFIG][@SPLIT]`: a Hugging Face dataset streamed by `datasets.load_dataset(...,
     streaming=True)` (needs internet); each row's `text_field` is one document; SPLIT defaults
     to "train".
-`iter_documents` reads any source lazily (bounded memory); `read_documents` lists it.
-Empty documents are dropped everywhere.
+`iter_documents` reads any source lazily (memory: one document); `read_documents` lists it.
+`iter_pieces` reads it as `Piece`s of at most `MAX_PIECE_CHARS` characters, cut before
+whitespace: a document is one piece or several, and for `.txt` sources memory stays bounded
+whatever the shape of the input (a single line of any length, a run of whitespace of any
+length), since the file is read in pieces too (`_text_pieces`). Empty documents are dropped
+everywhere.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,6 +34,16 @@ HF_PREFIX = "hf:"
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 _BLANK_CHARS = " \t\f\v"
 _BLANK_LINES = re.compile(f"\\n[{_BLANK_CHARS}]*\\n")
+MAX_PIECE_CHARS = 200_000  # longer documents are read and tokenized in pieces
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Consecutive text of one document: `first` / `last` mark its first and last piece."""
+
+    text: str
+    first: bool
+    last: bool
 
 
 def split_documents(text: str) -> list[str]:
@@ -77,21 +93,136 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
-def _iter_text(path: Path) -> Iterator[str]:
-    """`split_documents` line by line: a line of only [ \t\f\v] ends the current document."""
-    lines: list[str] = []
+def iter_pieces(
+    path: str | Path, text_field: str = "text", max_chars: int = MAX_PIECE_CHARS
+) -> Iterator[Piece]:
+    """The documents of one source (`iter_documents`' rule and order) as `Piece`s of at most
+    `max_chars` characters cut before whitespace; joined, a document's pieces are the document.
+    `.txt` is read piece by piece (bounded memory); other formats hold one document at a time."""
+    if isinstance(path, Path) or not str(path).startswith(HF_PREFIX):
+        name = Path(path).name.lower()
+        if name.endswith((".txt", ".txt.gz")) and Path(path).is_file():
+            yield from _decoded(Path(path), _text_pieces(Path(path), max_chars))
+            return
+    for doc in iter_documents(path, text_field):
+        yield from document_pieces(doc, max_chars)
+
+
+def document_pieces(doc: str, max_chars: int = MAX_PIECE_CHARS) -> Iterator[Piece]:
+    """One in-memory document as `Piece`s (the same cuts as reading it from a `.txt`)."""
+    out = _PieceBuffer(max_chars)
+    yield from out.add(doc)
+    yield from out.finish()
+
+
+class _PieceBuffer:
+    """A document's text as it is read, handed out in pieces of at most `max_chars` characters
+    cut before the last " " or "\n" (where pre-tokenizers split anyway), else at `max_chars`."""
+
+    def __init__(self, max_chars: int):
+        self.max_chars, self.text, self.first = max_chars, "", True
+
+    def _piece(self, text: str, last: bool) -> Piece:
+        piece, self.first = Piece(text, self.first, last), last
+        return piece
+
+    def add(self, text: str) -> Iterator[Piece]:
+        text, start = self.text + text, 0
+        while len(text) - start > self.max_chars:
+            end = start + self.max_chars
+            cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+            cut = cut if cut > start else end
+            yield self._piece(text[start:cut], last=False)
+            start = cut
+        self.text = text[start:]
+
+    def finish(self) -> Iterator[Piece]:
+        """The last piece of the document (possibly empty); the buffer starts the next one."""
+        yield self._piece(self.text, last=True)
+        self.text = ""
+
+
+class _Held:
+    """Whitespace held back until it is known to be inside a document (then emitted) or at its
+    end (dropped). Past `cap` characters it moves to a temporary file: bounded memory for a
+    run of whitespace of any length."""
+
+    def __init__(self, cap: int):
+        self.cap, self.parts, self.size, self.file = cap, [], 0, None
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+        self.size += len(text)
+        if self.size > self.cap:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile("w+", encoding="utf-8", newline="")
+            self.file.write("".join(self.parts))
+            self.parts, self.size = [], 0
+
+    def drain(self) -> Iterator[str]:
+        """The held text in chunks of at most `cap` characters, then nothing is held."""
+        if self.file is not None:
+            self.file.seek(0)
+            while chunk := self.file.read(self.cap):
+                yield chunk
+        yield "".join(self.parts)
+        self.clear()
+
+    def clear(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.parts, self.size, self.file = [], 0, None
+
+
+def _text_pieces(path: Path, max_chars: int) -> Iterator[Piece]:
+    """`split_documents` of a text file, read in chunks of at most `max_chars` characters: a
+    line of only [ \t\f\v] ends the current document; a document is stripped of its outer
+    whitespace (held back in `_Held` until the next non-whitespace shows it is inner)."""
+    out, held = _PieceBuffer(max_chars), _Held(max_chars)
+    in_doc, line_blank = False, True  # line_blank: the current line holds only blanks so far
     with _open_text(path) as f:
-        for line in f:
-            if line.rstrip("\n").strip(_BLANK_CHARS):
-                lines.append(line)
+        while chunk := f.readline(max_chars):
+            ends = chunk.endswith("\n")
+            body = chunk[:-1] if ends else chunk
+            if line_blank and not body.strip(_BLANK_CHARS):
+                if ends:  # a blank line: the document (if any) ends
+                    if in_doc:
+                        yield from out.finish()
+                    in_doc = False
+                    held.clear()
+                else:
+                    held.add(body)
                 continue
-            doc = "".join(lines).strip()
-            lines = []
-            if doc:
-                yield doc
-    doc = "".join(lines).strip()
-    if doc:
-        yield doc
+            line_blank = False
+            core = body.strip()
+            if core:
+                start = len(body) - len(body.lstrip())
+                if in_doc:
+                    held.add(body[:start])
+                    for text in held.drain():
+                        yield from out.add(text)
+                held.clear()
+                in_doc = True
+                yield from out.add(core)
+                held.add(body[start + len(core) :])
+            else:
+                held.add(body)
+            if ends:
+                held.add("\n")
+                line_blank = True
+    held.clear()
+    if in_doc:
+        yield from out.finish()
+
+
+def _iter_text(path: Path) -> Iterator[str]:
+    """`split_documents` of a text file, lazily: its pieces joined per document."""
+    parts: list[str] = []
+    for piece in _text_pieces(path, MAX_PIECE_CHARS):
+        parts.append(piece.text)
+        if piece.last:
+            yield "".join(parts)
+            parts = []
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:

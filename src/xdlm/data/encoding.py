@@ -1,10 +1,11 @@
 """Parallel, order-preserving tokenization of a document stream for `prepare`.
 
-`encode_stream(batches, tok, tok_dir, num_proc)` maps batches of texts to `EncodedBatch`es
-(BOS ids EOS per document, flat) in input order. With `num_proc > 1` the batches go to that
-many worker processes, each loading the tokenizer from `tok_dir` and encoding on one core; at
-most `2 * num_proc` batches are in flight, so memory is bounded by the batch size whatever the
-length of the stream, and the output is the same for every `num_proc`. On Linux the workers die
+`encode_stream(batches, tok, tok_dir, num_proc)` maps batches of texts or document `Piece`s to
+`EncodedBatch`es (flat ids; BOS before each document, EOS after it) in input order. With
+`num_proc > 1` the batches go to that many worker processes, each loading the tokenizer from
+`tok_dir` and encoding on one core; at most `2 * num_proc` batches are in flight, so memory is
+bounded by the batch size whatever the length of the stream, and the output is the same for
+every `num_proc`. On Linux the workers die
 with their parent (a `kill -9` of `xdlm prepare` orphans none: PR_SET_PDEATHSIG).
 """
 
@@ -12,86 +13,63 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import itertools
 import multiprocessing
 import os
 import signal
 import sys
-import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from xdlm.data.documents import Piece
 from xdlm.data.tokenizers import TextTokenizer, load_tokenizer_dir
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-MAX_DOC_CHARS = 200_000  # longer documents are tokenized in pieces (`_encode_long`)
 
 
 @dataclasses.dataclass(frozen=True)
 class EncodedBatch:
-    """n documents as one flat id array: document j is `ids[offsets[j]:offsets[j + 1]]`.
-
-    Each document is BOS ids EOS; `n_bytes` counts the UTF-8 bytes of the source texts.
-    """
+    """n pieces of documents as one flat id array: piece j is `ids[offsets[j]:offsets[j + 1]]`,
+    with BOS in front of a document's first piece (`first[j]`) and EOS after its last
+    (`last[j]`); a whole document is one piece with both. `n_bytes` counts the UTF-8 bytes of
+    the source texts."""
 
     ids: np.ndarray  # (sum of lengths,) int64
     offsets: np.ndarray  # (n + 1,) int64
+    first: np.ndarray  # (n,) bool
+    last: np.ndarray  # (n,) bool
     n_bytes: int
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
 
-def encode_texts(tok: TextTokenizer, texts: list[str]) -> EncodedBatch:
-    """Tokenize `texts` with `tok` and frame each document as BOS ids EOS; a document over
-    `MAX_DOC_CHARS` is tokenized piece by piece (`_encode_long`)."""
-    short = iter(tok.encode_batch([t for t in texts if len(t) <= MAX_DOC_CHARS]))
-    encoded = [_encode_long(tok, t) if len(t) > MAX_DOC_CHARS else next(short) for t in texts]
-    lengths = np.fromiter((len(ids) + 2 for ids in encoded), dtype=np.int64, count=len(texts))
-    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+def encode_texts(tok: TextTokenizer, texts: Sequence[str | Piece]) -> EncodedBatch:
+    """Tokenize `texts` with `tok`: a `Piece` (`xdlm.data.documents.iter_pieces`) is framed by
+    its flags, a plain string is a whole document (BOS ids EOS)."""
+    pieces = [t if isinstance(t, Piece) else Piece(t, True, True) for t in texts]
+    first = np.fromiter((p.first for p in pieces), dtype=bool, count=len(pieces))
+    last = np.fromiter((p.last for p in pieces), dtype=bool, count=len(pieces))
+    encoded = tok.encode_batch([p.text for p in pieces])
+    lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(pieces))
+    lengths += first.astype(np.int64) + last.astype(np.int64)
+    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     out = np.empty(int(offsets[-1]), dtype=np.int64)
-    body = np.ones(len(out), dtype=bool)
-    body[offsets[:-1]] = body[offsets[1:] - 1] = False
-    out[offsets[:-1]] = tok.bos_id
-    out[offsets[1:] - 1] = tok.eos_id
-    n_body = int(offsets[-1]) - 2 * len(texts)
-    out[body] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=n_body)
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return EncodedBatch(out, offsets, n_bytes)
-
-
-def _encode_long(tok: TextTokenizer, text: str, group: int = 4) -> list[int]:
-    """Ids of one huge document, tokenized in pieces of at most `MAX_DOC_CHARS` characters cut
-    before whitespace (where pre-tokenizers split anyway), `group` pieces at a time: memory
-    grows with the piece, not the document (a 50 MB line took 19 GB in one piece)."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = min(start + MAX_DOC_CHARS, len(text))
-        if end < len(text):
-            cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
-            end = cut if cut > start else end
-        pieces.append(text[start:end])
-        start = end
-    warnings.warn(
-        f"a document of {len(text):,} characters was tokenized in {len(pieces)} pieces of at "
-        f"most {MAX_DOC_CHARS:,} characters cut before whitespace; split such inputs into "
-        "documents (blank lines in .txt, one object per line in .jsonl) if that is not wanted",
-        stacklevel=3,
-    )
-    ids: list[int] = []
-    for first in range(0, len(pieces), group):
-        for part in tok.encode_batch(pieces[first : first + group]):
-            ids += part
-    return ids
+    for j, ids in enumerate(encoded):
+        start, end = offsets[j] + first[j], offsets[j + 1] - last[j]
+        out[start:end] = ids
+    out[offsets[:-1][first]] = tok.bos_id
+    out[offsets[1:][last] - 1] = tok.eos_id
+    n_bytes = sum(len(p.text.encode("utf-8")) for p in pieces)
+    return EncodedBatch(out, offsets, first, last, n_bytes)
 
 
 def encode_stream(
-    batches: Iterable[list[str]], tok: TextTokenizer, tok_dir: str | Path, num_proc: int
+    batches: Iterable[list[str | Piece]], tok: TextTokenizer, tok_dir: str | Path, num_proc: int
 ) -> Iterator[EncodedBatch]:
     """`encode_texts` over `batches`, in order, on `num_proc` processes (module docstring)."""
     if num_proc < 1:
@@ -137,6 +115,6 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _encode_in_worker(texts: list[str]) -> EncodedBatch:
+def _encode_in_worker(texts: list[str | Piece]) -> EncodedBatch:
     assert _WORKER_TOKENIZER is not None, "worker started without _init_worker"
     return encode_texts(_WORKER_TOKENIZER, texts)

@@ -16,12 +16,14 @@ Ids are stored as uint16 when `vocab_size <= 65535`, else uint32. The output is 
 for every `num_proc`.
 
 Memory is bounded by the batches in flight (2 * num_proc batches of about `batch_bytes` of
-text) whatever the corpus size, plus ~9 bytes per document while the split is drawn and 1 byte
-per document for the split mask. Work happens in `.{out_dir}.partial` next to `out_dir`, which
-is renamed into place only when complete (a crash never leaves a half-written dataset), by one
-process at a time (`.{out_dir}.lock`, `xdlm.dirlock`: a second one is refused, naming the
-holder, or waits with `wait=True`); a checkpoint (`progress.json`) every `checkpoint_seconds`
-lets an interrupted run with the same arguments resume where it stopped.
+text) whatever the corpus size and whatever the length of a document (documents are read and
+tokenized as pieces of at most `MAX_PIECE_CHARS` characters, `iter_pieces`), plus ~9 bytes
+per document while the split is drawn and 1 byte per document for the split mask. Work
+happens in `.{out_dir}.partial` next to `out_dir`, which is renamed into place only when
+complete (a crash never leaves a half-written dataset), by one process at a time
+(`.{out_dir}.lock`, `xdlm.dirlock`: a second one is refused, naming the holder, or waits with
+`wait=True`); a checkpoint (`progress.json`) every `checkpoint_seconds` lets an interrupted
+run with the same arguments resume where it stopped.
 
 Example:
     from xdlm.data import embedded_corpus_path, prepare
@@ -38,13 +40,22 @@ import json
 import shutil
 import time
 import uuid
+import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from xdlm.data.documents import HF_PREFIX, iter_documents, read_documents, split_documents
+from xdlm.data.documents import (
+    HF_PREFIX,
+    MAX_PIECE_CHARS,
+    Piece,
+    iter_pieces,
+    read_documents,
+    split_documents,
+)
 from xdlm.data.encoding import encode_stream
 from xdlm.data.manifest import MANIFEST_FILE, Manifest
 from xdlm.data.shard_writer import SplitFormat, SplitWriter, WriterState
@@ -202,7 +213,7 @@ class _Job:
             "valid_fraction": self.valid_fraction, "valid_docs": self.valid_docs,
             "seed": self.seed, "tokenizer": tok_plan,
             "tokenizer_source": None if source is None else str(source),
-            "tokenizer_vocab_size": self.tokenizer_vocab_size,
+            "tokenizer_vocab_size": self.tokenizer_vocab_size, "max_piece_chars": MAX_PIECE_CHARS,
         }  # fmt: skip
 
     def open(self, resume: bool) -> None:
@@ -220,7 +231,7 @@ class _Job:
         if self.work.exists():
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True)
-        self.state = {"plan": self._plan(), "docs_done": 0, "splits": {}}
+        self.state = {"plan": self._plan(), "pieces_done": 0, "docs_done": 0, "splits": {}}
         self._save_state()
 
     def _save_state(self) -> None:
@@ -228,10 +239,15 @@ class _Job:
         tmp.write_text(json.dumps(self.state, indent=1))
         tmp.replace(self.work / PROGRESS_FILE)
 
-    def _documents(self) -> Iterator[str]:
-        return itertools.chain.from_iterable(
-            iter_documents(s, self.text_field) for s in self.sources
+    def _pieces(self) -> Iterator[tuple[int, Piece]]:
+        """(document index, piece) of every source in order (`iter_pieces`)."""
+        pieces = itertools.chain.from_iterable(
+            iter_pieces(s, self.text_field) for s in self.sources
         )
+        doc = 0
+        for piece in pieces:
+            yield doc, piece
+            doc += piece.last
 
     def _bar(self, desc: str, total: int | None = None, initial: int = 0) -> tqdm:
         disable = None if self.progress is None else not self.progress
@@ -240,10 +256,18 @@ class _Job:
     def _count(self) -> int:
         """Pass 1: the number of documents (the split needs it before any is assigned)."""
         with self._bar("counting documents") as bar:
-            n_docs = 0
-            for _ in self._documents():
-                n_docs += 1
-                bar.update()
+            n_docs = n_long = 0
+            for _, piece in self._pieces():
+                n_docs += piece.last
+                n_long += piece.last and not piece.first
+                bar.update(piece.last)
+        if n_long:
+            warnings.warn(
+                f"{n_long} documents over {MAX_PIECE_CHARS:,} characters were read and tokenized "
+                "in pieces cut before whitespace; split such inputs into documents (blank lines "
+                "in .txt, one object per line in .jsonl) if that is not wanted",
+                stacklevel=4,
+            )
         if n_docs == 0:
             raise ValueError(
                 f"empty corpus: no non-blank document in {[str(s) for s in self.sources]}; "
@@ -258,7 +282,7 @@ class _Job:
             return load_tokenizer_dir(directory)
         tok = self.tokenizer
         if not isinstance(tok, TextTokenizer):
-            train = (d for d, v in zip(self._documents(), is_valid, strict=True) if not v)
+            train = (piece.text for doc, piece in self._pieces() if not is_valid[doc])
             texts = train if tok in ("char", "bpe") else None
             tok = load_tokenizer(tok, self.tokenizer_source, texts, self.tokenizer_vocab_size)
         tok.save(directory)
@@ -278,40 +302,47 @@ class _Job:
         }
 
     def _encode_all(self, tok, writers: dict[str, SplitWriter], is_valid: np.ndarray) -> None:
-        """Pass 2: tokenize every document not done yet and append it to its split."""
-        done = self.state["docs_done"]
-        texts = itertools.islice(self._documents(), done, None)
-        batches = encode_stream(_batches(texts, self.batch_bytes), tok, self.work / "tokenizer",
-                                self.num_proc)  # fmt: skip
+        """Pass 2: tokenize every piece not done yet and append it to its document's split."""
+        done, docs_done = self.state["pieces_done"], self.state["docs_done"]
+        in_flight: deque[np.ndarray] = deque()  # the document index of each piece sent
+
+        def texts():
+            for group in _batches(itertools.islice(self._pieces(), done, None), self.batch_bytes):
+                in_flight.append(np.fromiter((d for d, _ in group), np.int64, len(group)))
+                yield [piece for _, piece in group]
+
+        batches = encode_stream(texts(), tok, self.work / "tokenizer", self.num_proc)
         last_checkpoint, start, n_bytes = time.monotonic(), time.monotonic(), 0
-        with self._bar("tokenizing", total=len(is_valid), initial=done) as bar:
+        with self._bar("tokenizing", total=len(is_valid), initial=docs_done) as bar:
             for batch in batches:
-                valid = is_valid[done : done + len(batch)]
+                valid = is_valid[in_flight.popleft()]
                 writers["train"].add(batch, ~valid)
                 if "valid" in writers:
                     writers["valid"].add(batch, valid)
                 done, n_bytes = done + len(batch), n_bytes + batch.n_bytes
-                bar.update(len(batch))
+                docs_done += int(batch.last.sum())
+                bar.update(int(batch.last.sum()))
                 tokens = sum(w.state.tokens for w in writers.values())
                 rate = n_bytes / 1e6 / max(time.monotonic() - start, 1e-9)
                 bar.set_postfix(tokens=f"{tokens:.3g}", MBps=f"{rate:.2f}", refresh=False)
                 if time.monotonic() - last_checkpoint > self.checkpoint_seconds:
-                    self._checkpoint(writers, done)
+                    self._checkpoint(writers, done, docs_done)
                     last_checkpoint = time.monotonic()
-        self._checkpoint(writers, done)
+        self._checkpoint(writers, done, docs_done)
 
-    def _checkpoint(self, writers: dict[str, SplitWriter], done: int) -> None:
+    def _checkpoint(self, writers: dict[str, SplitWriter], done: int, docs_done: int) -> None:
         self.state["splits"] = {n: dataclasses.asdict(w.checkpoint()) for n, w in writers.items()}
-        self.state["docs_done"] = done
+        self.state["pieces_done"], self.state["docs_done"] = done, docs_done
         self._save_state()
 
 
-def _batches(texts: Iterable[str], batch_bytes: int) -> Iterator[list[str]]:
-    """Group texts into lists of about `batch_bytes` characters (at least one text each)."""
+def _batches(items: Iterable[tuple[int, Piece]], batch_bytes: int) -> Iterator[list]:
+    """Group (document, piece) pairs into lists of about `batch_bytes` characters (at least one
+    piece each)."""
     batch, size = [], 0
-    for text in texts:
-        batch.append(text)
-        size += len(text)
+    for item in items:
+        batch.append(item)
+        size += len(item[1].text)
         if size >= batch_bytes:
             yield batch
             batch, size = [], 0

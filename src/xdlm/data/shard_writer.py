@@ -1,12 +1,13 @@
 """Incremental writer of one split's `{split}.bin` (rows, L) for `prepare`, with resume state.
 
-Documents arrive as `EncodedBatch`es (BOS ids EOS each) and are appended to the file as they
-come, so memory holds one batch plus fewer than L carried-over tokens:
+Documents arrive as `EncodedBatch`es of pieces (a long document comes in several, possibly
+across batches) and are appended to the file as they come, so memory holds one batch plus fewer
+than L carried-over tokens:
   - "wrap": the document stream is cut into rows of exactly L; the tail that does not fill a
     row waits for the next batch (and is dropped at the end).
   - "pad": each document becomes ceil(n / L) rows ("split") or its first row ("truncate"),
-    right-padded with `pad_id`; the real lengths go to a raw int64 side file, turned into
-    `{split}.lengths.npy` by `finish`.
+    right-padded with `pad_id`; its unfinished row waits for its next piece. The real lengths
+    go to a raw int64 side file, turned into `{split}.lengths.npy` by `finish`.
 `checkpoint()` flushes to disk and returns a `WriterState`; a writer built from that state
 truncates its files to it and continues exactly where the checkpoint was taken.
 """
@@ -25,12 +26,15 @@ from xdlm.data.manifest import SplitInfo, sha256_file
 
 @dataclasses.dataclass
 class WriterState:
-    """What a split holds at a checkpoint: rows written, real tokens, documents, wrap tail."""
+    """What a split holds at a checkpoint: rows written, real tokens, documents, the carried
+    tokens (wrap: the stream's tail; pad: the open document's unfinished row) and the rows the
+    open document has written (pad)."""
 
     rows: int = 0
     tokens: int = 0
     documents: int = 0
     tail: list[int] = dataclasses.field(default_factory=list)
+    doc_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +71,16 @@ class SplitWriter:
         return self.directory / f"{self.name}.lengths.partial"
 
     def add(self, batch: EncodedBatch, keep: np.ndarray) -> None:
-        """Append the documents j of `batch` with `keep[j]` (bool (n,)), in order."""
-        n_docs = int(keep.sum())
-        if n_docs == 0:
+        """Append the pieces j of `batch` with `keep[j]` (bool (n,)), in order (all pieces of a
+        document have the same `keep`)."""
+        if not keep.any():
             return
-        self.state.documents += n_docs
+        self.state.documents += int((keep & batch.last).sum())
         if self.fmt.mode == "wrap":
             self._add_wrap(batch.ids[np.repeat(keep, np.diff(batch.offsets))])
         else:
-            offsets = batch.offsets
-            self._add_pad([batch.ids[offsets[j] : offsets[j + 1]] for j in np.flatnonzero(keep)])
+            offsets, kept = batch.offsets, np.flatnonzero(keep)
+            self._add_pad([batch.ids[offsets[j] : offsets[j + 1]] for j in kept], batch.last[kept])
 
     def _add_wrap(self, ids: np.ndarray) -> None:
         L = self.fmt.seq_len
@@ -87,11 +91,24 @@ class SplitWriter:
         self.state.rows += n_full // L
         self.state.tokens += n_full
 
-    def _add_pad(self, docs: list[np.ndarray]) -> None:
-        L = self.fmt.seq_len
-        chunks = [doc[i : i + L] for doc in docs for i in range(0, len(doc), L)]
-        if self.fmt.pad_overflow == "truncate":
-            chunks = [doc[:L] for doc in docs]
+    def _add_pad(self, pieces: list[np.ndarray], last: np.ndarray) -> None:
+        L, truncate = self.fmt.seq_len, self.fmt.pad_overflow == "truncate"
+        chunks = []
+        for ids, end in zip(pieces, last, strict=True):
+            stream = np.concatenate([self._tail, ids])
+            n_full = 0 if truncate and self.state.doc_rows else len(stream) // L * L
+            if truncate:
+                n_full = min(n_full, L)
+            chunks += [stream[i : i + L] for i in range(0, n_full, L)]
+            self.state.doc_rows += n_full // L
+            stream = stream[n_full:] if not (truncate and self.state.doc_rows) else stream[:0]
+            if end:
+                if len(stream):
+                    chunks.append(stream)
+                stream, self.state.doc_rows = stream[:0], 0
+            self._tail = stream
+        if not chunks:
+            return
         rows = np.full((len(chunks), L), self.fmt.pad_id, dtype=np.int64)
         lengths = np.asarray([len(c) for c in chunks], dtype=np.int64)
         for r, chunk in enumerate(chunks):
