@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import itertools
 import multiprocessing
 import os
 import signal
@@ -59,11 +60,12 @@ def encode_texts(tok: TextTokenizer, texts: Sequence[str | Piece]) -> EncodedBat
     offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     out = np.empty(int(offsets[-1]), dtype=np.int64)
-    for j, ids in enumerate(encoded):
-        start, end = offsets[j] + first[j], offsets[j + 1] - last[j]
-        out[start:end] = ids
-    out[offsets[:-1][first]] = tok.bos_id
-    out[offsets[1:][last] - 1] = tok.eos_id
+    bos, eos = offsets[:-1][first], offsets[1:][last] - 1
+    body = np.ones(len(out), dtype=bool)
+    body[bos] = body[eos] = False
+    out[bos], out[eos] = tok.bos_id, tok.eos_id
+    n_body = int(body.sum())
+    out[body] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=n_body)
     n_bytes = sum(len(p.text.encode("utf-8")) for p in pieces)
     return EncodedBatch(out, offsets, first, last, n_bytes)
 

@@ -59,6 +59,7 @@ from xdlm.data.documents import (
 from xdlm.data.encoding import encode_stream
 from xdlm.data.manifest import MANIFEST_FILE, Manifest
 from xdlm.data.shard_writer import SplitFormat, SplitWriter, WriterState
+from xdlm.data.splits import split_indices, valid_mask
 from xdlm.data.tokenizers import TextTokenizer, load_tokenizer, load_tokenizer_dir
 from xdlm.dirlock import acquire_lock
 from xdlm.diskfull import describe, is_disk_full
@@ -187,7 +188,7 @@ class _Job:
             self.state["n_docs"] = self._count()
             self._save_state()
         n_docs = self.state["n_docs"]
-        is_valid = _valid_mask(n_docs, self.valid_fraction, self.valid_docs, self.seed)
+        is_valid = valid_mask(n_docs, self.valid_fraction, self.valid_docs, self.seed)
         tok = self._tokenizer(is_valid)
         writers = self._writers(tok, has_valid=bool(is_valid.any()))
         self._encode_all(tok, writers, is_valid)
@@ -358,42 +359,8 @@ def _source_id(source) -> list:
     return [str(source), None, None]
 
 
-def _valid_mask(
-    n_docs: int, valid_fraction: float, valid_docs: int | None, seed: int
-) -> np.ndarray:
-    """(n_docs,) bool: True for the documents `split_indices` puts in "valid"."""
-    is_valid = np.zeros(n_docs, dtype=bool)
-    parts = split_indices(n_docs, valid_fraction, valid_docs, seed)
-    if "valid" in parts:
-        is_valid[parts["valid"]] = True
-    return is_valid
-
-
 def _dtype(tok: TextTokenizer) -> str:
     return "uint16" if tok.vocab_size <= 65535 else "uint32"
-
-
-def split_indices(
-    n_docs: int, valid_fraction: float, valid_docs: int | None, seed: int
-) -> dict[str, np.ndarray]:
-    """Assign document indices to "train"/"valid" with a fixed permutation from `seed`.
-
-    Returns sorted int64 index arrays (document order is kept inside a split); "valid" is absent
-    when it would hold no document.
-    """
-    n_valid = valid_docs if valid_docs is not None else int(round(valid_fraction * n_docs))
-    if valid_docs is None and valid_fraction > 0:
-        n_valid = max(n_valid, 1)
-    if n_valid >= n_docs:
-        raise ValueError(
-            f"the corpus has {n_docs} documents, too few to hold out {n_valid} for validation "
-            "and keep some for training; add documents or lower valid_fraction/valid_docs"
-        )
-    perm = np.random.default_rng(seed).permutation(n_docs)
-    parts = {"train": np.sort(perm[n_valid:])}
-    if n_valid > 0:
-        parts["valid"] = np.sort(perm[:n_valid])
-    return parts
 
 
 def _check_args(seq_len, mode, pad_overflow, valid_fraction, valid_docs, num_proc) -> None:
