@@ -144,7 +144,7 @@ def test_failed_start_leaves_no_config_and_a_new_start_writes_its_own(
 def test_resuming_a_finished_run_says_so(run_copy, capsys):
     assert main(["train", "--out", str(run_copy), "--resume"]) == 0
     out = capsys.readouterr().out
-    assert f"{run_copy} is finished: trained to step 4 = train.steps" in out
+    assert f"{run_copy} is finished: it is at step 4 and train.steps is 4" in out
     assert f"xdlm train --out {run_copy} --resume --set train.steps=N (N > 4)" in out
     assert "tokens/s" not in out and "last loss" not in out
     assert find_checkpoint(run_copy).name == "step_0000004"

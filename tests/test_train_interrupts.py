@@ -149,7 +149,7 @@ def test_second_sigint_inside_a_save_keeps_the_previous_checkpoint(
     _assert_same_weights(tmp_path / "run", tiny_run / "run")
 
 
-def test_cli_ctrl_c_exits_130_with_the_resume_hint(tiny_run, tmp_path, monkeypatch, capsys):
+def test_cli_ctrl_c_exits_130_with_the_resume_hint(tiny_run, tmp_path, monkeypatch, capfd):
     """`xdlm train`: Ctrl-C during step 3 says what it does, saves step 3, exits with 130."""
     shutil.copytree(tiny_run / "run", tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_0000004")
@@ -158,7 +158,7 @@ def test_cli_ctrl_c_exits_130_with_the_resume_hint(tiny_run, tmp_path, monkeypat
     _patch_phase(monkeypatch, "data", inject)
     argv = ["train", "--out", str(tmp_path / "run"), "--resume", "--no-samples"]
     assert cli_main(argv) == 130
-    captured = capsys.readouterr()
+    captured = capfd.readouterr()
     assert "interrupt: finishing the current step, then saving" in captured.err
     assert "interrupted at step 3; saved" in captured.out and "--resume" in captured.out
     assert find_checkpoint(tmp_path / "run").name == "step_0000003"

@@ -58,9 +58,9 @@ def run(args) -> int:
         return 130 if result.interrupted else 0
     if result.start_step == result.step and not result.interrupted:
         print(
-            f"{result.run_dir} is finished: trained to step {result.step} = train.steps; to "
-            f"train further: xdlm train --out {args.out} --resume --set train.steps=N "
-            f"(N > {result.step})"
+            f"{result.run_dir} is finished: it is at step {result.step} and train.steps is "
+            f"{cfg.train.steps}; to train further: xdlm train --out {args.out} --resume --set "
+            f"train.steps=N (N > {result.step})"
         )
         return 0
     print(f"trained to step {result.step} at {result.tokens_per_s:,.0f} tokens/s; "

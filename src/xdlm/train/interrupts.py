@@ -17,8 +17,8 @@ default behaviour.
 
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import threading
 
 
@@ -43,9 +43,10 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(
-            "\ninterrupt: finishing the current step, then saving a checkpoint "
-            "(Ctrl-C again stops at once; the previous checkpoint stays)",
-            file=sys.stderr,
-            flush=True,
+        # os.write to fd 2, not print: the handler may run inside a write to sys.stderr (the
+        # progress bar), and a buffered stream refuses a reentrant call
+        os.write(
+            2,  # stderr
+            b"\ninterrupt: finishing the current step, then saving a checkpoint "
+            b"(Ctrl-C again stops at once; the previous checkpoint stays)\n",
         )
