@@ -66,6 +66,15 @@ def test_first_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert find_checkpoint(tmp_path / "run").name == "step_0000002"
 
 
+def test_absurd_lr_stops_at_the_first_non_finite_step(tiny_corpus, tiny_run, tmp_path, capsys):
+    """Unpatched: lr=1e10 (before: 3 of 4 steps NaN, exit 0 and a finite "last loss")."""
+    argv = ["train", "--out", str(tmp_path / "run"), "--no-samples"]
+    assert main([*argv, *_sets(tiny_corpus, tiny_run / "data", "train.lr=1e10")]) == 2
+    err = _error_line(capsys)
+    assert "had non-finite values (loss=" in err and "Lower train.lr and continue" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_non_finite_weights_are_never_saved(tiny_corpus, tiny_run, tmp_path, monkeypatch):
     """A finite loss whose update makes a weight NaN: the save of that step is refused."""
     from torch.optim.optimizer import register_optimizer_step_post_hook

@@ -24,10 +24,17 @@ class NonFiniteLossError(ValueError):
 
 
 def non_finite_error(
-    run_dir: Path, step: int, what: str, nan_steps: int, max_nan_steps: int, kept: str | None
+    run_dir: Path,
+    step: int,
+    what: str,
+    nan_steps: int,
+    max_nan_steps: int,
+    kept: str | None,
+    precision: str,
 ) -> NonFiniteLossError:
     """The error that stops a run at non-finite step `step`; nothing of that step is saved and
-    `kept` (the newest checkpoint's name, or None) is what `--resume` continues from."""
+    `kept` (the newest checkpoint's name, or None) is what `--resume` continues from; the fix
+    names fp32 when the run used another `precision`."""
     count = (
         f"{nan_steps} steps had a non-finite loss or gradient, more than train.max_nan_steps="
         f"{max_nan_steps} (last at step {step}: {what})"
@@ -36,8 +43,9 @@ def non_finite_error(
     )
     return NonFiniteLossError(
         f"{run_dir}: {count}; stopped without saving it, the newest checkpoint "
-        f"{kept or '(none yet)'} is kept. Lower train.lr or use train.precision=fp32 and "
-        "continue with --resume, or set train.max_nan_steps=N to skip up to N such steps"
+        f"{kept or '(none yet)'} is kept. Lower train.lr"
+        f"{'' if precision == 'fp32' else ' or use train.precision=fp32'} and continue with "
+        "--resume, or set train.max_nan_steps=N to skip up to N such steps"
     )
 
 

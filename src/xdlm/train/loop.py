@@ -297,9 +297,11 @@ class Trainer:
 
     def _non_finite(self, step: int, what: str) -> NonFiniteLossError:
         kept = newest_checkpoint_name(self.run_dir) if self.ctx.is_main else None
+        cfg = self.cfg.train
         return non_finite_error(
-            self.run_dir, step, what, self.state.nan_steps, self.cfg.train.max_nan_steps, kept
-        )
+            self.run_dir, step, what, self.state.nan_steps, cfg.max_nan_steps, kept,
+            self.precision.name,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ one step
 
