@@ -120,10 +120,12 @@ def test_load_dcp_round_trips_model_and_optimizer(tmp_path):
 
 _HOLD = """
 import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("rundir", sys.argv[2])  # stdlib only: fast
-rundir = sys.modules["rundir"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(rundir)
-lock = rundir.acquire_run_lock(sys.argv[1])
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("dirlock", sys.argv[2])  # stdlib only: fast
+dirlock = sys.modules["dirlock"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(dirlock)
+run = Path(sys.argv[1])  # what acquire_run_lock takes
+lock = dirlock.acquire_lock(run / "train.lock", guards=run, holder="trainer", harm="x")
 print("locked", flush=True)
 time.sleep(120)
 """
@@ -135,9 +137,9 @@ def lock_holder(tmp_path):
     import subprocess
     import sys
 
-    from xdlm.train import rundir
+    from xdlm import dirlock
 
-    args = [sys.executable, "-c", _HOLD, str(tmp_path / "run"), rundir.__file__]
+    args = [sys.executable, "-c", _HOLD, str(tmp_path / "run"), dirlock.__file__]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
