@@ -101,7 +101,7 @@ def test_sampling_is_batched_and_streamed(tiny_run, tmp_path, monkeypatch, capsy
     [
         ({"k": 0.5}, "kernel k=0.5 but its config says kernel.k=0.1"),
         ({"mask_id": 3}, "kernel mask_id=3 but the data has mask id"),
-        ({"vocab_size": 500, "mask_id": 499}, "does not fit the model its meta.json describes"),
+        ({"vocab_size": 500, "mask_id": 499}, "model.safetensors does not fit the model"),
     ],
     ids=["k", "mask-id", "vocab-size"],
 )

@@ -23,6 +23,8 @@ from typing import Literal
 
 import yaml
 
+from xdlm.files import parse_yaml, read_yaml
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -221,7 +223,7 @@ def apply_file(cfg: XDLMConfig, path: str | Path | None, sections=None) -> XDLMC
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist; see configs/ for recipes")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
     for section in data:
@@ -237,7 +239,7 @@ def apply_overrides(cfg: XDLMConfig, overrides: list[str] | None, sections=None)
             raise ValueError(f"--set expects KEY=VALUE (e.g. train.steps=100), got {item!r}")
         keys = key.strip().split(".")
         check_section(keys[0], sections, "--set")
-        cfg = merge(cfg, _nest(keys, yaml.safe_load(value)))
+        cfg = merge(cfg, _nest(keys, parse_yaml(value, f"--set {item!r}")))
     return cfg
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from safetensors.torch import save_model
 
+from xdlm.run_checks import with_digest
 from xdlm.runs import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, is_export, load_run
 
 
@@ -47,7 +48,7 @@ def export_run(run: str | Path, out_dir: str | Path, use_ema: bool = True,
     loaded.tokenizer.save(out_dir)
     _write_tokenizer_config(out_dir, loaded.tokenizer)
     config = _export_config(loaded, weights, _run_dir(loaded.checkpoint))
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / CONFIG_FILE).write_text(json.dumps(with_digest(config), indent=2) + "\n")
     (out_dir / "README.md").write_text(model_card(config, _run_dir(loaded.checkpoint)))
     return out_dir
 

@@ -26,22 +26,23 @@ to a checkpoint directory inside that same `checkpoints/`.
 from __future__ import annotations
 
 import contextlib
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from safetensors.torch import load_model as st_load_model
 
+from xdlm import run_checks
 from xdlm.builders import build_model, grant_remote_code
 from xdlm.config import XDLMConfig, config_from_dict
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Schedule, make_schedule
 from xdlm.data.tokenizers import load_tokenizer_dir
+from xdlm.files import read_json, read_yaml, require
+from xdlm.run_checks import check_digest, check_finite, check_tensors
 
 LATEST = "latest"
 EXPORT_FORMAT = 1
@@ -109,7 +110,8 @@ def latest_target(pointer: Path) -> Path:
 
 
 def read_meta(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "meta.json").read_text())
+    """`ckpt/meta.json`, checked (`xdlm.run_checks.read_meta`: keys, types, digest)."""
+    return run_checks.read_meta(ckpt)
 
 
 def read_run_config(path: str | Path, trust_remote_code: bool = False) -> XDLMConfig:
@@ -130,7 +132,7 @@ def latest_config(run_dir: str | Path, trust_remote_code: bool = False) -> XDLMC
     if (run_dir / "checkpoints" / LATEST).is_file():
         return read_run_config(run_dir, trust_remote_code)
     if (run_dir / "config.yaml").is_file():
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        saved = read_yaml(run_dir / "config.yaml") or {}
         return _saved_config(saved, trust_remote_code, run_dir / "config.yaml")
     raise FileNotFoundError(
         f"--resume: {run_dir} holds no run (no config.yaml, no checkpoint); drop --resume to "
@@ -139,8 +141,13 @@ def latest_config(run_dir: str | Path, trust_remote_code: bool = False) -> XDLMC
 
 
 def _saved_config(saved: dict, trust_remote_code: bool, source: Path) -> XDLMConfig:
-    """The config saved in the file `source`, its model as this invocation may build it."""
-    return grant_remote_code(config_from_dict(saved), trust_remote_code, source)
+    """The config saved in the file `source`, its model as this invocation may build it; a bad
+    key or value names `source`."""
+    try:
+        cfg = config_from_dict(saved)
+    except ValueError as err:
+        raise ValueError(f"{source}: config: {err}") from None
+    return grant_remote_code(cfg, trust_remote_code, source)
 
 
 def kernel_from_meta(meta: dict) -> MixedKernel:
@@ -168,7 +175,8 @@ def readable(path: Path):
 
 
 def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
-    """Load `ckpt/model.safetensors` into `model`; every tensor must match."""
+    """Load `ckpt/model.safetensors` (of a checkpoint or an export) into `model`; every tensor
+    must match in name and shape, and be finite."""
     with readable(ckpt / "model.safetensors"):
         try:
             missing, unexpected = st_load_model(
@@ -176,15 +184,16 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
             )
         except RuntimeError as err:  # shapes differ: the config / meta.json is not the run's
             raise ValueError(
-                f"checkpoint {ckpt} does not fit the model its meta.json describes "
-                f"({str(err).splitlines()[-1].strip()[:300]}); meta.json was edited or belongs "
-                "to another run"
+                f"{ckpt / 'model.safetensors'} does not fit the model its meta.json (config.json "
+                f"of an export) describes ({str(err).splitlines()[-1].strip()[:300]}); the file "
+                "was edited or belongs to another run"
             ) from None
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {ckpt} does not fit the model: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}; use the config the run was trained with"
         )
+    check_finite(ckpt / "model.safetensors", model.named_parameters())
 
 
 @torch.no_grad()
@@ -197,26 +206,23 @@ def copy_ema_weights(ckpt: Path, model: torch.nn.Module) -> bool:
         return False
     with readable(path):
         shadow = load_file(str(path))
-    params = dict(model.named_parameters())
-    if shadow.keys() != params.keys():
-        raise ValueError(
-            f"{path} holds parameters {sorted(shadow)[:5]}... that do not match the model "
-            f"{sorted(params)[:5]}...; use the config the run was trained with"
-        )
-    for name, p in params.items():
+    check_tensors(path, shadow, model)  # names, exact shapes, finite
+    for name, p in model.named_parameters():
         p.copy_(shadow[name])
     return True
 
 
 def check_loaded(ckpt: Path, meta: dict, model: torch.nn.Module, tokenizer) -> None:
-    """`meta.json` against itself, the tokenizer and the weights; the weights finite. An edited
-    mask id or k would otherwise sample silently wrong, NaN weights emit empty samples."""
-    kernel, data, where = meta["kernel"], meta.get("data", {}), ckpt / "meta.json"
-    use_mask = meta["config"]["kernel"].get("use_mask", True)
-    if use_mask and float(kernel["k"]) != float(meta["config"]["kernel"]["k"]):
+    """`meta.json` against itself, the tokenizer and the weights (which `load_weights` and
+    `copy_ema_weights` checked finite). An edited mask id or k would otherwise sample silently
+    wrong."""
+    kernel, data, where = meta["kernel"], meta.get("data") or {}, ckpt / "meta.json"
+    config = config_from_dict(meta["config"]).kernel  # load_run checked it (_saved_config)
+    use_mask = config.use_mask
+    if use_mask and float(kernel["k"]) != float(config.k):
         raise ValueError(
             f"{where}: kernel k={kernel['k']} but its config says kernel.k="
-            f"{meta['config']['kernel']['k']}; the file was edited, restore it from the run"
+            f"{config.k}; the file was edited, restore it from the run"
         )
     others = {"the data": data.get("mask_id"), "the tokenizer": getattr(tokenizer, "mask_id", None)}
     for name, other in others.items():
@@ -231,13 +237,6 @@ def check_loaded(ckpt: Path, meta: dict, model: torch.nn.Module, tokenizer) -> N
             f"{where}: vocab_size={kernel['vocab_size']} but the weights output {head.shape[0]} "
             "logits; the file was edited, restore it from the run"
         )
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise ValueError(
-                f"checkpoint {ckpt} has non-finite (NaN/inf) weights in {name}; training "
-                "diverged before this save: load an earlier checkpoints/step_N or retrain "
-                "(lower train.lr, precision=fp32)"
-            )
 
 
 @dataclass
@@ -294,12 +293,21 @@ def load_run(
 def is_export(path: str | Path) -> bool:
     """True when `path` is a directory written by `xdlm.hub.export_run`."""
     config = Path(path) / CONFIG_FILE
-    return config.is_file() and "xdlm_format" in json.loads(config.read_text())
+    return config.is_file() and "xdlm_format" in read_json(config, "a model's config")
 
 
 def export_config(directory: str | Path) -> dict:
-    """The config.json of an export, checked for a format this library reads."""
-    config = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    """The config.json of an export, checked for a format this library reads, the keys and
+    types the loader uses, and its digest (`xdlm.run_checks.check_digest`)."""
+    path = Path(directory) / CONFIG_FILE
+    config = read_json(path, "the config of an xdlm export")
+    require(config, str(path), xdlm_format=int, config=dict, architecture=dict, kernel=dict,
+            training=dict)  # fmt: skip
+    require(config["architecture"], f"{path}: architecture", vocab_size=int)
+    require(config["kernel"], f"{path}: kernel", vocab_size=int, mask_id=(int, type(None)),
+            k=float, schedule=dict)  # fmt: skip
+    require(config["training"], f"{path}: training", steps=int)
+    check_digest(config, path)
     if config["xdlm_format"] != EXPORT_FORMAT:
         raise ValueError(f"{directory} has xdlm_format {config['xdlm_format']}, this library "
                          f"reads {EXPORT_FORMAT}; upgrade xdlm")  # fmt: skip
@@ -340,14 +348,15 @@ def load_export(
     config = export_config(directory)
     cfg = _saved_config(config["config"], trust_remote_code, directory / CONFIG_FILE)
     model = build_model(cfg.model, config["architecture"]["vocab_size"])
-    missing, unexpected = st_load_model(model, str(directory / WEIGHTS_FILE), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{directory}/{WEIGHTS_FILE} does not fit its config.json: missing "
-                         f"{missing[:5]}, unexpected {unexpected[:5]}")  # fmt: skip
-    spec = dict(config["kernel"])
-    schedule = make_schedule(**spec.pop("schedule"))
-    spec.pop("use_mask")
+    load_weights(directory, model)  # its WEIGHTS_FILE: exact shapes, finite
+    spec = {k: config["kernel"][k] for k in ("vocab_size", "mask_id", "k")}
+    schedule = make_schedule(**config["kernel"]["schedule"])
     tokenizer = load_tokenizer_dir(directory)
+    if spec["mask_id"] not in (None, tokenizer.mask_id):
+        raise ValueError(
+            f"{directory / CONFIG_FILE}: kernel mask_id={spec['mask_id']} but the tokenizer's "
+            f"mask id is {tokenizer.mask_id}; restore the file"
+        )
     model.to(device).eval()
     step = config["training"]["steps"]
     return LoadedRun(model, MixedKernel(**spec), schedule, tokenizer, cfg, step, directory)

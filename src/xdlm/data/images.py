@@ -35,7 +35,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xdlm.data.manifest import MANIFEST_FILE, Manifest, SplitInfo, load_manifest, sha256_file
+from xdlm.data.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    SplitInfo,
+    load_manifest,
+    sha256_file,
+    storage_dtype,
+)
 from xdlm.data.prepare import _library_version, _replace_dir, split_indices
 
 __all__ = [
@@ -219,7 +226,7 @@ def prepare_images(
     data = load_image_tokens(path, kind, size, levels, codebook_size, patch)
     parts = split_indices(len(data.tokens), valid_fraction, None, seed)
     vocab = data.info.levels + 1
-    dtype = "uint16" if vocab <= 65535 else "uint32"
+    dtype = storage_dtype(vocab)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:

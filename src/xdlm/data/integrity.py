@@ -8,6 +8,10 @@ over the memmap), else on `SAMPLE_ROWS` evenly spaced rows, and then on every ba
 (`check_ids`), so an out-of-range id never reaches the embedding. The SHA-256 is checked at load
 when the file is at most `CHEAP_BYTES`; `verify_dataset` checks it, and every id, always.
 
+Every load also checks the manifest's fields against what they can be checked against
+(`check_vocabulary`): vocab_size, mask / pad / BOS / EOS ids and the fingerprint against the saved
+tokenizer (the dtype and the other fields against each other: `manifest.check_values`).
+
 The tokenizer fingerprint (`TextTokenizer.fingerprint`) is recorded in the manifest by `prepare`
 and in a run's checkpoints; `check_same_tokenizer` refuses to mix data and a model whose
 tokenizers differ (same vocabulary size or not).
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xdlm.data.manifest import Manifest, load_manifest, sha256_file
+from xdlm.data.manifest import MANIFEST_FILE, Manifest, load_manifest, sha256_file
 
 CHEAP_BYTES = 64 * 1024 * 1024
 SAMPLE_ROWS = 4096
@@ -113,24 +117,66 @@ def check_split(
     return CheckedSplit(lengths, labels)
 
 
+def check_vocabulary(directory: str | Path, manifest: Manifest) -> None:
+    """The manifest's vocab_size and special ids against what they can be checked against:
+    the saved tokenizer (its fingerprint, size and special ids) for text; for image tokens and
+    synthetic data (no tokenizer) the writers' layout, V = data ids + 1 with the mask id last.
+    ValueError naming manifest.json and the field."""
+    path = Path(directory) / MANIFEST_FILE
+    tok_dir = Path(directory) / "tokenizer"
+    if manifest.tokenizer_sha256 is None and not tok_dir.is_dir():
+        _check_tokenless(manifest, path)
+        return
+    from xdlm.data.tokenizers import load_tokenizer_dir
+
+    tok = load_tokenizer_dir(tok_dir)
+    found = tok.fingerprint()
+    if manifest.tokenizer_sha256 not in (None, found):
+        raise ValueError(
+            f"{tok_dir} has fingerprint {found[:12]}, the manifest records "
+            f"{manifest.tokenizer_sha256[:12]}; the tokenizer was replaced after "
+            "preparation, prepare the data again"
+        )
+    fields = {"vocab_size": tok.vocab_size, **{f"{r}_id": i for r, i in tok.special_ids.items()}}
+    for field, value in fields.items():
+        if getattr(manifest, field) != value:
+            raise ValueError(
+                f"{path}: {field}={getattr(manifest, field)} but the saved tokenizer {tok_dir} "
+                f"has {field}={value}; the manifest was edited, prepare the data again"
+            )
+
+
+def _check_tokenless(manifest: Manifest, path: Path) -> None:
+    """Image tokens (`levels` data ids) and synthetic HMM data (D emission ids): V = ids + 1,
+    mask id = V − 1."""
+    spec = manifest.tokenizer
+    if manifest.image is not None:
+        ids = manifest.image.get("levels")
+    elif spec.get("kind") == "hmm":
+        ids = len(spec.get("law", {}).get("emission", [[]])[0])
+    else:
+        raise FileNotFoundError(
+            f"{path.parent / 'tokenizer'} is missing: a text dataset keeps its tokenizer there; "
+            "prepare the data again"
+        )
+    for field, value in {"vocab_size": ids + 1, "mask_id": ids}.items():
+        if getattr(manifest, field) != value:
+            raise ValueError(
+                f"{path}: {field}={getattr(manifest, field)} but its data have {ids} token ids "
+                f"(so {field}={value}); the manifest was edited, prepare the data again"
+            )
+
+
 def verify_dataset(directory: str | Path) -> Manifest:
-    """Every check, in full: all splits (sizes, SHA-256, ids, lengths, labels) and the saved
-    tokenizer against the manifest's fingerprint. Returns the manifest."""
+    """Every check, in full: the manifest's fields (`load_manifest`, `check_vocabulary`), all
+    splits (sizes, SHA-256, ids, lengths, labels). Returns the manifest."""
     directory = Path(directory)
     manifest = load_manifest(directory)
+    check_vocabulary(directory, manifest)
     for name in manifest.splits:
         check_split(directory, manifest, name, full=True)
-    if manifest.tokenizer_sha256 is not None:
-        from xdlm.data.tokenizers import load_tokenizer_dir
-
-        found = load_tokenizer_dir(directory / "tokenizer").fingerprint()
-        if found != manifest.tokenizer_sha256:
-            raise ValueError(
-                f"{directory / 'tokenizer'} has fingerprint {found[:12]}, the manifest records "
-                f"{manifest.tokenizer_sha256[:12]}; the tokenizer was replaced after "
-                "preparation, prepare the data again"
-            )
     return manifest
+
 
 
 def check_same_tokenizer(tokenizer, directory: str | Path, what: str) -> None:

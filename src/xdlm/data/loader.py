@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from xdlm.data.integrity import check_ids, check_split
+from xdlm.data.integrity import check_ids, check_split, check_vocabulary
 from xdlm.data.manifest import Manifest, load_manifest
 from xdlm.data.tokenizers import TextTokenizer, load_tokenizer_dir
 
@@ -66,7 +66,8 @@ class TokenShards:
         self.split = split
         info = self.manifest.splits[split]
         shape = (info.rows, self.manifest.seq_len)
-        checked = check_split(self.directory, self.manifest, split)  # data/integrity.py
+        check_vocabulary(self.directory, self.manifest)  # data/integrity.py
+        checked = check_split(self.directory, self.manifest, split)
         self._lengths, self._labels = checked.lengths, checked.labels
         self._tokens = np.memmap(
             self.directory / info.file, dtype=self.manifest.dtype, mode="r", shape=shape

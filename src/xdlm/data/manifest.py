@@ -17,6 +17,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from xdlm.files import from_json_dict, read_json
+
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -59,26 +61,58 @@ class Manifest:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict) -> Manifest:
-        splits = {name: SplitInfo(**info) for name, info in data["splits"].items()}
-        return cls(**{**data, "splits": splits})
+    def from_dict(cls, data: dict, where: str = MANIFEST_FILE) -> Manifest:
+        """Every key and type checked (`from_json_dict`); ValueError naming `where`."""
+        return from_json_dict(cls, data, where)
+
+
+def storage_dtype(vocab_size: int) -> str:
+    """The shard dtype every writer uses for ids in [0, vocab_size)."""
+    return "uint16" if vocab_size <= 65535 else "uint32"
 
 
 def load_manifest(directory: str | Path) -> Manifest:
-    """Read `directory/manifest.json`; FileNotFoundError if it is not a prepared dataset."""
+    """Read `directory/manifest.json`, its keys, types and values checked (`check_values`);
+    FileNotFoundError if it is not a prepared dataset."""
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{directory} is not a prepared dataset (no {MANIFEST_FILE}); create one with "
             "`xdlm prepare` or xdlm.data.prepare(inputs, out_dir, ...)"
         )
-    data = json.loads(path.read_text())
+    data = read_json(path, "the manifest of a prepared dataset")
     if data.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has format_version {data.get('format_version')!r}, this library reads "
             f"{FORMAT_VERSION}; prepare the dataset again with this version"
         )
-    return Manifest.from_dict(data)
+    manifest = Manifest.from_dict(data, str(path))
+    check_values(manifest, path)
+    return manifest
+
+
+def check_values(m: Manifest, path: Path) -> None:
+    """The fields the readers trust, against each other: V >= 2, special ids in [0, V), the
+    shard dtype the writers use for V (a float16 or int16 dtype of the same item size would
+    read other ids from the same bytes), the mode and its lengths files, positive sizes."""
+    def bad(field: str, why: str) -> ValueError:
+        return ValueError(f"{path}: {field} {why}; the file was edited, prepare the data again")
+
+    if m.vocab_size < 2 or m.seq_len < 1:
+        raise bad("vocab_size / seq_len", f"= {m.vocab_size} / {m.seq_len} (need >= 2 / >= 1)")
+    for role in ("mask", "pad", "bos", "eos"):
+        value = getattr(m, f"{role}_id")
+        if value is not None and not 0 <= value < m.vocab_size:
+            raise bad(f"{role}_id", f"= {value} is outside [0, vocab_size={m.vocab_size})")
+    if m.dtype != storage_dtype(m.vocab_size):
+        raise bad("dtype", f"= {m.dtype!r}, but shards of vocab_size={m.vocab_size} are written "
+                  f"as {storage_dtype(m.vocab_size)!r}")  # fmt: skip
+    if m.mode not in ("wrap", "pad"):
+        raise bad("mode", f"= {m.mode!r} is not 'wrap' or 'pad'")
+    for name, info in m.splits.items():
+        if info.rows < 0 or (info.lengths_file is None) != (m.mode == "wrap"):
+            raise bad(f"splits.{name}", f"(rows {info.rows}, lengths_file "
+                      f"{info.lengths_file!r}) does not fit mode={m.mode!r}")  # fmt: skip
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

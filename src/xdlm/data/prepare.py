@@ -57,7 +57,7 @@ from xdlm.data.documents import (
     split_documents,
 )
 from xdlm.data.encoding import encode_stream
-from xdlm.data.manifest import MANIFEST_FILE, Manifest
+from xdlm.data.manifest import MANIFEST_FILE, Manifest, storage_dtype
 from xdlm.data.shard_writer import SplitFormat, SplitWriter, WriterState
 from xdlm.data.splits import split_indices, valid_mask
 from xdlm.data.tokenizers import TextTokenizer, load_tokenizer, load_tokenizer_dir
@@ -360,7 +360,7 @@ def _source_id(source) -> list:
 
 
 def _dtype(tok: TextTokenizer) -> str:
-    return "uint16" if tok.vocab_size <= 65535 else "uint32"
+    return storage_dtype(tok.vocab_size)
 
 
 def _check_args(seq_len, mode, pad_overflow, valid_fraction, valid_docs, num_proc) -> None:

@@ -37,6 +37,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.trainers import BpeTrainer
 
+from xdlm.files import read_json, require
+
 KINDS = ("gpt2", "gpt2-mdlm", "bert-base-uncased", "wordpiece", "char", "bpe", "hf")
 _ROLES = ("bos", "eos", "pad", "mask")
 _META_FILE = "xdlm_tokenizer.json"
@@ -131,10 +133,21 @@ def load_tokenizer_dir(directory: str | Path) -> TextTokenizer:
             f"{directory} holds no saved tokenizer ({_HF_FILE} + {_META_FILE}); "
             "write one with TextTokenizer.save(dir)"
         )
-    meta = json.loads(meta_path.read_text())
-    tok = Tokenizer.from_file(str(directory / _HF_FILE))
+    meta = read_json(meta_path, "the special tokens of a saved tokenizer")
+    require(meta, str(meta_path), special_tokens=dict, spec=dict)
+    require(meta["special_tokens"], f"{meta_path}: special_tokens", **dict.fromkeys(_ROLES, str))
+    try:
+        tok = Tokenizer.from_file(str(directory / _HF_FILE))
+    except Exception as err:  # the Rust loader raises a bare Exception for any malformed file
+        raise ValueError(
+            f"{directory / _HF_FILE} is not a tokenizers JSON file ({str(err)[:200]}); the file "
+            "is truncated, emptied or foreign: restore it"
+        ) from None
     spec = {k: v for k, v in meta["spec"].items() if k != "vocab_size"}
-    return TextTokenizer(tok, meta["special_tokens"], spec, shared=meta.get("shared", ()))
+    try:
+        return TextTokenizer(tok, meta["special_tokens"], spec, shared=meta.get("shared", ()))
+    except ValueError as err:
+        raise ValueError(f"{meta_path}: {err}; restore the tokenizer directory") from None
 
 
 def _check_distinct(ids: dict[str, int], shared: Sequence[str]) -> None:

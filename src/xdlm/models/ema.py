@@ -89,7 +89,7 @@ class EMA:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from `state_dict()`; the parameter names must match this EMA's."""
+        """Restore from `state_dict()`; the parameter names and shapes must match this EMA's."""
         shadow = state["shadow"]
         if shadow.keys() != self.shadow.keys():
             raise ValueError(
@@ -97,6 +97,11 @@ class EMA:
                 f"{sorted(self.shadow)}; load it into an EMA of the same architecture"
             )
         for name, s in shadow.items():
+            if s.shape != self.shadow[name].shape:  # copy_ would broadcast a (1,) tensor
+                raise ValueError(
+                    f"EMA state tensor {name} has shape {tuple(s.shape)}, this EMA's is "
+                    f"{tuple(self.shadow[name].shape)}; load it into an EMA of the same model"
+                )
             self.shadow[name].copy_(s)
         self.decay = float(state["decay"])
         self.warmup = bool(state["warmup"])

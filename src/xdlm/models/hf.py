@@ -26,12 +26,37 @@ logit soft-capping or scaling after the head would break it; none of the support
 from __future__ import annotations
 
 import contextlib
+import pickle
+import re
 from pathlib import Path
 
 import torch
 from torch import LongTensor, Tensor, nn
 
 KINDS = ("auto", "decoder", "encoder", "remote")
+
+
+@contextlib.contextmanager
+def _named_errors(name_or_path):
+    """What transformers raises for a malformed model directory (config.json not JSON or of
+    wrong types, no or corrupt weights, a pickled `.bin` that `weights_only` refuses) -> one
+    ValueError line naming the directory; a pickle is never run."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{name_or_path}: its pytorch_model.bin is not a file of plain tensors (corrupt, or "
+            "pickled objects that could run code) and was refused by torch.load(weights_only="
+            "True), nothing in it ran; use a safetensors checkpoint you trust"
+        ) from None
+    except (OSError, ValueError, TypeError, SafetensorError, StrictDataclassError) as err:
+        reason = re.sub(r"\x1b\[[0-9;]*m|\s+", " ", str(err)).strip()[:300]
+        raise ValueError(
+            f"cannot load the Hugging Face model {name_or_path} ({type(err).__name__}: {reason})"
+        ) from None
 
 
 class HFDenoiser(nn.Module):
@@ -85,7 +110,8 @@ class HFDenoiser(nn.Module):
         """
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        with _named_errors(name_or_path):
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         kind = resolve_kind(config, kind)
         if kind == "remote" and not trust_remote_code:
             raise ValueError(
@@ -95,10 +121,11 @@ class HFDenoiser(nn.Module):
         auto = _auto_class(config, kind)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = auto.from_pretrained(
-            name_or_path, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-            **kwargs,
-        )  # fmt: skip
+        with _named_errors(name_or_path):
+            model = auto.from_pretrained(
+                name_or_path, config=config, dtype=torch_dtype,
+                trust_remote_code=trust_remote_code, **kwargs,
+            )  # fmt: skip
         denoiser = cls(model, kind)
         if vocab_size is not None:
             denoiser.resize_vocab(vocab_size)

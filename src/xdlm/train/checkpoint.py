@@ -30,7 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save_model as st_save_model
 
+from xdlm.files import require
 from xdlm.models.ema import EMA
+from xdlm.run_checks import check_tensors, with_digest
 from xdlm.runs import LATEST, complete_checkpoints, find_checkpoint, load_weights, readable
 from xdlm.train.safe_load import load_dcp, load_state_file
 
@@ -135,8 +137,9 @@ def _ema_meta(ema_state: dict) -> dict:
 
 
 def _publish(tmp: Path, final: Path, meta: dict, keep_last: int) -> None:
-    """Write meta.json, fsync everything under `tmp`, rename it to `final`, update `latest`."""
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    """Write meta.json (with its digest), fsync everything under `tmp`, rename it to `final`,
+    update `latest`."""
+    (tmp / "meta.json").write_text(json.dumps(with_digest(meta), indent=2))
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -185,16 +188,47 @@ def newest_checkpoint_name(run_dir: str | Path) -> str | None:
 
 
 def load_train_state(ckpt: Path, model: torch.nn.Module) -> tuple[dict, dict | None]:
-    """Resume: load weights into `model`; return (train_state, ema_state or None). `state.pt`
-    is read with `weights_only=True` (`safe_load`): a file that needs more is refused."""
+    """Resume: load weights into `model` (exact shapes, finite); return (train_state, ema_state
+    or None), the EMA's tensors checked like the weights (`check_tensors`). `state.pt` is read
+    with `weights_only=True` (`safe_load`): a file that needs more is refused."""
     load_weights(ckpt, model)
     state = load_state_file(ckpt / "state.pt")
+    require(state, str(ckpt / "state.pt"), optimizer=dict, ranks=list, progress=dict)
     ema = None
     if (ckpt / "ema.safetensors").is_file():
         with readable(ckpt / "ema.safetensors"):
             shadow = load_file(str(ckpt / "ema.safetensors"))
+        check_tensors(ckpt / "ema.safetensors", shadow, model)
         ema = {"shadow": shadow, **state.pop("ema_meta", {})}
     return state, ema
+
+
+def load_optimizer_state(path: Path, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """`optimizer.load_state_dict(state)` (read from `path`) after checking what torch does not:
+    every per-parameter tensor (Adam's moments) has its parameter's shape; an error names
+    `path` instead of failing at the first step."""
+    try:
+        groups, per_param = state["param_groups"], state["state"]
+        ids = [i for group in groups for i in group["params"]]
+    except (KeyError, TypeError):
+        raise ValueError(f"{path}: optimizer is not an optimizer state; restore the file or "
+                         "use another checkpoint") from None  # fmt: skip
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(ids) != len(params):
+        raise ValueError(f"{path}: optimizer holds {len(ids)} parameters, the model has "
+                         f"{len(params)}; the file belongs to another run")  # fmt: skip
+    for i, p in zip(ids, params, strict=True):
+        for key, value in per_param.get(i, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                raise ValueError(
+                    f"{path}: optimizer state {key} of parameter {i} has shape "
+                    f"{tuple(value.shape)}, the parameter's is {tuple(p.shape)}; the file was "
+                    "edited or belongs to another run"
+                )
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: optimizer state does not fit ({err})") from None
 
 
 def load_sharded_state(

@@ -51,6 +51,7 @@ from xdlm.runs import find_checkpoint, read_meta
 from xdlm.train import distributed as D
 from xdlm.train.checkpoint import (
     has_checkpoint,
+    load_optimizer_state,
     load_sharded_state,
     load_train_state,
     newest_checkpoint_name,
@@ -241,7 +242,7 @@ class Trainer:
             state = load_sharded_state(ckpt, self.model, self.optimizer, self.ema)
         else:
             state, ema = load_train_state(ckpt, self.model)
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(ckpt / "state.pt", self.optimizer, state["optimizer"])
             if ema is not None and self.ema is not None:
                 self.ema.load_state_dict(ema)
         mine = D.rank_state(state["ranks"], self.ctx)  # loader, noise and dropout RNG

@@ -45,6 +45,11 @@ def load_state_file(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise _refusal(path, err) from None
+    except (EOFError, RuntimeError) as err:  # emptied, truncated, not a torch.save archive
+        raise ValueError(
+            f"{path} is truncated or corrupt ({(str(err) or 'empty').splitlines()[0][:200]}); "
+            "use another checkpoint of the run (checkpoints/step_N)"
+        ) from None
     if not isinstance(state, dict):
         raise UnsafeCheckpointError(f"{path} holds a {type(state).__name__}, not a dict")
     return state
