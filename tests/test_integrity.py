@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from run_fixtures import tiny_cfg
+from run_fixtures import rewrite_meta, tiny_cfg
 
 from xdlm.config import load_config
 from xdlm.runs import find_checkpoint, load_run
@@ -68,15 +68,13 @@ def test_inference_reads_no_state_pt_and_no_ema_with_no_ema(run_copy):
 
 
 def test_malicious_dcp_metadata_refused_by_consolidate(run_copy, tmp_path):
-    import json
     import pickle
 
     from xdlm.commands.consolidate import consolidate
 
     marker = tmp_path / "pwned"
     ckpt = find_checkpoint(run_copy)
-    meta = json.loads((ckpt / "meta.json").read_text())
-    (ckpt / "meta.json").write_text(json.dumps({**meta, "sharded": True, "world_size": 1}))
+    rewrite_meta(ckpt, lambda meta: meta.update(sharded=True, world_size=1))
     (ckpt / "dcp").mkdir()
     (ckpt / "dcp" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(UnsafeCheckpointError, match=r"refusing to load .*\.metadata"):

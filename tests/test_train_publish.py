@@ -24,10 +24,12 @@ def _model(seed: int) -> nn.Module:
 
 
 def _save(run, step, model):
+    """The smallest meta.json and state.pt that `read_meta` / `load_train_state` accept."""
+    meta = {"kernel": {"vocab_size": 3, "mask_id": 2, "k": 0.0}, "schedule": {}, "config": {}}
+    state = {"step": step, "optimizer": {}, "ranks": [], "progress": {}}
     save_checkpoint(
-        run, step, model=model, ema_state=None, train_state={"step": step},
-        meta={"note": "crash test"}, keep_last=1,
-    )  # fmt: skip
+        run, step, model=model, ema_state=None, train_state=state, meta=meta, keep_last=1
+    )
 
 
 def _crash_before_call(monkeypatch, n: int) -> None:
