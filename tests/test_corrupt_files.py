@@ -152,6 +152,22 @@ def _sample_export(w):
     return _sample(w, "export")
 
 
+def _import_dir(bad: str):
+    """A HF repo directory for `xdlm import` whose `bad` file is corrupt."""
+
+    def write(w):
+        (w.root / "hfimp").mkdir()
+        config = "{" if bad == "config.json" else '{"model_type": "mdlm"}'
+        (w.root / "hfimp/config.json").write_text(config)
+        torch.save({"w": _Payload(w.root / "pwned")}, w.root / "hfimp/pytorch_model.bin")
+
+    return write
+
+
+def _import(w):
+    return ["import", str(w.root / "hfimp"), "--out", str(w.root / "imported"), "--k", "0"]
+
+
 # (id, what is copied, the corruption, the command, the file named, the message)
 CASES = [
     # --- item 5: fields of the manifest that the readers trust
@@ -216,6 +232,15 @@ CASES = [
      _verify("run"), f"{CKPT}/state.pt", "has shape"),
     ("state-pt-emptied", "run", _write(f"{CKPT}/state.pt", b""), _resume, f"{CKPT}/state.pt",
      "is truncated or corrupt"),
+    ("metrics-jsonl-plot", "run", _write("run/metrics.jsonl", "{oops\n"), lambda w: [
+        "plot", str(w.root / "run"), "--out", str(w.root / "c.png")], "run/metrics.jsonl:1",
+     "is not valid JSON"),
+    ("eval-json-export", "run", _write("run/eval.json", "[]"), lambda w: [
+        "export", str(w.root / "run"), str(w.root / "exp")], "run/eval.json", "JSON list"),
+    ("import-pickled-bin", "run", _import_dir("pytorch_model.bin"), _import,
+     "hfimp/pytorch_model.bin", "not a file of plain tensors"),
+    ("import-config-not-json", "run", _import_dir("config.json"), _import, "hfimp/config.json",
+     "is not valid JSON"),
     # --- exports (xdlm export) and Hugging Face model directories
     ("export-config-not-json", "export", _write("export/config.json", "{"), _sample_export,
      "export/config.json", "is not valid JSON"),

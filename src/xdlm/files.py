@@ -113,3 +113,22 @@ def _is(value, kind) -> bool:
 def _name(kind) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def read_jsonl(path: str | Path, what: str) -> list[dict]:
+    """The JSON objects of `path`, one a line (blank lines skipped); a line that is not one
+    -> ValueError naming `path:line`."""
+    path = Path(path)
+    records = []
+    for number, line in enumerate(path.read_bytes().decode("utf-8", "replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number} ({what}) is not valid JSON ({err})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number} ({what}) holds a JSON {type(record).__name__}, "
+                             "not an object")  # fmt: skip
+        records.append(record)
+    return records

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from safetensors.torch import save_model
 
+from xdlm.files import read_json, read_jsonl
 from xdlm.run_checks import with_digest
 from xdlm.runs import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, is_export, load_run
 
@@ -94,7 +95,7 @@ def _last_validation(run_dir: Path) -> dict | None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(path, "a run's metrics")
     valid = [r for r in records if "valid_nats_per_token" in r]
     return valid[-1] if valid else None
 
@@ -104,7 +105,7 @@ def _eval_summary(run_dir: Path) -> dict | None:
     path = run_dir / "eval.json"
     if not path.is_file():
         return None
-    report = json.loads(path.read_text())
+    report = read_json(path, "the report of xdlm eval")
     likelihood = report.get("likelihood")
     if not likelihood:
         return None

@@ -119,13 +119,15 @@ def run(args) -> int:
 
 def _own_data(path: str, split: str, ckpt) -> str:
     """The run's training data directory (`data.path`), when it holds `split` here."""
+    from xdlm.data.manifest import load_manifest
+
     manifest = Path(path) / "manifest.json" if path else None
     if manifest is None or not manifest.is_file():
         raise ValueError(
             f"nothing to evaluate: {ckpt} was trained on data.path={path!r}, which is not a "
             "prepared dataset here; pass --data, --zero-shot and/or --gen-ppl"
         )
-    if split not in json.loads(manifest.read_text())["splits"]:
+    if split not in load_manifest(path).splits:
         raise ValueError(f"{path} has no {split!r} split; pass --data or --split")
     return path
 

@@ -161,6 +161,8 @@ def reference_classifier(data_dir: str, seed: int = 0):
     """(classifier trained on the train split, the valid split as `.images`/`.labels`); the
     classifier is cached as `{data_dir}/classifier-v2-s{seed}.pt` (v2: the 2-block CNN with
     shift augmentation; an older cache of the 1-block CNN is not read)."""
+    import pickle
+
     import torch
 
     from xdlm.eval.images import SmallCNN, train_classifier
@@ -169,7 +171,13 @@ def reference_classifier(data_dir: str, seed: int = 0):
     real = _Split(data_dir, "valid")
     if path.is_file():
         clf = SmallCNN(int(real.labels.max()) + 1)
-        clf.load_state_dict(torch.load(path, weights_only=True))
+        try:
+            clf.load_state_dict(torch.load(path, weights_only=True))
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+            raise ValueError(
+                f"{path} (the cached metric classifier) is corrupt or not plain tensors "
+                f"({type(err).__name__}); delete it and it is trained again"
+            ) from None
         return clf.eval(), real
     train = _Split(data_dir, "train")
     clf = train_classifier(

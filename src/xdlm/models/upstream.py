@@ -28,7 +28,7 @@ Upstream name (after `backbone.`)         ->  MDLMDiT name
 
 from __future__ import annotations
 
-import json
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from xdlm.files import read_json
 from xdlm.models.safe_pickle import plain, safe_load
 
 _RULES = [
@@ -189,13 +190,25 @@ def read_hf_dir(path: str | Path) -> UpstreamWeights:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} has no config.json; pass a HF repo directory")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file, "a model's config")
     if (path / "model.safetensors").is_file():
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        state = load_file(str(path / "model.safetensors"))
+        try:
+            state = load_file(str(path / "model.safetensors"))
+        except SafetensorError as err:
+            raise ValueError(
+                f"{path / 'model.safetensors'} is truncated or corrupt ({err})"
+            ) from None
     elif (path / "pytorch_model.bin").is_file():
-        state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, RuntimeError) as err:
+            raise ValueError(
+                f"{path / 'pytorch_model.bin'} is not a file of plain tensors (corrupt, or pickled "
+                f"objects that could run code: {type(err).__name__}); refused, nothing in it ran"
+            ) from None
     else:
         raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
     return UpstreamWeights(rename(backbone_tensors(state)), None, {}, config, 0, "hf")

@@ -8,9 +8,10 @@ NELBO (nats/token, EMA weights) per evaluation. One line per run, labelled by it
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from xdlm.files import read_jsonl
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ def read_curves(run: str | Path) -> Curves:
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass a run directory of `xdlm train`")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(path, "a run's metrics")
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     valid = [(r["step"], r["valid_nats_per_token"]) for r in records if "valid_nats_per_token" in r]
     return Curves(
