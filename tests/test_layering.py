@@ -137,38 +137,6 @@ def test_only_the_cli_imports_commands():
     assert bad == []
 
 
-def _cycles() -> list[list[str]]:
-    """The import cycles of GRAPH: its strongly connected components of more than one module
-    (Tarjan)."""
-    index, low, stack, found = {}, {}, [], []
-
-    def visit(v):
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        for w in GRAPH[v] & GRAPH.keys():
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = stack[stack.index(v) :]
-            del stack[stack.index(v) :]
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for v in sorted(GRAPH):
-        if v not in index:
-            visit(v)
-    return found
-
-
-def test_no_import_cycle_in_data():
-    """Regression (issue 32): data/integrity.py imported data/manifest.py, whose `verify` imported
-    data/integrity.py back; `verify` now lives in data/integrity.py."""
-    assert [c for c in _cycles() if any(_within(m, "xdlm.data") for m in c)] == []
-
-
 # Called by an external framework, never by our code: lm_eval reads `LM.tokenizer_name`;
 # torch.distributed.checkpoint calls `read_metadata` / `load_bytes` of our safe reader / planner.
 EXTERNAL_HOOKS = {"tokenizer_name", "read_metadata", "load_bytes"}
