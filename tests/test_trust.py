@@ -24,6 +24,7 @@ from xdlm.config import XDLMConfig, load_config
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import LogLinear, schedule_spec
 from xdlm.data.tokenizers import load_tokenizer_dir
+from xdlm.run_checks import with_digest
 from xdlm.runs import find_checkpoint, load_run
 from xdlm.train.checkpoint import save_checkpoint
 
@@ -174,9 +175,11 @@ def test_an_export_never_turns_on_its_own_code(hostile_run, tmp_path, capsys, va
     export = tmp_path / "export"
     export.mkdir()
     shutil.copy(find_checkpoint(run) / "model.safetensors", export / "model.safetensors")
-    config = {"xdlm_format": 1, "config": json.loads((find_checkpoint(run) / "meta.json")
-              .read_text())["config"], "architecture": {"vocab_size": 9}}  # fmt: skip
-    (export / "config.json").write_text(json.dumps(config))
+    meta = json.loads((find_checkpoint(run) / "meta.json").read_text())
+    config = {"xdlm_format": 1, "config": meta["config"], "architecture": {"vocab_size": 9},
+              "kernel": {**meta["kernel"], "schedule": meta["schedule"]},
+              "training": {"steps": 4}}  # fmt: skip
+    (export / "config.json").write_text(json.dumps(with_digest(config)))  # a well-formed export
     for command in ("sample", "eval", "reproduce"):
         assert main(COMMANDS[command](export, tmp_path)) == 2
         line = _error(capsys)
