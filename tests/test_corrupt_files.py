@@ -210,6 +210,10 @@ CASES = [
      "'kernel' is missing"),
     ("meta-kernel-wrong-type", "run", _meta_redigested(lambda m: m["kernel"].update(k="half")),
      _resume, _META, "k must be float"),
+    ("meta-k-out-of-range", "run", _meta_redigested(lambda m: m["kernel"].update(k=1.5)),
+     _sample, _META, r"kernel .* is not valid"),
+    ("meta-schedule-unknown", "run", _meta_redigested(lambda m: m.update(schedule={"name": "x"})),
+     _sample, _META, r"schedule .* is not valid"),
     ("meta-config-wrong-type", "run", _meta_redigested(lambda m: m["config"]["model"].update(
         n_layers="two")), _sample, _META, "n_layers"),
     ("run-tokenizer-json-pickled", "run", lambda w: _write("run/tokenizer/tokenizer.json",

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from xdlm.core.kernel import MixedKernel
+from xdlm.core.schedules import make_schedule
 from xdlm.files import read_json, require
 
 META_FILE = "meta.json"
@@ -44,9 +46,23 @@ def read_meta(ckpt: str | Path) -> dict:
     path = Path(ckpt) / META_FILE
     meta = read_json(path, "the description of a checkpoint")
     require(meta, str(path), kernel=dict, schedule=dict, config=dict, step=int)
-    require(meta["kernel"], f"{path}: kernel", vocab_size=int, mask_id=(int, type(None)), k=float)
+    check_kernel(meta["kernel"], meta["schedule"], path)
     check_digest(meta, path)
     return meta
+
+
+def check_kernel(kernel: dict, schedule: dict, path: Path) -> None:
+    """`kernel` {vocab_size, mask_id, k} and `schedule` (read from `path`) build a MixedKernel
+    and a schedule; ValueError naming `path` and the field otherwise."""
+    require(kernel, f"{path}: kernel", vocab_size=int, mask_id=(int, type(None)), k=float)
+    for field, build, spec in (
+        ("kernel", MixedKernel, {k: kernel[k] for k in ("vocab_size", "mask_id", "k")}),
+        ("schedule", make_schedule, schedule),
+    ):
+        try:
+            build(**spec)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {field} {spec} is not valid ({err})") from None
 
 
 def check_digest(data: dict, path: Path) -> None:

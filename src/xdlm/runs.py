@@ -42,7 +42,7 @@ from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Schedule, make_schedule
 from xdlm.data.tokenizers import load_tokenizer_dir
 from xdlm.files import read_json, read_yaml, require
-from xdlm.run_checks import check_digest, check_finite, check_tensors
+from xdlm.run_checks import check_digest, check_finite, check_kernel, check_tensors
 
 LATEST = "latest"
 EXPORT_FORMAT = 1
@@ -304,8 +304,8 @@ def export_config(directory: str | Path) -> dict:
     require(config, str(path), xdlm_format=int, config=dict, architecture=dict, kernel=dict,
             training=dict)  # fmt: skip
     require(config["architecture"], f"{path}: architecture", vocab_size=int)
-    require(config["kernel"], f"{path}: kernel", vocab_size=int, mask_id=(int, type(None)),
-            k=float, schedule=dict)  # fmt: skip
+    require(config["kernel"], f"{path}: kernel", schedule=dict)
+    check_kernel(config["kernel"], config["kernel"]["schedule"], path)
     require(config["training"], f"{path}: training", steps=int)
     check_digest(config, path)
     if config["xdlm_format"] != EXPORT_FORMAT:

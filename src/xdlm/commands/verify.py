@@ -37,7 +37,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from xdlm.data.integrity import verify_dataset
     from xdlm.data.manifest import MANIFEST_FILE
-    from xdlm.hub import is_export, load_export
+    from xdlm.runs import is_export, load_export
 
     for directory in args.data:
         path = Path(directory)

@@ -178,7 +178,6 @@ def verify_dataset(directory: str | Path) -> Manifest:
     return manifest
 
 
-
 def check_same_tokenizer(tokenizer, directory: str | Path, what: str) -> None:
     """ValueError unless `tokenizer` (a run's) tokenizes like the data in `directory` did:
     equal fingerprints (the manifest's, else that of the data's saved tokenizer/)."""
