@@ -63,6 +63,7 @@ def _nan(tensors) -> None:
 
 # ---------------------------------------------------------------- the commands
 
+
 def _train(w):  # a new run on the (corrupted) data
     return ["train", "--config", str(w.tiny / "run" / "config.yaml"), "--out", str(w.root / "new"),
             "--set", f"data.path={w.root / 'data'}", "--no-samples"]  # fmt: skip
@@ -94,6 +95,7 @@ def _hf_train(w):  # a new run with a (corrupted) Hugging Face backbone on sound
 
 
 # ---------------------------------------------------------------- the corruptions
+
 
 def _manifest(**changes):
     return lambda w: _json(w.root / "data/manifest.json", lambda m: m.update(changes))

@@ -25,7 +25,11 @@ def _model(seed: int) -> nn.Module:
 
 def _save(run, step, model):
     """The smallest meta.json and state.pt that `read_meta` / `load_train_state` accept."""
-    meta = {"kernel": {"vocab_size": 3, "mask_id": 2, "k": 0.0}, "schedule": {}, "config": {}}
+    meta = {
+        "kernel": {"vocab_size": 3, "mask_id": 2, "k": 0.0},
+        "schedule": {"name": "linear"},
+        "config": {},
+    }
     state = {"step": step, "optimizer": {}, "ranks": [], "progress": {}}
     save_checkpoint(
         run, step, model=model, ema_state=None, train_state=state, meta=meta, keep_last=1

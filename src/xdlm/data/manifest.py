@@ -95,6 +95,7 @@ def check_values(m: Manifest, path: Path) -> None:
     """The fields the readers trust, against each other: V >= 2, special ids in [0, V), the
     shard dtype the writers use for V (a float16 or int16 dtype of the same item size would
     read other ids from the same bytes), the mode and its lengths files, positive sizes."""
+
     def bad(field: str, why: str) -> ValueError:
         return ValueError(f"{path}: {field} {why}; the file was edited, prepare the data again")
 
