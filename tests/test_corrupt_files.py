@@ -121,6 +121,13 @@ def _ema_edited(edit):
     return lambda w: _ema(w, edit)
 
 
+def _weights_without_one(w) -> None:  # model.safetensors lacks one parameter
+    path = w.root / CKPT / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors.pop("blocks.0.attn.qkv.weight")
+    save_file(tensors, str(path))
+
+
 _EMA_SHAPE_1 = _ema_edited(lambda t: t.update({"blocks.0.attn.qkv.weight": torch.zeros(1)}))
 _PYTHON_TAG = "train: !!python/object/apply:os.getcwd []\n"
 _BAD_SAFETENSORS = b"\x10" + b"\x00" * 7 + b"{not json}"
@@ -192,6 +199,10 @@ CASES = [
      _sample, _EMA, r"blocks.0.attn.qkv.weight has shape \(1,\)"),
     ("ema-shape-1-resume", "run", _EMA_SHAPE_1, _resume, _EMA, r"has shape \(1,\)"),
     ("ema-shape-1-verify", "run", _EMA_SHAPE_1, _verify("run"), _EMA, r"has shape \(1,\)"),
+    ("weights-missing-one-sample", "run", _weights_without_one, _sample,
+     f"{CKPT}/model.safetensors", r"missing \['blocks.0.attn.qkv.weight'\]"),
+    ("weights-missing-one-verify", "run", _weights_without_one, _verify("run"),
+     f"{CKPT}/model.safetensors", r"missing \['blocks.0.attn.qkv.weight'\]"),
     ("ema-nan-resume", "run", _ema_edited(_nan), _resume, _EMA, "holds non-finite"),
     ("ema-nan-verify", "run", _ema_edited(_nan), _verify("run"), _EMA, "holds non-finite"),
     ("k-consistent-sample", "run", _meta_edited(_set_k),

@@ -190,8 +190,8 @@ def load_weights(ckpt: Path, model: torch.nn.Module) -> None:
             ) from None
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {ckpt} does not fit the model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}; use the config the run was trained with"
+            f"{ckpt / 'model.safetensors'} does not fit the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}; use the config the run was trained with"
         )
     check_finite(ckpt / "model.safetensors", model.named_parameters())
 
