@@ -325,7 +325,29 @@ def build_sampler(cfg: SampleConfig) -> SamplingPlan:
 
 
 def build_device(name: str) -> str:
-    """`auto` -> "cuda" when a GPU is visible, else "cpu"; any other name unchanged."""
+    """`auto` -> "cuda" when a GPU is visible, else "cpu"; any other name checked against this
+    machine: an unknown name or a device this torch cannot reach (`cuda` on a CPU-only build,
+    `cuda:3` with 2 GPUs, `mps` off Apple silicon) is a ValueError naming the fix."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"device {name!r} requested but this torch sees no CUDA GPU (CUDA build: "
+                f"{torch.version.cuda or 'none, CPU-only'}); use --device cpu or auto"
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device {name!r} requested but only {count} CUDA GPU(s) are visible "
+                f"(cuda:0..cuda:{count - 1}); use --device cuda or auto"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} requested but MPS is not available; use auto or cpu")
     return name

@@ -9,7 +9,11 @@ An exported directory holds only what inference needs, in open formats:
     model.safetensors       the weights (the EMA average by default)
     tokenizer.json          the tokenizer (HF `tokenizers`), with xdlm_tokenizer.json (roles)
     tokenizer_config.json   so `transformers.PreTrainedTokenizerFast` also reads it
-    README.md               the model card: data, steps, metrics with error bars, sample command
+    README.md               the model card: the data actually trained on (its path, sources and
+                            manifest SHA-256), steps, metrics with error bars, working commands
+
+Every file is written with the mode a new file gets (0666 minus the umask; safetensors itself
+writes 0600).
 
 `xdlm.runs.load_export(path)` rebuilds a `LoadedRun` from such a directory, reading JSON and
 safetensors only (no pickle, no optimizer state); `xdlm.runs.resolve_model_path` also accepts a
@@ -21,6 +25,7 @@ imports `xdlm.runs`, never the other way).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors.torch import save_model
@@ -31,9 +36,11 @@ from xdlm.runs import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, is_export, load_
 
 
 def export_run(run: str | Path, out_dir: str | Path, use_ema: bool = True,
-               overwrite: bool = False, trust_remote_code: bool = False) -> Path:  # fmt: skip
+               overwrite: bool = False, trust_remote_code: bool = False,
+               hub_id: str | None = None) -> Path:  # fmt: skip
     """Write RUN's latest checkpoint (or a checkpoint dir) as a Hub repo in `out_dir`
-    (`trust_remote_code`: the user's --trust-remote-code, as in `xdlm.runs.load_run`)."""
+    (`trust_remote_code`: the user's --trust-remote-code, as in `xdlm.runs.load_run`); the
+    card's commands name `out_dir` and `hub_id` (the repo it will be pushed to), if given."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite)")
@@ -50,8 +57,18 @@ def export_run(run: str | Path, out_dir: str | Path, use_ema: bool = True,
     _write_tokenizer_config(out_dir, loaded.tokenizer)
     config = _export_config(loaded, weights, _run_dir(loaded.checkpoint))
     (out_dir / CONFIG_FILE).write_text(json.dumps(with_digest(config), indent=2) + "\n")
-    (out_dir / "README.md").write_text(model_card(config, _run_dir(loaded.checkpoint)))
+    card = model_card(config, _run_dir(loaded.checkpoint), str(out_dir), hub_id)
+    (out_dir / "README.md").write_text(card)
+    for path in out_dir.iterdir():
+        _new_file_mode(path)
     return out_dir
+
+
+def _new_file_mode(path: Path) -> None:
+    """chmod `path` to what `open()` creates: 0666 minus the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
 
 
 def _run_dir(ckpt: Path) -> Path:
@@ -75,13 +92,26 @@ def _export_config(loaded, weights: str, run_dir: Path) -> dict:
         "special_token_ids": tok.special_ids,
         "training": {
             "steps": loaded.step,
-            "data": {k: cfg["data"].get(k) for k in ("path", "sources", "seq_len", "mode")},
+            "data": _trained_data(loaded.checkpoint, cfg["data"]),
             "validation": _last_validation(run_dir),
             "eval": _eval_summary(run_dir),
         },
         "config": cfg,
         "weights": weights,
     }
+
+
+def _trained_data(ckpt: Path, data_cfg: dict) -> dict:
+    """The data the run trained on, as `xdlm train` recorded it in meta.json: the prepared
+    directory, the files it was prepared from and its manifest's SHA-256 (not the config's
+    `data.sources`, which name what to prepare only when the directory is absent)."""
+    meta = json.loads((ckpt / "meta.json").read_text()) if (ckpt / "meta.json").is_file() else {}
+    recorded = meta.get("data", {})
+    keys = ("path", "sources", "manifest_sha256", "tokenizer_sha256", "seq_len", "mode")
+    data = {k: recorded.get(k) for k in keys}
+    data["path"] = data["path"] or data_cfg.get("path")
+    data["seq_len"] = data["seq_len"] or data_cfg.get("seq_len")
+    return data
 
 
 def _schedule_spec(schedule) -> dict:
@@ -113,8 +143,11 @@ def _eval_summary(run_dir: Path) -> dict | None:
             "continuous": likelihood["continuous"]}  # fmt: skip
 
 
-def model_card(config: dict, run_dir: Path) -> str:
-    """The README.md of an export: what was trained on what, how well, how to sample."""
+def model_card(config: dict, run_dir: Path, export_dir: str, hub_id: str | None = None) -> str:
+    """The README.md of an export: what was trained on what, how well, how to sample (from
+    `export_dir`, and from `hub_id` when it is pushed there)."""
+    import xdlm
+
     train, kernel, arch = config["training"], config["kernel"], config["architecture"]
     lines = [
         "---", "library_name: xdlm", "tags: [discrete-diffusion, xdlm, text-generation]", "---",
@@ -123,16 +156,31 @@ def model_card(config: dict, run_dir: Path) -> str:
         f"mask id {kernel['mask_id']}, schedule {kernel['schedule']}",
         f"- model: {arch['backbone']} {arch.get('preset', '')}, V = {arch['vocab_size']}, "
         f"weights: {config['weights']}",
-        f"- training data: {train['data']}", f"- training steps: {train['steps']}", "",
-        "## Metrics", "",
+        f"- training data: {_data_line(train['data'])}", f"- training steps: {train['steps']}",
+        "", "## Metrics", "",
     ]  # fmt: skip
     lines += _metric_lines(train)
     lines += [
-        "", "## Use", "", "```bash", "pip install xdlm",
-        f"xdlm sample --ckpt {run_dir.name} --steps 32 --num-samples 4   # this dir or its Hub id",
-        "```", "",
+        "", "## Use", "",
+        f"xdlm is not on PyPI: install it from its source (written by xdlm {xdlm.__version__}),",
+        "in a checkout of the xdlm repository:", "", "```bash", "pip install -e .",
     ]  # fmt: skip
-    return "\n".join(lines)
+    sample = "xdlm sample --steps 32 --num-samples 4 --ckpt"
+    lines.append(f"{sample} {export_dir}   # this directory")
+    if hub_id:
+        lines.append(f"{sample} {hub_id}   # from the Hub (needs huggingface_hub)")
+    else:
+        lines.append(f"# once uploaded with --push-to-hub ORG/NAME: {sample} ORG/NAME")
+    return "\n".join([*lines, "```", ""])
+
+
+def _data_line(data: dict) -> str:
+    """`path` (prepared from SOURCES, L = seq_len, mode; manifest.json SHA-256 ...)."""
+    sha = data.get("manifest_sha256")
+    parts = [f"prepared from {', '.join(data['sources'])}"] if data.get("sources") else []
+    parts += [f"L = {data['seq_len']}"] + ([data["mode"]] if data.get("mode") else [])
+    parts.append(f"manifest.json SHA-256 {sha}" if sha else "manifest hash not recorded")
+    return f"`{data['path']}` ({'; '.join(parts)})"
 
 
 def _metric_lines(train: dict) -> list[str]:

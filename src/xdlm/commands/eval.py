@@ -89,6 +89,7 @@ def run(args) -> int:
     if not (ev.data or ev.zero_shot or ev.gen_ppl):
         ev.data = _own_data(cfg.data.path, ev.split, args.ckpt)
     device = build_device(ev.device)
+    scorer = _scorer(ev, device)  # before any other work: a missing package fails in seconds
     loaded = runs.load_run(
         args.ckpt, device=device, use_ema=ev.use_ema, trust_remote_code=args.trust_remote_code
     )
@@ -108,7 +109,7 @@ def run(args) -> int:
         if ev.zero_shot:
             report["zero_shot"] = _zero_shot(ev, loaded, args.ckpt)
         if ev.gen_ppl:
-            report["generation"] = _generation(cfg, loaded, args.ckpt, device)
+            report["generation"] = _generation(cfg, loaded, args.ckpt, device, scorer)
     out = Path(args.out) if args.out else Path(args.ckpt) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -175,9 +176,17 @@ def _zero_shot(ev: EvalConfig, loaded, ckpt) -> dict:
     return {"settings": kw, "corpora": results}
 
 
-def _generation(cfg, loaded, ckpt, device: str) -> dict:
-    from xdlm.builders import build_sampler, resolve_sampling
+def _scorer(ev: EvalConfig, device: str):
+    """The gen-PPL scorer (`--gen-ppl`), else None."""
+    if not ev.gen_ppl:
+        return None
     from xdlm.eval.genquality import load_scorer
+
+    return load_scorer(ev.scorer, device=device)
+
+
+def _generation(cfg, loaded, ckpt, device: str, scorer) -> dict:
+    from xdlm.builders import build_sampler, resolve_sampling
     from xdlm.eval.sweep import SamplingSetting, plot_sweep, sweep
 
     ev = cfg.eval
@@ -187,7 +196,6 @@ def _generation(cfg, loaded, ckpt, device: str) -> dict:
         SamplingSetting(t, None if p >= 1.0 else p) for t in ev.temperature for p in ev.top_p
     ]
     seq_len = ev.sample_len or loaded.config.data.seq_len
-    scorer = load_scorer(ev.scorer, device=device)
     sampling = resolve_sampling(cfg.sample, cfg.model, loaded.kernel.mask_id)  # the run's model
     plan = build_sampler(sampling)
     rows = sweep(

@@ -32,8 +32,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from xdlm.hub import export_run, push_to_hub
 
-    out = export_run(args.run, args.out, use_ema=not args.no_ema, overwrite=args.overwrite,
-                     trust_remote_code=args.trust_remote_code)  # fmt: skip
+    out = export_run(
+        args.run, args.out, use_ema=not args.no_ema, overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code, hub_id=args.push_to_hub,
+    )  # fmt: skip
     print(f"exported {args.run} -> {out}")
     if args.push_to_hub:
         print(f"pushed to {push_to_hub(out, args.push_to_hub, private=args.private)}")

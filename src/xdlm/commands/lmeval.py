@@ -4,10 +4,13 @@
         --model_args pretrained=GSAI-ML/LLaDA-8B-Base,trust_remote_code=True,k=0.1
     xdlm lm-eval ls tasks                                   # any lm-eval subcommand
 
-Every argument after `lm-eval` goes to lm-eval unchanged (see `lm-eval --help`); the model
-arguments are those of `xdlm.eval.lm_eval_adapter.XDLMHarnessLM`. Remote code is trusted only
-from this command line (`trust_remote_code=True` in `--model_args`, or `--trust_remote_code`):
-an lm-eval `--config FILE` that sets it is refused (docs/security.md).
+Every argument after `lm-eval` goes to lm-eval unchanged (see `lm-eval --help`), plus
+`--device cuda` when a GPU is visible, else `--device cpu`, when an evaluation run names no
+device (lm-eval's own default is cuda:0, even on a CPU-only torch); the model arguments are
+those of `xdlm.eval.lm_eval_adapter.XDLMHarnessLM`, whose `pretrained=` may be an HF backbone
+or one of our run / export directories. Remote code is trusted only from this command line
+(`trust_remote_code=True` in `--model_args`, or `--trust_remote_code`): an lm-eval `--config
+FILE` that sets it is refused (docs/security.md).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def run(args) -> int:
     _refuse_trust_from_a_file(args.extra)
 
     argv = sys.argv
-    sys.argv = ["lm-eval", *args.extra]
+    sys.argv = ["lm-eval", *with_device(args.extra)]
     try:
         cli_evaluate()
     except SystemExit as stop:
@@ -85,3 +88,15 @@ def _option_value(argv: list[str], names: tuple[str, ...]) -> str | None:
         if name in names:
             value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
     return value
+
+
+def with_device(extra: list[str]) -> list[str]:
+    """lm-eval's arguments, plus `--device auto-resolved` for an evaluation run that names none
+    (`ls`, `validate` and help take no device; a `--config FILE` may name it)."""
+    if not extra or extra[0] in ("ls", "validate", "-h", "--help"):
+        return extra
+    if _option_value(extra, ("--device", "--config", "-C")) is not None:
+        return extra
+    from xdlm.builders import build_device
+
+    return [*extra, "--device", build_device("auto")]

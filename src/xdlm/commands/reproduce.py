@@ -59,7 +59,7 @@ def register(sub) -> None:
         q.add_argument("--paper-model", default=None, help="row of paper_values.yaml to compare")
         q.add_argument("--paper-values", default=None, help="another paper_values.yaml")
         q.add_argument("--out", default=None, metavar="FILE.json")
-    ll.add_argument("--device", default="cuda")
+    ll.add_argument("--device", default="auto", help="auto (cuda if visible, else cpu), cpu, cuda")
     p.set_defaults(func=run)
 
 
@@ -67,13 +67,15 @@ def _common(q) -> None:
     q.add_argument("--ckpt", required=True, metavar="RUN_DIR", help="e.g. from `xdlm import`")
     q.add_argument("--batch-size", type=int, default=None)
     q.add_argument("--seed", type=int, default=None)
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--device", default="auto", help="auto (cuda if visible, else cpu), cpu, cuda")
     q.add_argument("--seq-len", type=int, default=None, help="default: the run's L (1024 OWT)")
 
 
 def run(args) -> int:
+    from xdlm.builders import build_device
     from xdlm.eval import reproduce as R
 
+    args.device = build_device(args.device)
     if args.table == "llada":
         results = R.llada_table(
             args.model, args.tasks, k=args.k, steps=args.steps, gen_length=args.gen_length,

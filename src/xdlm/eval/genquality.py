@@ -70,7 +70,16 @@ def smollm2_location() -> tuple[Path, str]:
 def load_scorer(
     name_or_path: str = DEFAULT_SCORER, device: str | torch.device = "cpu", max_context: int = 1024
 ) -> Scorer:
-    """Load a scorer: "smollm2" (offline default), a HF hub name or a local model directory."""
+    """Load a scorer: "smollm2" (offline default), a HF hub name or a local model directory.
+    A missing package is a ValueError naming the pip command (before any work is done)."""
+    missing = [m for m in ("transformers",) if importlib.util.find_spec(m) is None]
+    if name_or_path == DEFAULT_SCORER:
+        missing += [m for m in ("gguf",) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(
+            f"gen-PPL's scorer needs {' and '.join(missing)}: pip install -e \".[eval]\" in the "
+            "xdlm source checkout (pip install transformers gguf elsewhere)"
+        )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {}

@@ -3,15 +3,20 @@
     xdlm lm-eval --model xdlm --device cuda --tasks mbpp --confirm_run_unsafe_code \
         --batch_size 8 \
         --model_args pretrained=GSAI-ML/LLaDA-8B-Base,trust_remote_code=True,k=0.1,dtype=bfloat16
+    xdlm lm-eval --model xdlm --model_args pretrained=runs/xdlm --tasks lambada_openai
     torchrun --nproc-per-node 8 -m xdlm lm-eval --model xdlm ...     # data-parallel ranks
 
+`pretrained` is an HF backbone (path or hub name, loaded with transformers) or one of our own
+local run / checkpoint / `xdlm export` directories (`xdlm.eval.lm_eval_native`: the run's
+denoiser, kernel, schedule, tokenizer and sampler; k and mask_id are the run's own).
 `xdlm lm-eval ARGS` is lm-eval's own CLI with this module imported (which registers "xdlm");
 lm-eval 0.4.13 discovers no models from other packages, so the plain `lm_eval` command does
 not know "xdlm". `device` and `batch_size` go to `--device` / `--batch_size`, not
-`--model_args`; an unknown model_arg is an error. `batch_size` requests are scored in one
-forward pass (their Monte-Carlo noise is drawn per request, as with batch_size 1). Under
-torchrun (WORLD_SIZE > 1) each rank gets its share of the requests from lm-eval and the
-results are gathered over torch.distributed.
+`--model_args` (`xdlm lm-eval` defaults `--device` to cuda when visible, else cpu; a device
+this machine lacks is an error); an unknown model_arg is an error. `batch_size` requests are
+scored in one forward pass (their Monte-Carlo noise is drawn per request, as with
+batch_size 1). Under torchrun (WORLD_SIZE > 1) each rank gets its share of the requests from
+lm-eval and the results are gathered over torch.distributed.
 
 Scores:
 - `loglikelihood(context, continuation)` is a Monte-Carlo estimate of −NELBO of the continuation
@@ -43,11 +48,12 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from torch import Tensor
 
-from xdlm.builders import build_sampler, build_schedule
-from xdlm.config import KernelConfig, SampleConfig
+from xdlm.builders import build_device, build_sampler, build_schedule
+from xdlm.config import KernelConfig, SampleConfig, TrainConfig
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.objective import corrupt_batch
 from xdlm.eval import lm_eval_code
+from xdlm.eval.lm_eval_native import is_native, load_native
 from xdlm.sampling import XDM, fixed_from_template, generate
 
 lm_eval_code.install()  # lm-eval's code tasks run model-written programs only in the sandbox
@@ -55,16 +61,21 @@ lm_eval_code.install()  # lm-eval's code tasks run model-written programs only i
 
 @register_model("xdlm")
 class XDLMHarnessLM(LM):
-    """lm_eval `LM` over a denoiser and an HF tokenizer.
+    """lm_eval `LM` over a denoiser and an HF tokenizer, or over one of our runs.
 
     Args:
-        pretrained: path or hub name for `HFDenoiser.from_pretrained` (+ `AutoTokenizer`), or
-            None when `denoiser` and `tokenizer` objects are given.
-        k: uniform share of the kernel; mask_id: defaults to the tokenizer's mask token.
-        mc_samples: t samples per loglikelihood request; max_length: longest scored sequence.
+        pretrained: a local xdlm run / checkpoint / export directory (`lm_eval_native`), a
+            path or hub name for `HFDenoiser.from_pretrained` (+ `AutoTokenizer`), or None
+            when `denoiser` and `tokenizer` objects are given.
+        k: uniform share of the kernel (default 0.1; a run's own); mask_id: defaults to the
+            tokenizer's mask token (a run's own).
+        mc_samples: t samples per loglikelihood request; max_length: longest scored sequence
+            (default 4096; a run's training seq_len).
         gen_length, steps: generation length and number of unmasking steps (paper: 256, 32);
             block_length: semi-AR block size (None: one block, as in the paper).
-        sampler: "xdm" (the authors' algorithm, default) or "confidence" (our variant).
+        sampler: "xdm" (the authors' algorithm, default) or "confidence" (our variant); for a
+            run, any `sample.sampler` (default: the run's own, with its final step and grid).
+        device: "auto" (cuda when visible, else cpu) or a device this machine has.
         seed: seeds the generator used for the Monte-Carlo estimates.
         batch_size: requests scored per forward pass (an int; "auto" is not supported);
             max_batch_size caps it.
@@ -75,15 +86,15 @@ class XDLMHarnessLM(LM):
         pretrained: str | None = None,
         denoiser=None,
         tokenizer=None,
-        k: float = 0.1,
+        k: float | None = None,
         mask_id: int | None = None,
         mc_samples: int = 16,
-        max_length: int = 4096,
+        max_length: int | None = None,
         gen_length: int = 256,
         steps: int = 32,
         block_length: int | None = None,
-        sampler: str = "xdm",
-        device: str = "cpu",
+        sampler: str | None = None,
+        device: str = "auto",
         dtype: str | None = None,
         trust_remote_code: bool = False,
         seed: int = 0,
@@ -99,13 +110,19 @@ class XDLMHarnessLM(LM):
                 f"unknown xdlm model_args {sorted(unknown)}; valid: {', '.join(valid)}"
             )
         self.batch_size = _batch_size(batch_size, max_batch_size)
-        self._rank, self._world_size, device = _distributed(device)
+        self._rank, self._world_size, device = _distributed(build_device(str(device)))
+        trust = str(trust_remote_code).lower() == "true"
+        if is_native(pretrained):
+            given = {"k": k, "mask_id": mask_id, "dtype": dtype}
+            native = load_native(pretrained, device, sampler, given, trust_remote_code=trust)
+            self._init_native(native, mc_samples, max_length, gen_length, steps, block_length)
+            self.device_name, self.seed = device, int(seed)
+            return
         if pretrained is not None:
             from transformers import AutoTokenizer
 
             from xdlm.models.hf import HFDenoiser
 
-            trust = str(trust_remote_code).lower() == "true"
             denoiser = HFDenoiser.from_pretrained(
                 pretrained, torch_dtype=dtype, trust_remote_code=trust
             )
@@ -117,17 +134,39 @@ class XDLMHarnessLM(LM):
         mask_id = tokenizer.mask_token_id if mask_id is None else int(mask_id)
         if mask_id is None:
             raise ValueError("the tokenizer has no mask token; pass mask_id=<id>")
-        self.kernel = MixedKernel(int(denoiser.vocab_size), mask_id, float(k))
-        self.schedule = build_schedule(KernelConfig(k=float(k)))  # the schema's default α_t
-        self.mc_samples, self.max_length = int(mc_samples), int(max_length)
+        k = 0.1 if k is None else float(k)
+        self.kernel = MixedKernel(int(denoiser.vocab_size), mask_id, k)
+        self.schedule = build_schedule(KernelConfig(k=k))  # the schema's default α_t
+        self.t_min = TrainConfig().t_min  # the schema's default
+        self.mc_samples = int(mc_samples)
+        self.max_length = 4096 if max_length is None else int(max_length)
         self.gen_length, self.steps = int(gen_length), int(steps)
         self.block_length = None if block_length is None else int(block_length)
+        sampler = "xdm" if sampler is None else sampler
         if sampler not in ("xdm", "confidence"):
             raise ValueError(
                 f"sampler must be 'xdm' or 'confidence' for generation, got {sampler!r}"
             )
         self.sampler = build_sampler(SampleConfig(sampler=sampler, final="none")).sampler
+        self.generate_kwargs = {"sampler": self.sampler, "final": None}
         self.device_name, self.seed = device, int(seed)
+
+    def _init_native(self, native, mc_samples, max_length, gen_length, steps, block_length):
+        """The run's denoiser, tokenizer, kernel, α_t, t_min and sampling plan; `max_length`
+        defaults to (and may not exceed) the sequence length the run was trained on."""
+        self.denoiser, self.tokenizer = native.denoiser.eval(), native.tokenizer
+        self.kernel, self.schedule, self.t_min = native.kernel, native.schedule, native.t_min
+        self.mc_samples = int(mc_samples)
+        self.max_length = native.seq_len if max_length is None else int(max_length)
+        if self.max_length > native.seq_len:
+            raise ValueError(
+                f"max_length={self.max_length} > the run's training seq_len {native.seq_len}; "
+                f"pass max_length<={native.seq_len}"
+            )
+        self.gen_length, self.steps = int(gen_length), int(steps)
+        self.block_length = None if block_length is None else int(block_length)
+        self.sampler = native.plan.sampler
+        self.generate_kwargs = native.plan.generate_kwargs()
 
     # ------------------------------------------------------------------ scoring
 
@@ -166,7 +205,8 @@ class XDLMHarnessLM(LM):
         nats = self._mc_nats(ids, real, keep)  # (R,)
         z = torch.where(keep | ~real, ids, torch.full_like(ids, self.kernel.mask_id))
         mask = real if not real.all() else None
-        pred = self.kernel.log_probs(self.denoiser(z, None, attention_mask=mask)).argmax(-1)
+        t = torch.ones(len(z), device=z.device)  # the continuation fully noised (t = 1)
+        pred = self.kernel.log_probs(self.denoiser(z, t, attention_mask=mask)).argmax(-1)
         for r, i in enumerate(scored):
             target = ~keep[r] & real[r]
             greedy = bool((pred[r][target] == ids[r][target]).all())
@@ -186,6 +226,7 @@ class XDLMHarnessLM(LM):
                 self.schedule,
                 ids[r : r + 1, :size].expand(n, -1),
                 keep_mask=keep[r : r + 1, :size].expand(n, -1),
+                t_min=self.t_min,
                 generator=torch.Generator(self.device_name).manual_seed(self.seed),
             )  # fmt: skip
             for r, size in enumerate(lengths)
@@ -233,7 +274,7 @@ class XDLMHarnessLM(LM):
         steps = self.steps if isinstance(self.sampler, XDM) else min(self.steps, length)
         out = generate(
             self.denoiser, self.kernel, self.schedule, batch_size=1, seq_len=seq_len,
-            steps=steps, sampler=self.sampler, final=None,
+            steps=steps, **self.generate_kwargs,
             generator=torch.Generator(self.device_name).manual_seed(self.seed),
             fixed=fixed_from_template(prompt, 1, seq_len, self.device_name),
             block_size=self.block_length, device=self.device_name,
@@ -248,6 +289,7 @@ class XDLMHarnessLM(LM):
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             length = int(gen_kwargs.get("max_gen_toks", self.gen_length))
+            length = min(length, self.max_length - 1)  # prompt ‖ generation fit max_length
             prompt = self._prefix() + self._encode(context)
             prompt = prompt[-max(self.max_length - length, 1) :]
             ids = self.generate_ids(prompt, length)[0, len(prompt) :]

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from xdlm.builders import build_device
 from xdlm.collectives import (  # noqa: F401  (re-exported: the loop's one distributed module)
     DistContext,
     all_reduce_sum,
@@ -43,11 +44,10 @@ STRATEGIES = ("none", "ddp", "fsdp")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    """`train.device` checked by `build_device` (auto: cuda when visible, else cpu); a bare
+    "cuda" is this process's GPU, cuda:LOCAL_RANK."""
+    name = build_device(name)
     if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but no CUDA device is visible; use device=cpu")
         return torch.device("cuda", local_rank)
     return torch.device(name)
 

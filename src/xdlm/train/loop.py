@@ -43,6 +43,7 @@ from xdlm.core.fused import fused_diffusion_loss
 from xdlm.core.objective import diffusion_loss, sample_times
 from xdlm.core.schedules import schedule_spec
 from xdlm.data.loader import ShardedLoader, TokenShards
+from xdlm.data.manifest import MANIFEST_FILE, sha256_file
 from xdlm.data.tokenizers import load_tokenizer_dir
 from xdlm.diskfull import is_write_failure
 from xdlm.models.ema import EMA
@@ -153,8 +154,12 @@ class Trainer:
             "schedule": schedule_spec(self.schedule),
             "config": cfg.to_dict(),
             "precision": {"name": self.precision.name, "reason": self.precision.reason},
-            "data": {
+            "data": {  # what was trained on (export's model card, `xdlm plot`'s data check)
                 "path": cfg.data.path,
+                "sources": self.manifest.sources,
+                "manifest_sha256": sha256_file(Path(cfg.data.path) / MANIFEST_FILE),
+                "seq_len": self.manifest.seq_len,
+                "mode": self.manifest.mode,
                 "vocab_size": self.manifest.vocab_size,
                 "mask_id": self.manifest.mask_id,
                 "tokenizer_sha256": self.manifest.tokenizer_sha256,
