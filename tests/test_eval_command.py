@@ -12,6 +12,7 @@ from xdlm import MixedKernel, make_schedule
 from xdlm.cli import main
 from xdlm.config import XDLMConfig
 from xdlm.data import prepare
+from xdlm.eval.genquality import load_scorer
 from xdlm.eval.sweep import SamplingSetting, plot_sweep, sweep
 
 TEXT = "\n\n".join(" ".join(WORDS[i % 5 :] + WORDS[: i % 5]) for i in range(40))
@@ -119,3 +120,24 @@ def test_sweep_cells_are_paired_by_seed(tmp_path):
     assert {k: rows[1][k] for k in want} == want
     assert metrics[0] != metrics[1]  # T matters, so the comparison above is not vacuous
     assert plot_sweep(rows, tmp_path / "s.png").is_file()
+
+
+def test_gen_ppl_checks_its_scorer_before_any_likelihood(run_dir, monkeypatch, capsys):
+    """Regression (issue 32.2): without transformers, `--data D --gen-ppl` evaluated the
+    likelihood for 107 s and then died with a raw ModuleNotFoundError."""
+    import importlib.util
+
+    tmp, calls, _ = run_dir
+    monkeypatch.setattr("xdlm.eval.genquality.load_scorer", load_scorer)  # the real one
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else find_spec(name, *a))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the likelihood ran before the scorer was checked")
+
+    monkeypatch.setattr("xdlm.eval.likelihood.evaluate_split", never)
+    argv = ["eval", "--ckpt", str(tmp / "run"), "--data", str(tmp / "data"), "--gen-ppl"]
+    assert main(argv) == 2 and calls == []  # the run was not even loaded
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "needs transformers" in err and 'pip install -e ".[eval]"' in err

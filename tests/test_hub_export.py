@@ -118,3 +118,47 @@ def test_hub_id_is_downloaded(run_dir, tmp_path, monkeypatch):
     assert resolve_model_path("someone/xdlm-austen") == out and calls == ["someone/xdlm-austen"]
     assert runs.load_run("someone/xdlm-austen").step == 5
     assert resolve_model_path("export") == out.relative_to(tmp_path)  # local paths stay local
+
+
+def test_card_states_the_data_trained_on_and_commands_that_work(tiny_corpus, tmp_path, capsys):
+    """Issue 32.5: the card listed the recipe's `sources: ['embedded:austen']` for a model
+    trained on other prepared data, `pip install xdlm` (not on PyPI) and `--ckpt xdlm`."""
+    from run_fixtures import tiny_cfg
+
+    from xdlm.data import prepare
+    from xdlm.data.manifest import sha256_file
+    from xdlm.train.loop import train
+
+    data = tmp_path / "data"
+    prepare([tiny_corpus], data, tokenizer="char", seq_len=32)
+    # the recipe still names the embedded novel; data.path holds other, prepared data
+    train(tiny_cfg(tiny_corpus, data, "data.sources=[embedded:austen]"), tmp_path / "run")
+    out = tmp_path / "hub" / "xdlm-tiny"
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 0
+    card = (out / "README.md").read_text()
+    sha = sha256_file(data / "manifest.json")
+    assert f"`{data}` (prepared from {tiny_corpus}; L = 32; wrap; manifest.json SHA-256 {sha})" \
+        in card
+    assert "embedded:austen" not in card and "\npip install xdlm" not in card
+    assert "pip install -e ." in card and "not on PyPI" in card
+    (command,) = [x for x in card.splitlines() if x.startswith("xdlm sample")]
+    argv = command.split("#")[0].split()[1:]
+    assert argv[-2:] == ["--ckpt", str(out)] and "--push-to-hub ORG/NAME: xdlm sample" in card
+    capsys.readouterr()
+    assert main([*argv, "--steps", "2", "--num-samples", "1"]) == 0  # the card's command runs
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_files_get_the_mode_of_new_files(run_dir, tmp_path, umask):
+    """Regression: model.safetensors was 0600 (safetensors' own mode) beside 0644 files."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        out = tmp_path / "export"
+        assert main(["export", str(run_dir), str(out)]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == 0o666 & ~umask
+    assert set(modes.values()) == {0o666 & ~umask}, modes

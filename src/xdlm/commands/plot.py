@@ -1,11 +1,16 @@
 """`xdlm plot`: training and validation curves of one or more runs as a PNG.
 
 xdlm plot runs/mdlm runs/xdlm runs/udlm --out curves.png
+
+Runs trained on different data, tokenizers, vocabulary sizes or sequence lengths are drawn
+too, after a one-line warning naming the runs and what differs (their nats/token do not
+compare).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(sub) -> None:
@@ -21,7 +26,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from xdlm.train.curves import plot_runs
+    from xdlm.train.curves import data_mismatch, plot_runs
 
+    mismatch = data_mismatch(args.runs)
+    if mismatch:
+        print(f"xdlm plot: warning: {mismatch}", file=sys.stderr)
     print(f"wrote {plot_runs(args.runs, args.out)}")
     return 0

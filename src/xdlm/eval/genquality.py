@@ -74,11 +74,11 @@ def load_scorer(
     A missing package is a ValueError naming the pip command (before any work is done)."""
     missing = [m for m in ("transformers",) if importlib.util.find_spec(m) is None]
     if name_or_path == DEFAULT_SCORER:
-        missing += [m for m in ("gguf",) if importlib.util.find_spec(m) is None]
+        missing += [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise ValueError(
             f"gen-PPL's scorer needs {' and '.join(missing)}: pip install -e \".[eval]\" in the "
-            "xdlm source checkout (pip install transformers gguf elsewhere)"
+            f"xdlm source checkout (elsewhere: pip install {' '.join(missing)})"
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -4,6 +4,10 @@
 
 Left: the training loss (NELBO estimate, nats/token) per logged step; right: the validation
 NELBO (nats/token, EMA weights) per evaluation. One line per run, labelled by its directory.
+
+Nats per token compare only on the same tokens: `data_mismatch(runs)` names the runs and the
+fields (data: the prepared manifest's SHA-256, else data.path; tokenizer; vocab size; seq len)
+in which they differ, and `xdlm plot` prints it as a warning.
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from xdlm.files import read_jsonl
+from xdlm.runs import find_checkpoint, read_meta
 
 
 @dataclass(frozen=True)
@@ -73,3 +80,52 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def data_signature(run: str | Path) -> dict[str, str | None]:
+    """What a run's nats are measured on: {"data" (path), "manifest" (its SHA-256, short),
+    "tokenizer", "vocab size", "seq len"}, from its latest checkpoint's meta.json (config.yaml
+    before the first); None = not recorded."""
+    run = Path(run)
+    try:
+        meta = read_meta(find_checkpoint(run))
+    except FileNotFoundError:
+        config = run / "config.yaml"
+        meta = {"config": yaml.safe_load(config.read_text()) or {}} if config.is_file() else {}
+    data, cfg = meta.get("data", {}), meta.get("config", {}).get("data", {})
+    vocab = meta.get("kernel", {}).get("vocab_size")
+    manifest, tokenizer = data.get("manifest_sha256"), data.get("tokenizer_sha256")
+    return {
+        "data": data.get("path") or cfg.get("path"),
+        "manifest": manifest[:12] if manifest else None,
+        "tokenizer": tokenizer[:12] if tokenizer else None,
+        "vocab size": None if vocab is None else str(vocab),
+        "seq len": None if cfg.get("seq_len") is None else str(cfg["seq_len"]),
+    }
+
+
+def data_mismatch(runs: list[str | Path]) -> str | None:
+    """One line naming the runs and each field in which they differ, or None when every
+    recorded field agrees. Data is the same when the manifests' SHA-256 agree (the data paths
+    when a run recorded none); a field a run did not record is not compared."""
+    signatures = {str(r): data_signature(r) for r in runs}
+    hashed = all(s["manifest"] for s in signatures.values())
+    differ = []
+    for field in ("data", "tokenizer", "vocab size", "seq len"):
+        key = "manifest" if field == "data" and hashed else field
+        values = {r: s[key] for r, s in signatures.items() if s[key] is not None}
+        if len(set(values.values())) > 1:
+            shown = {r: _shown(signatures[r], field) for r in values}
+            differ.append(f"{field} " + " vs ".join(f"{v} ({r})" for r, v in shown.items()))
+    if not differ:
+        return None
+    return (
+        f"runs {', '.join(signatures)} differ in {'; '.join(differ)}: their nats/token are "
+        "not on the same tokens and do not compare (train them on one prepared dataset)"
+    )
+
+
+def _shown(signature: dict, field: str) -> str | None:
+    if field == "data" and signature["manifest"]:
+        return f"{signature['data']} (manifest {signature['manifest']})"
+    return signature[field]
