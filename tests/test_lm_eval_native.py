@@ -126,3 +126,14 @@ def test_a_device_this_machine_lacks_is_one_line(export_dir, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("xdlm lm-eval: error: device 'cuda' requested but this torch sees no")
+
+
+def test_xdlm_lm_eval_names_a_device_only_for_runs_that_name_none():
+    from xdlm.commands.lmeval import with_device
+
+    run = ["--model", "xdlm", "--tasks", "t"]
+    assert with_device(run) == [*run, "--device", "cuda" if torch.cuda.is_available() else "cpu"]
+    assert with_device([*run, "--device", "cpu"]) == [*run, "--device", "cpu"]
+    assert with_device([*run, "--device=cpu"]) == [*run, "--device=cpu"]
+    assert with_device(["ls", "tasks"]) == ["ls", "tasks"] and with_device([]) == []
+    assert with_device(["--help"]) == ["--help"]
