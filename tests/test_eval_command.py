@@ -130,8 +130,11 @@ def test_gen_ppl_checks_its_scorer_before_any_likelihood(run_dir, monkeypatch, c
     tmp, calls, _ = run_dir
     monkeypatch.setattr("xdlm.eval.genquality.load_scorer", load_scorer)  # the real one
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "transformers" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "transformers" else find_spec(name, *a),
+    )
 
     def never(*args, **kwargs):
         raise AssertionError("the likelihood ran before the scorer was checked")

@@ -137,8 +137,9 @@ def test_card_states_the_data_trained_on_and_commands_that_work(tiny_corpus, tmp
     assert main(["export", str(tmp_path / "run"), str(out)]) == 0
     card = (out / "README.md").read_text()
     sha = sha256_file(data / "manifest.json")
-    assert f"`{data}` (prepared from {tiny_corpus}; L = 32; wrap; manifest.json SHA-256 {sha})" \
-        in card
+    assert (
+        f"`{data}` (prepared from {tiny_corpus}; L = 32; wrap; manifest.json SHA-256 {sha})" in card
+    )
     assert "embedded:austen" not in card and "\npip install xdlm" not in card
     assert "pip install -e ." in card and "not on PyPI" in card
     (command,) = [x for x in card.splitlines() if x.startswith("xdlm sample")]

@@ -77,7 +77,7 @@ def load_scorer(
         missing += [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise ValueError(
-            f"gen-PPL's scorer needs {' and '.join(missing)}: pip install -e \".[eval]\" in the "
+            f'gen-PPL\'s scorer needs {" and ".join(missing)}: pip install -e ".[eval]" in the '
             f"xdlm source checkout (elsewhere: pip install {' '.join(missing)})"
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -55,8 +55,7 @@ class RunTokenizer:
 
     def apply_chat_template(self, *args, **kwargs) -> str:
         raise ValueError(
-            f"{self.name_or_path} is an xdlm run with no chat template; drop "
-            "--apply_chat_template"
+            f"{self.name_or_path} is an xdlm run with no chat template; drop --apply_chat_template"
         )
 
 
@@ -75,7 +74,10 @@ class NativeModel:
 
 
 def load_native(
-    pretrained: str, device: str, sampler: str | None, given: dict[str, object],
+    pretrained: str,
+    device: str,
+    sampler: str | None,
+    given: dict[str, object],
     trust_remote_code: bool = False,
 ) -> NativeModel:
     """Load the run at `pretrained` on `device`. `sampler` (None: the run's `sample.sampler`)

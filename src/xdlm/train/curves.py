@@ -15,9 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from xdlm.files import read_jsonl
+from xdlm.files import read_jsonl, read_yaml
 from xdlm.runs import find_checkpoint, read_meta
 
 
@@ -91,7 +89,7 @@ def data_signature(run: str | Path) -> dict[str, str | None]:
         meta = read_meta(find_checkpoint(run))
     except FileNotFoundError:
         config = run / "config.yaml"
-        meta = {"config": yaml.safe_load(config.read_text()) or {}} if config.is_file() else {}
+        meta = {"config": read_yaml(config) or {}} if config.is_file() else {}
     data, cfg = meta.get("data", {}), meta.get("config", {}).get("data", {})
     vocab = meta.get("kernel", {}).get("vocab_size")
     manifest, tokenizer = data.get("manifest_sha256"), data.get("tokenizer_sha256")
