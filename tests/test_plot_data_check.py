@@ -8,6 +8,7 @@ import json
 import shutil
 
 from xdlm.cli import main
+from xdlm.run_checks import with_digest
 from xdlm.runs import find_checkpoint
 
 
@@ -23,7 +24,7 @@ def _copy(tiny_run, tmp_path, name: str, **data) -> str:
         meta["kernel"]["vocab_size"] = data["vocab_size"]
     if "seq_len" in data:
         meta["config"]["data"]["seq_len"] = data["seq_len"]
-    meta_path.write_text(json.dumps(meta))
+    meta_path.write_text(json.dumps(with_digest(meta)))  # edited as a consistent run
     return str(run)
 
 
