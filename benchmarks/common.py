@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from xdlm.precision import cpu_description, resolve_precision
+from xdlm.precision import cpu_description
+from xdlm.precision_probe import recorded_choices
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,7 +47,7 @@ def machine() -> dict:
     return {
         "torch": torch.__version__,
         **cpu_description(),
-        "auto_precision": resolve_precision("auto", "cpu", width=768).describe(),
+        "auto_precision": recorded_choices(),  # what `precision=auto` decided here, by shape
         "load_avg_1min": os.getloadavg()[0],
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }

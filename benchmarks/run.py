@@ -51,13 +51,20 @@ def _train_table(rows: list[dict]) -> list[str]:
     return out
 
 
+def _auto(recorded) -> str:
+    """`precision=auto`'s recorded decisions (shape -> entry; older results: one string)."""
+    if not isinstance(recorded, dict):
+        return str(recorded)
+    return "; ".join(f"{v['name']} for the {k}" for k, v in recorded.items()) or "none recorded"
+
+
 def render(data: dict) -> str:
     m = data["machine"]
     lines = [
         BEGIN,
         f"Run: {data['mode']}, {m['date']}, {m.get('cpu', 'CPU not recorded')} "
         f"({m.get('capability', '?')}), torch {m['torch']}, {m['threads']} threads, "
-        f"auto: {m.get('auto_precision', 'not recorded')}; "
+        f"auto: {_auto(m.get('auto_precision', 'not recorded'))}; "
         f"measured matmul peak fp32 {data['peak_gflops']['fp32']:.0f} GFLOP/s, "
         f"bf16 {data['peak_gflops']['bf16']:.0f} GFLOP/s.",
         "",

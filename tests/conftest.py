@@ -14,6 +14,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _precision_cache(tmp_path_factory):
+    """`precision=auto` records its decisions in a session directory, not the user's cache
+    (subprocesses inherit it)."""
+    import os
+
+    saved = os.environ.get("XDLM_CACHE_DIR")
+    os.environ["XDLM_CACHE_DIR"] = str(tmp_path_factory.mktemp("xdlm_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDLM_CACHE_DIR")
+    else:
+        os.environ["XDLM_CACHE_DIR"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -146,13 +146,21 @@ def test_nan_steps_are_skipped_then_stop(corpus, tmp_path, monkeypatch):
         train(cfg, tmp_path / "run")
 
 
-@pytest.mark.parametrize("speedup, expected", [(0.02, "fp32"), (3.0, "bf16")])
-def test_auto_precision_follows_the_probe_and_is_logged_first(
+@pytest.mark.parametrize("speedup, expected", [(0.5, "fp32"), (3.0, "bf16")])
+def test_auto_precision_times_the_training_step_and_is_logged_first(
     corpus, tmp_path, monkeypatch, capsys, speedup, expected
 ):
-    from xdlm import precision
+    from xdlm import precision_probe
 
-    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda width: speedup)
+    monkeypatch.setenv("XDLM_CACHE_DIR", str(tmp_path / "cache"))
+    steps = []
+
+    def measure(step):  # the step is the run's own training step: it leaves gradients clean
+        step()
+        steps.append(step)
+        return [speedup] * 5
+
+    monkeypatch.setattr(precision_probe, "measure", measure)
     used = []
     real_step = loop_mod.Trainer.train_step
 
@@ -165,11 +173,18 @@ def test_auto_precision_follows_the_probe_and_is_logged_first(
     capsys.readouterr()
     train(cfg, tmp_path / "run")
     first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith(f"precision {expected} (bf16 matmul") and used == [expected]
+    assert first.startswith(f"precision {expected} (bf16 ran the train step of DiT d=")
+    assert f"at {speedup:.2f}x fp32's speed (median of 5 rounds)" in first
+    assert used == [expected] and len(steps) == 1
+    monkeypatch.setattr(precision_probe, "measure", lambda step: [1 / speedup] * 5)
+    resumed = tiny_cfg(corpus, tmp_path / "data", "train.steps=2", "train.eval_batches=0")
+    assert train(resumed, tmp_path / "run", resume=True).step == 2 and used[-1] == expected
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"precision {expected} (kept from the run's checkpoint step_0000001)"
     explicit = tiny_cfg(
-        corpus, tmp_path / "data", "train.steps=2", "train.eval_batches=0", "train.precision=fp32"
+        corpus, tmp_path / "data", "train.steps=3", "train.eval_batches=0", "train.precision=fp32"
     )
-    assert train(explicit, tmp_path / "run", resume=True).step == 2 and used[-1] == "fp32"
+    assert train(explicit, tmp_path / "run", resume=True).step == 3 and used[-1] == "fp32"
 
 
 def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path):

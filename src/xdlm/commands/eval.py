@@ -101,7 +101,10 @@ def run(args) -> int:
         "ema": ev.use_ema,
         "kernel": loaded.kernel.spec(),
     }
-    precision = inference_precision(ev.precision, device, loaded.model)
+    precision = inference_precision(
+        ev.precision, device, loaded.model, ev.batch_size, loaded.config.data.seq_len,
+        loaded.kernel.vocab_size,
+    )
     report["precision"] = precision.name
     with precision.autocast(device):
         if ev.data:

@@ -107,7 +107,11 @@ def _load(args):
     )
     info = image_info(loaded.config.data.path)
     s = resolve_sampling(s, cfg.model, loaded.kernel.mask_id)
-    with inference_precision(s.precision, device, loaded.model).autocast(device):
+    chosen = inference_precision(
+        s.precision, device, loaded.model, info.num_classes * cfg.images.per_class,
+        info.height * info.width, loaded.kernel.vocab_size,
+    )
+    with chosen.autocast(device):
         samples = sample_classes(
             loaded, info, steps=s.steps, per_class=cfg.images.per_class, guidance=s.guidance,
             seed=s.seed, record=bool(getattr(args, "strip", None)), device=device,

@@ -146,7 +146,9 @@ def sample_from_run(
     batch = s.batch_size or min(s.num_samples, DEFAULT_BATCH)
     gen = torch.Generator(device).manual_seed(s.seed)
     plan, records, first = build_sampler(s), [], None
-    precision = inference_precision(s.precision, device, loaded.model)
+    precision = inference_precision(
+        s.precision, device, loaded.model, batch, seq_len, loaded.kernel.vocab_size
+    )
     sink = _open_sink(out)
     try:
         for start in range(0, s.num_samples, batch):

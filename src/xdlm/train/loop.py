@@ -47,7 +47,6 @@ from xdlm.data.manifest import MANIFEST_FILE, sha256_file
 from xdlm.data.tokenizers import load_tokenizer_dir
 from xdlm.diskfull import is_write_failure
 from xdlm.models.ema import EMA
-from xdlm.precision import model_width, resolve_precision
 from xdlm.runs import find_checkpoint, read_meta
 from xdlm.train import distributed as D
 from xdlm.train.checkpoint import (
@@ -62,6 +61,7 @@ from xdlm.train.checkpoint import (
 )
 from xdlm.train.failures import NonFiniteLossError, non_finite_error, save_failed, weights_finite
 from xdlm.train.interrupts import StopRequest
+from xdlm.train.precision_choice import training_precision, training_probe
 from xdlm.train.rundir import acquire_run_lock, trim_metrics
 from xdlm.train.trackers import Trackers
 
@@ -115,10 +115,13 @@ class Trainer:
         self.kernel = build_kernel(cfg.kernel, self.manifest, output_size(self.model))
         self.schedule = build_schedule(cfg.kernel)
         self.weighting = build_weighting(cfg.train)
-        local = resolve_precision(
-            cfg.train.precision, self.ctx.device, model_width(self.model), key="train.precision"
+        probe = training_probe(
+            self.model, self.kernel, self._probe_loss, cfg.data.batch_size, cfg.data.seq_len
         )
-        self.precision = D.gather_objects(local, self.ctx)[0]  # rank 0's probe decides for all
+        local = self.ctx.is_main and training_precision(  # rank 0 decides for all
+            cfg.train.precision, self.ctx.device, probe, self.run_dir, resume
+        )
+        self.precision = D.gather_objects(local, self.ctx)[0]
         self.wrapped = D.wrap_model(self.model, cfg.dist, self.ctx)  # FSDP shards in place
         if cfg.train.compile:
             self.wrapped = torch.compile(self.wrapped)
@@ -310,6 +313,12 @@ class Trainer:
         )  # fmt: skip
 
     # ------------------------------------------------------------------ one step
+
+    def _probe_loss(self, model, x0: torch.Tensor, generator: torch.Generator):
+        """This run's loss of x0 (B, L) at random t: the step `precision=auto` times."""
+        loss = fused_diffusion_loss if self.cfg.train.fused_loss else diffusion_loss
+        return loss(model, self.kernel, self.schedule, x0, generator=generator,
+                    weighting=self.weighting)  # fmt: skip
 
     def _cond(self, labels: torch.Tensor | None, drop: float) -> torch.Tensor | None:
         """Class ids (B,) for the denoiser, each replaced by the null class with prob. `drop`;
