@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -180,6 +181,9 @@ def _recorded_or_measured(probe: StepProbe, path: Path, key: str) -> CpuChoice:
 
 
 def _measured(probe: StepProbe, path: str) -> CpuChoice:
+    where = f"once for this machine, recorded in {path}" if path else "cache not writable"
+    print(f"precision=auto: timing the {probe.shape} in fp32 and bf16 ({where})",
+          file=sys.stderr, flush=True)  # fmt: skip
     ratios = measure(probe.run)
     name, speedup = decide(ratios)
     date = time.strftime("%Y-%m-%d %H:%M", time.localtime())
