@@ -54,11 +54,24 @@ def _inputs(vocab: int = V, B: int = 3, L: int = 9):
     return ids, torch.rand(B, generator=g, dtype=torch.float64)
 
 
+def _upstream_cov_time(t: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Upstream MDLM's `change_of_variables` time t' whose move chance exp(f_0 + t'(f_T − f_0))
+    (f from LogLinearNoise's sigma_min = ε, sigma_max = −log1p(−(1 − ε))) is our 1 − α_t."""
+    sigma_max = -torch.log1p(torch.tensor(-(1 - eps), dtype=torch.float64))
+    f_T = torch.log1p(-torch.exp(-sigma_max))
+    f_0 = torch.log1p(-torch.exp(-torch.tensor(eps, dtype=torch.float64)))
+    t_cov = (torch.log((1 - eps) * t) - f_0) / (f_T - f_0)
+    assert torch.allclose(torch.exp(f_0 + t_cov * (f_T - f_0)), (1 - eps) * t)
+    return t_cov
+
+
 @pytest.mark.parametrize("time_input", ["none", "sigma", "t"])
 def test_native_forward_equals_upstream_reference(time_input):
     sd = upstream_state_dict(V, torch.Generator().manual_seed(0))
     ids, t = _inputs()
-    sigma = {"none": torch.zeros_like(t), "sigma": -torch.log1p(-(1 - 1e-3) * t), "t": t}
+    t = t.clamp_min(0.01)  # t' < 0 below (1 - ε)t = m(0) ≈ ε, where "t" clamps at 0
+    sigma = {"none": torch.zeros_like(t), "sigma": -torch.log1p(-(1 - 1e-3) * t),
+             "t": _upstream_cov_time(t)}  # fmt: skip
     want = reference_logits(sd, ids, sigma[time_input], SIZES["heads"])
     with torch.no_grad():
         got = _native(sd, time_input)(ids, t)
@@ -272,6 +285,11 @@ def test_non_checkpoint_files_are_refused(tmp_path):
          {"model_type": "mdlm", "time_conditioning": False, "n_heads": 4, "model_length": 32}),
         ({"algo": {"name": "xdlm", "time_conditioning": True}, "model": {"n_heads": 4}},
          {"algo": "xdlm", "time_conditioning": True, "n_heads": 4}),
+        ({"diffusion": "uniform", "time_conditioning": True,
+          "training": {"change_of_variables": True}},
+         {"model_type": "udlm", "time_conditioning": True, "change_of_variables": True}),
+        ({"algo": {"name": "xdlm", "k1": 0.25}, "training": {"change_of_variables": True}},
+         {"algo": "xdlm", "k1": 0.25}),  # Duo / XDLM code never reads the flag
     ],
 )  # fmt: skip
 def test_lightning_hparams_are_read_as_data(tmp_path, config, want):
@@ -282,14 +300,16 @@ def test_lightning_hparams_are_read_as_data(tmp_path, config, want):
     torch.save({"state_dict": sd, "hyper_parameters": hp}, tmp_path / "hp.ckpt")
     w = read_lightning(tmp_path / "hp.ckpt")
     assert {k: w.hints[k] for k in want} == want
+    if "algo" in config:
+        assert "change_of_variables" not in w.hints
     if want.get("model_type") == "mdlm":  # everything the import needs comes from the file
         from xdlm.importing import kernel_k, model_config
 
         cfg = model_config(w, ImportOptions())
         assert kernel_k(w, ImportOptions()) == 0.0 and cfg.n_heads == 4
         assert cfg.time_input == "none"
-    if want.get("algo") == "xdlm":  # k is never guessed for XDLM
-        with pytest.raises(ValueError, match="'xdlm'"):
+    if want.get("algo") == "xdlm" and "k1" not in want:  # k is never guessed for XDLM
+        with pytest.raises(ValueError, match="'xdlm'.*pass --k"):
             import_checkpoint(str(tmp_path / "hp.ckpt"), tmp_path / "run")
 
 
@@ -316,3 +336,52 @@ def test_udlm_hf_dir_imports_as_the_uniform_kernel(tmp_path, shared_data):
     want = reference_logits(sd, ids, -torch.log1p(-(1 - 1e-3) * t), SIZES["heads"])
     with torch.no_grad():
         assert _rel_err(run.model.double()(ids, t), want) <= TOL
+
+
+def _ckpt_with_config(path, sd, config):
+    omegaconf = pytest.importorskip("omegaconf")
+    hp = {"config": omegaconf.OmegaConf.create(config)}
+    torch.save({"state_dict": sd, "hyper_parameters": hp}, path)
+    return read_lightning(path)
+
+
+@pytest.mark.parametrize("k1, expected", [(0.25, 0.25), (0, 0.0), (1, 1.0)])
+def test_xdlm_k_comes_from_algo_k1(tmp_path, k1, expected):
+    from xdlm.importing import kernel_k
+
+    sd = upstream_state_dict(V, torch.Generator().manual_seed(0))
+    w = _ckpt_with_config(tmp_path / "x.ckpt", sd, {"algo": {"name": "xdlm", "k1": k1}})
+    assert kernel_k(w, ImportOptions()) == expected
+    assert kernel_k(w, ImportOptions(k=0.5)) == 0.5  # --k still wins
+
+
+@pytest.mark.parametrize("k1", [1.5, -0.1, "0.1", True])
+def test_a_bad_algo_k1_names_the_value_and_the_fix(tmp_path, k1):
+    from xdlm.importing import kernel_k
+
+    sd = upstream_state_dict(V, torch.Generator().manual_seed(0))
+    w = _ckpt_with_config(tmp_path / "x.ckpt", sd, {"algo": {"name": "xdlm", "k1": k1}})
+    with pytest.raises(ValueError, match=r"algo\.k1=.*not a share in \[0, 1\]; pass --k"):
+        kernel_k(w, ImportOptions())
+
+
+def test_change_of_variables_run_is_conditioned_on_its_own_time(tmp_path):
+    """Regression (issue 32): an MDLM run trained with training.change_of_variables conditions
+    its network on t' (another schedule's time), not σ; it imported as "sigma" with logits
+    ~15 % off. Imported now, the logits equal the upstream forward at t'."""
+    from xdlm.importing import model_config
+
+    sd = upstream_state_dict(V, torch.Generator().manual_seed(5))
+    config = {"diffusion": "absorbing_state", "time_conditioning": True,
+              "training": {"change_of_variables": True}, "model": {"n_heads": SIZES["heads"]}}
+    w = _ckpt_with_config(tmp_path / "cov.ckpt", sd, config)
+    assert model_config(w, ImportOptions()).time_input == "t"
+    ids, t = _inputs()
+    t = t.clamp_min(0.01)
+    want = reference_logits(sd, ids, _upstream_cov_time(t), SIZES["heads"])
+    with torch.no_grad():
+        assert _rel_err(_native(sd, "t")(ids, t), want) <= TOL
+        as_sigma = _rel_err(_native(sd, "sigma")(ids, t), want)
+    assert as_sigma > 1e-2, as_sigma  # what reading it as σ used to give
+    plain = _ckpt_with_config(tmp_path / "plain.ckpt", sd, {**config, "training": {}})
+    assert model_config(plain, ImportOptions()).time_input == "sigma"

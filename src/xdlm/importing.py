@@ -13,10 +13,14 @@ log-linear schedule (ε = 1e-3, as upstream) and the config; tokenizer/), so `xd
   - architecture: from the tensor shapes; n_heads from config.json (HF repos) or the hydra
     config saved in a .ckpt (read as data, `safe_pickle.plain`), else d_model / 64 (every
     upstream preset: tiny 512/8, small 768/12, medium 1024/16);
-  - time input: "sigma" when the source's config says `time_conditioning: true`, else "none";
+  - time input: "none" unless the source's config says `time_conditioning: true`; then
+    "sigma", or "t" for an MDLM / UDLM run with `training.change_of_variables: true` (it was
+    trained conditioned on the time of another schedule, models/mdlm_dit.py; read as σ its
+    logits would be off);
   - tokenizer: V = 50,258 -> `gpt2-mdlm`, V = 30,522 -> `bert-base-uncased`;
   - k: `model_type` mdlm -> 0, udlm -> 1 (config.json, or the .ckpt config's algorithm);
-    otherwise it must be given (XDLM: 0.1; its `algo.k1` is not read as k without a check).
+    XDLM: its config's `algo.k1` (the uniform share k of its kernel, algo.py of MzeroMiko/XDLM);
+    otherwise it must be given with --k.
     k = 1 gives the pure uniform kernel without a mask state (UDLM).
 
 Nothing is executed from the source: a .ckpt goes through `models.safe_pickle.safe_load`,
@@ -95,7 +99,7 @@ def model_config(w: UpstreamWeights, opts: ImportOptions) -> ModelConfig:
     d_model = int(w.weights["embed.weight"].shape[1])
     n_layers = len({k.split(".")[1] for k in w.weights if k.startswith("blocks.")})
     n_heads = opts.n_heads or hints.get("n_heads") or d_model // 64
-    time_input = opts.time_input or ("sigma" if hints.get("time_conditioning") else "none")
+    time_input = opts.time_input or _time_input(hints)
     return ModelConfig(
         backbone="mdlm-dit", n_layers=n_layers, d_model=d_model, n_heads=int(n_heads),
         mlp_ratio=w.weights["blocks.0.mlp_in.weight"].shape[0] / d_model,
@@ -104,12 +108,26 @@ def model_config(w: UpstreamWeights, opts: ImportOptions) -> ModelConfig:
     )  # fmt: skip
 
 
+def _time_input(hints: dict) -> str:
+    """What the source's network was conditioned on (the module docstring)."""
+    if not hints.get("time_conditioning"):
+        return "none"
+    return "t" if hints.get("change_of_variables") else "sigma"
+
+
 def kernel_k(w: UpstreamWeights, opts: ImportOptions) -> float:
+    """k: --k, else from the source's model type or XDLM config (`algo.k1`)."""
     if opts.k is not None:
         return float(opts.k)
     model_type = w.hints.get("model_type")
     if model_type in _K_BY_MODEL_TYPE:
         return _K_BY_MODEL_TYPE[model_type]
+    k1 = w.hints.get("k1")
+    if k1 is not None:
+        if isinstance(k1, bool) or not isinstance(k1, (int, float)) or not 0 <= k1 <= 1:
+            raise ValueError(f"the source's config has algo.k1={k1!r}, not a share in [0, 1]; "
+                             "pass --k")  # fmt: skip
+        return float(k1)
     algo = f" (its config names the algorithm {w.hints['algo']!r})" if "algo" in w.hints else ""
     raise ValueError(
         f"the source does not say which kernel it was trained with{algo}; pass --k "

@@ -25,7 +25,12 @@ Time input (`time_input`), the scalar s the timestep embedding sees, per source:
              mdlm-owt);
   - "sigma": s = σ_t = −log α_t = −log(1 − (1 − ε)t), the log-linear total noise (UDLM, and any
              of the above trained with `time_conditioning=True`);
-  - "t":     s = t (UDLM's `change_of_variables` runs).
+  - "t":     s = t', the time of upstream's `training.change_of_variables` runs (MDLM / UDLM
+             code with `time_conditioning=True`): they train on noise with move chance
+             m(t') = exp(f_0 + t'·(f_T − f_0)), f_0 = log(1 − e^{−ε}), f_T = log(1 − ε), and
+             condition on t' itself, so at our log-linear time t (1 − α_t = (1 − ε)·t) the
+             network sees t' = (log((1 − ε)·t) − f_0) / (f_T − f_0), clamped at 0 (below
+             m(0) ≈ ε the run saw no noise level) — `change_of_variables_time`.
 No factor 1000 is applied (unlike our own DiT).
 
 Not a `HiddenDenoiser`: the output projection has a bias, which the fused loss would drop.
@@ -43,6 +48,13 @@ from torch import LongTensor, Tensor, nn
 from xdlm.models.dit import _key_mask, _modulate
 
 TIME_INPUTS = ("none", "sigma", "t")
+
+
+def change_of_variables_time(t: Tensor, eps: float) -> Tensor:
+    """t' (B,) of a `change_of_variables` run at our log-linear time t (B,) (module docstring):
+    m(t') = 1 − α_t, i.e. t' = (log((1 − ε)·t) − f_0) / (f_T − f_0), clamped at 0."""
+    f_0, f_T = math.log(-math.expm1(-eps)), math.log1p(-eps)
+    return ((torch.log((1.0 - eps) * t) - f_0) / (f_T - f_0)).clamp_min(0.0)
 
 
 @dataclass(frozen=True)
@@ -191,7 +203,7 @@ class MDLMDiT(nn.Module):
         t = t.to(device=like.device, dtype=torch.promote_types(like.dtype, torch.float32))
         if mode == "sigma":
             return -torch.log1p(-(1.0 - self.cfg.sigma_eps) * t)
-        return t
+        return change_of_variables_time(t, self.cfg.sigma_eps)
 
     def conditioning(self, t: Tensor | None, batch: int, like: Tensor) -> Tensor:
         """c = SiLU(time_out(SiLU(time_in(sinusoid(s))))) (B, cond_dim)."""

@@ -167,12 +167,18 @@ _ALGO_TYPES = {"mdlm": "mdlm", "udlm": "udlm", "absorbing_state": "mdlm", "unifo
 def lightning_hints(config) -> dict:
     """What the hydra config saved in a .ckpt says, in config.json's keys: n_heads and
     model_length (`model.*`), time_conditioning (`algo.*` in Duo / XDLM, top level in MDLM /
-    UDLM), model_type (`algo.name`, else `diffusion`: mdlm / udlm only) and `algo` (the name as
-    saved, e.g. xdlm, for the error message). {} when there is no readable config."""
+    UDLM), model_type (`algo.name`, else `diffusion`: mdlm / udlm only), `algo` (the name as
+    saved, e.g. xdlm, for the error message), `k1` (XDLM's uniform share, `algo.k1`) and
+    `change_of_variables` (`training.*`; MDLM / UDLM code only: their training conditions on
+    the time t' of another schedule, `models.mdlm_dit.change_of_variables_time`. Duo / XDLM
+    code, whose configs have an `algo` section, keeps the key in its config but never reads
+    it). {} when there is no readable config."""
     if not isinstance(config, dict):
         return {}
-    model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    algo = config.get("algo") if isinstance(config.get("algo"), dict) else {}
+    model, algo, training = (
+        config.get(key) if isinstance(config.get(key), dict) else {}
+        for key in ("model", "algo", "training")
+    )
     name = algo.get("name") or config.get("diffusion")
     hints = {
         "n_heads": model.get("n_heads"),
@@ -180,6 +186,8 @@ def lightning_hints(config) -> dict:
         "time_conditioning": algo.get("time_conditioning", config.get("time_conditioning")),
         "model_type": _ALGO_TYPES.get(name),
         "algo": name,
+        "k1": algo.get("k1"),
+        "change_of_variables": None if algo else training.get("change_of_variables"),
     }
     return {k: v for k, v in hints.items() if v is not None}
 
