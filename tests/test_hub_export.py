@@ -42,13 +42,14 @@ def run_dir(tmp_path):
         run, 5, model=model, ema_state=ema.state_dict(), train_state={}, meta=meta
     )
     tok.save(run / "tokenizer")
-    valid = {"step": 5, "valid_nats_per_token": 3.25, "valid_ppl": 25.8, "valid_tokens": 640}
+    valid = {"step": 5, "valid_nats_per_token": 3.25, "valid_se_nats_per_token": 0.07,
+             "valid_ppl": 25.8, "valid_tokens": 640, "valid_rows": 10}  # fmt: skip
     (run / "metrics.jsonl").write_text(
         json.dumps({"step": 5, "loss": 3.5}) + "\n" + json.dumps(valid)
     )
     continuous = {"nats_per_token": 3.2, "bits_per_token": 4.6, "ppl": 24.5,
                   "se_nats_per_token": 0.05, "ci95_nats_per_token": [3.1, 3.3],
-                  "ci95_ppl": [22.2, 27.1]}  # fmt: skip
+                  "ci95_ppl": [22.2, 27.1], "tokens": 1280, "sequences": 20}  # fmt: skip
     report = {"step": 5, "likelihood": {"data": "data/austen", "split": "valid",
                                         "continuous": continuous}}  # fmt: skip
     (run / "eval.json").write_text(json.dumps(report))
@@ -76,6 +77,9 @@ def test_export_writes_a_self_describing_repo(run_dir, tmp_path, capsys):
     assert config["architecture"]["n_layers"] == 1 and config["training"]["steps"] == 5
     card = (out / "README.md").read_text()
     assert "3.2000 ± 0.0500 nats/token" in card and "[3.1000, 3.3000]" in card
+    assert "(valid split, 20 rows, 1280 tokens), step 5: NELBO 3.2000" in card
+    assert ("validation at step 5 (the `xdlm eval` estimator on the first 10 rows of the valid "
+            "split, 640 tokens): NELBO 3.2500 ± 0.0700 nats/token (SE)") in card  # fmt: skip
     assert "data/austen" in card and "training steps: 5" in card and "xdlm sample" in card
     assert main(["export", str(run_dir), str(out)]) == 2  # not empty: refuse
     assert "--overwrite" in capsys.readouterr().err
@@ -163,3 +167,12 @@ def test_export_files_get_the_mode_of_new_files(run_dir, tmp_path, umask):
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
     assert modes["model.safetensors"] == 0o666 & ~umask
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_card_says_an_old_validation_is_not_comparable_with_eval():
+    """Runs from before validation used the `xdlm eval` estimator: one fixed noise draw."""
+    from xdlm.hub import _metric_lines
+
+    old = {"step": 5, "valid_nats_per_token": 3.25, "valid_ppl": 25.8, "valid_tokens": 640}
+    (line,) = _metric_lines({"eval": None, "validation": old})
+    assert "3.2500 nats/token on 640 tokens" in line and "not comparable with `xdlm eval`" in line

@@ -187,6 +187,24 @@ def test_auto_precision_times_the_training_step_and_is_logged_first(
     assert train(explicit, tmp_path / "run", resume=True).step == 3 and used[-1] == "fp32"
 
 
+def test_validation_is_xdlm_evals_number_on_its_rows(tiny_run, tmp_path):
+    """Regression (issue 32): in-loop validation said 6.676 nats/token and `xdlm eval` 6.879 ±
+    0.038 for one run: the loop drew one fixed noise (one t per row, no error bar; its spread
+    over noise seeds was ±0.19 on a tiny run) on the first rows only. Now it is the eval
+    estimator with its SE: on the same rows, weights and precision the numbers are equal."""
+    rows = (tiny_run / "run" / "metrics.jsonl").read_text().splitlines()
+    valid = next(r for r in map(json.loads, rows) if r["step"] == 4 and "valid_rows" in r)
+    assert valid["valid_rows"] == 8 and valid["valid_se_nats_per_token"] > 0  # 1 batch of 8
+    out = tmp_path / "eval.json"
+    args = ["--max-batches", "2", "--batch-size", "4", "--precision", "fp32", "--out", str(out)]
+    assert cli_main(["eval", "--ckpt", str(tiny_run / "run"), *args]) == 0
+    report = json.loads(out.read_text())
+    c = report["likelihood"]["continuous"]
+    assert report["step"] == 4 and c["sequences"] == 8 and c["tokens"] == valid["valid_tokens"]
+    assert c["nats_per_token"] == pytest.approx(valid["valid_nats_per_token"], rel=1e-6)
+    assert c["se_nats_per_token"] == pytest.approx(valid["valid_se_nats_per_token"], rel=1e-5)
+
+
 def test_kill_during_save_keeps_previous_checkpoint(corpus, tmp_path):
     train(tiny_cfg(corpus, tmp_path / "data", "train.steps=3"), tmp_path / "run")
     script = textwrap.dedent(f"""

@@ -189,18 +189,27 @@ def _metric_lines(train: dict) -> list[str]:
         c, ev = train["eval"]["continuous"], train["eval"]
         lo, hi = c["ci95_nats_per_token"]
         lines.append(
-            f"- `xdlm eval` on {ev['data']} ({ev['split']}), step {ev['step']}: NELBO "
+            f"- `xdlm eval` on {ev['data']} ({ev['split']} split, {c['sequences']} rows, "
+            f"{c['tokens']} tokens), step {ev['step']}: NELBO "
             f"{c['nats_per_token']:.4f} ± {c['se_nats_per_token']:.4f} nats/token (SE; 95 % CI "
             f"[{lo:.4f}, {hi:.4f}]), PPL ≤ {c['ppl']:.2f} (95 % CI {c['ci95_ppl'][0]:.2f}–"
             f"{c['ci95_ppl'][1]:.2f})"
         )
     if train["validation"]:
         v = train["validation"]
-        lines.append(
-            f"- training-time validation at step {v['step']}: NELBO "
-            f"{v['valid_nats_per_token']:.4f} nats/token on {v['valid_tokens']} tokens "
-            "(one fixed noise draw, no error bar; run `xdlm eval` for one)"
-        )
+        if "valid_se_nats_per_token" in v:  # the estimator of `xdlm eval`, on the first rows
+            lines.append(
+                f"- training-time validation at step {v['step']} (the `xdlm eval` estimator on "
+                f"the first {v['valid_rows']} rows of the valid split, {v['valid_tokens']} "
+                f"tokens): NELBO {v['valid_nats_per_token']:.4f} ± "
+                f"{v['valid_se_nats_per_token']:.4f} nats/token (SE)"
+            )
+        else:  # runs from before validation used the eval estimator
+            lines.append(
+                f"- training-time validation at step {v['step']}: NELBO "
+                f"{v['valid_nats_per_token']:.4f} nats/token on {v['valid_tokens']} tokens "
+                "(one fixed noise draw, no error bar: not comparable with `xdlm eval`)"
+            )
     return lines or ["- none recorded (run `xdlm eval --ckpt RUN` before exporting)"]
 
 

@@ -67,8 +67,9 @@ def run(args) -> int:
           f"{_last_loss(result)}; run dir {result.run_dir}")  # fmt: skip
     if result.valid:
         print(
-            f"validation NELBO {result.valid['valid_nats_per_token']:.4f} nats/token, "
-            f"PPL <= {result.valid['valid_ppl']:.2f}"
+            f"validation NELBO {result.valid['valid_nats_per_token']:.4f} ± "
+            f"{result.valid['valid_se_nats_per_token']:.4f} nats/token (SE, first "
+            f"{result.valid['valid_rows']} valid rows), PPL <= {result.valid['valid_ppl']:.2f}"
         )
     if result.interrupted:
         return 130

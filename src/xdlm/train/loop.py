@@ -46,6 +46,8 @@ from xdlm.data.loader import ShardedLoader, TokenShards
 from xdlm.data.manifest import MANIFEST_FILE, sha256_file
 from xdlm.data.tokenizers import load_tokenizer_dir
 from xdlm.diskfull import is_write_failure
+from xdlm.eval.distributed import evaluate_rows_distributed
+from xdlm.eval.likelihood import shard_batches
 from xdlm.models.ema import EMA
 from xdlm.runs import find_checkpoint, read_meta
 from xdlm.train import distributed as D
@@ -109,6 +111,13 @@ class Trainer:
                 f"with seq_len={self.manifest.seq_len}; set data.seq_len="
                 f"{self.manifest.seq_len} or prepare the data again"
             )
+        shards = TokenShards(cfg.data.path, "train")
+        if len(shards) < cfg.data.batch_size * self.ctx.world_size:
+            raise ValueError(
+                f"{cfg.data.path} has {len(shards)} training rows, fewer than one "
+                f"global batch ({cfg.data.batch_size}×{self.ctx.world_size}); lower "
+                "data.batch_size or data.seq_len, or add data"
+            )
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and run
         self.model = build_model(cfg.model, self.manifest.vocab_size).to(self.ctx.device)
         # V is the model's output size: an HF head (LLaDA: 126,464) may exceed the tokenizer.
@@ -128,13 +137,6 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.train, self.model)
         # EMA weights (used for validation and sampling); ema_decay=0 turns them off (8B models).
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
-        shards = TokenShards(cfg.data.path, "train")
-        if len(shards) < cfg.data.batch_size * self.ctx.world_size:
-            raise ValueError(
-                f"{cfg.data.path} has {len(shards)} training rows, fewer than one "
-                f"global batch ({cfg.data.batch_size}×{self.ctx.world_size}); lower "
-                "data.batch_size or data.seq_len, or add data"
-            )
         self.loader = ShardedLoader(
             shards,
             cfg.data.batch_size,
@@ -408,42 +410,35 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict | None:
-        """NELBO on fixed validation batches with the EMA weights (same noise every call)."""
-        if self.valid is None or self.cfg.train.eval_batches <= 0:
+        """The NELBO of `xdlm eval` on the first rows of the valid split, with its error bar.
+
+        Same estimator (`xdlm.eval.likelihood`: eval.t_samples times per row, eval.quadrature or
+        stratified, noise seeded by (eval.seed, row id); the null class of a class-conditional
+        model), EMA weights, fp32, on the first eval_batches × batch_size × world rows (fewer
+        when the split is smaller): `xdlm eval RUN --max-batches M --batch-size b --precision
+        fp32` with M·b = valid_rows gives the same number at a checkpointed step.
+        """
+        batch, world = self.cfg.data.batch_size, self.ctx.world_size
+        rows = min(len(self.valid or ()), self.cfg.train.eval_batches * batch * world)
+        if D.is_sharded(self.model):  # every rank runs the same number of forwards
+            rows -= rows % (batch * world)
+        if rows <= 0:
             return None
-        loader = ShardedLoader(
-            self.valid,
-            self.cfg.data.batch_size,
-            shuffle=False,
-            rank=self.ctx.rank,
-            world_size=self.ctx.world_size,
-        )
-        gen = torch.Generator(self.ctx.device).manual_seed(12345 + self.ctx.rank)
-        nats = torch.zeros((), device=self.ctx.device)
-        tokens = torch.zeros((), device=self.ctx.device)
+        ev = self.cfg.eval
         self.model.eval()
         with self.ema.swapped(self.model) if self.ema else contextlib.nullcontext():
-            for _, batch in zip(range(self.cfg.train.eval_batches), loader, strict=False):
-                mask = batch.attention_mask
-                out = diffusion_loss(
-                    self.model,
-                    self.kernel,
-                    self.schedule,
-                    batch.tokens.to(self.ctx.device),
-                    generator=gen,
-                    attention_mask=None if mask is None else mask.to(nats.device),
-                    t_min=self.cfg.train.t_min,
-                    cond=self._cond(batch.labels, 0.0),
-                )
-                nats += out.nats
-                tokens += out.tokens
+            result = evaluate_rows_distributed(
+                self.model, self.kernel, self.schedule, shard_batches(self.valid, batch, rows),
+                self.ctx, seed=ev.seed, t_samples=ev.t_samples,
+                method=ev.quadrature or "stratified", t_min=self.cfg.train.t_min,
+            )  # fmt: skip
         self.model.train()
-        nats, tokens = D.all_reduce_sum(nats, self.ctx), D.all_reduce_sum(tokens, self.ctx)
-        per_tok = (nats / tokens).item()
         return {
-            "valid_nats_per_token": per_tok,
-            "valid_ppl": math.exp(min(per_tok, 50.0)),
-            "valid_tokens": int(tokens.item()),
+            "valid_nats_per_token": result.nats_per_token,
+            "valid_se_nats_per_token": result.se_nats_per_token,
+            "valid_ppl": math.exp(min(result.nats_per_token, 50.0)),
+            "valid_tokens": result.tokens,
+            "valid_rows": result.sequences,
         }
 
     # ------------------------------------------------------------------ the loop
@@ -544,8 +539,9 @@ class Trainer:
             if valid is not None:
                 self._log({"step": step, **valid})
                 bar.write(
-                    f"step {step}: valid NELBO {valid['valid_nats_per_token']:.4f} "
-                    f"nats/token, PPL ≤ {valid['valid_ppl']:.2f}"
+                    f"step {step}: valid NELBO {valid['valid_nats_per_token']:.4f} ± "
+                    f"{valid['valid_se_nats_per_token']:.4f} nats/token (first "
+                    f"{valid['valid_rows']} rows), PPL ≤ {valid['valid_ppl']:.2f}"
                 )
         if step % cfg.save_every == 0 or step == cfg.steps:
             self.save()

@@ -20,11 +20,11 @@ def training_probe(model: torch.nn.Module, kernel: MixedKernel, loss, batch_size
     `loss(model, x0, generator)` (the run's loss function with its kernel, schedule and
     weighting), backward, gradients dropped. The global RNG (dropout) is left as it was."""
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.randint(kernel.vocab_size, (batch_size, seq_len), generator=gen)
-    if kernel.mask_id is not None:
-        x0 = torch.where(x0 == kernel.mask_id, (kernel.mask_id + 1) % kernel.vocab_size, x0)
 
     def run() -> None:
+        x0 = torch.randint(kernel.vocab_size, (batch_size, seq_len), generator=gen)
+        if kernel.mask_id is not None:
+            x0 = torch.where(x0 == kernel.mask_id, (kernel.mask_id + 1) % kernel.vocab_size, x0)
         with torch.random.fork_rng(devices=[]):
             loss(model, x0, gen).nats.backward()
         model.zero_grad(set_to_none=True)
