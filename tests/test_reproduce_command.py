@@ -16,13 +16,38 @@ from xdlm.cli import main
 from xdlm.eval.reproduce import comparison, format_rows, paper_values
 
 
-def test_every_paper_value_names_its_source():
+def test_every_paper_value_names_its_source_and_precision():
+    from xdlm.eval.protocols import BENCHMARKS
+
     values = paper_values()
-    assert values, "the table holds at least the README's LLaDA-XDLM MBPP number"
     for v in values:
-        assert v.source.strip() and v.table in ("zero_shot", "gen_ppl", "llada")
-    mbpp = [v for v in values if v.key == "mbpp"]
-    assert mbpp[0].value == 15.0 and "README" in mbpp[0].source
+        assert v.source.strip() and v.table in ("zero_shot", "gen_ppl", "llada", "images")
+        assert v.precision.startswith(("stated", "figure", "unconfirmed")), v
+        if "figure reading" in v.precision:
+            assert "±" in v.precision  # a reading says how far off it may be
+        assert v.model in ("MDLM", "UDLM", "GIDD", "XDLM") or v.model.startswith(
+            ("XDLM k=", "LLaDA")
+        ), v.model
+    assert {v.key for v in values if v.table == "zero_shot"} <= {*BENCHMARKS, "average"}
+    assert all(v.key.isdigit() for v in values if v.table == "gen_ppl")
+    by = {(v.table, v.model, v.key): v for v in values}
+    assert by["llada", "LLaDA-XDLM", "mbpp"].value == 15.0
+    assert by["zero_shot", "XDLM k=0.1", "average"].value == 54.110
+    assert by["gen_ppl", "MDLM", "32"].value == 157
+    assert by["gen_ppl", "XDLM k=0.1", "32"].precision == "figure reading, ±1"
+    assert by["images", "XDLM", "fid_8_steps"].value == 54.1
+
+
+def test_runs_compare_with_the_row_of_their_k():
+    from xdlm.eval.reproduce import paper_model_for, with_average
+
+    assert [paper_model_for(k) for k in (0, 1, 0.1, 0.5)] == [
+        "MDLM", "UDLM", "XDLM k=0.1", "XDLM k=0.5"
+    ]
+    sets = ("ptb", "wikitext2", "lm1b", "lambada", "ag_news", "pubmed", "arxiv")
+    full = with_average({s: float(i) for i, s in enumerate(sets)})
+    assert full["average"] == pytest.approx(3.0)
+    assert "average" not in with_average({"ptb": 1.0})  # 6 of the 7 sets: no average
 
 
 def test_comparison_rows_and_missing_values():
@@ -32,6 +57,7 @@ def test_comparison_rows_and_missing_values():
     assert rows[1]["paper"] is None and rows[1]["diff"] is None
     text = format_rows(rows, "llada")
     assert "n/a" in text and "source: MzeroMiko/XDLM README" in text
+    assert "(stated to 1 decimal)" in text
 
 
 def test_llada_needs_the_remote_code_flag(capsys):
@@ -63,8 +89,12 @@ def test_reproduce_zero_shot_on_local_texts(imported_run, tmp_path, capsys):
     res = json.loads(out.read_text())
     rules = res["results"]["ptb"]["rules"]
     assert rules["insert_eos"] is False and rules["seq_len"] == 16  # the run's L by default
-    assert res["comparison"][0]["paper"] is None  # no published zero-shot value recorded
-    assert "ptb" in capsys.readouterr().out
+    assert res["comparison"][0]["paper"] is None  # k = 0: MDLM, no published PTB value
+    assert "zero-shot (MDLM)" in capsys.readouterr().out
+    rc = main(["reproduce", "zero-shot", "--ckpt", str(imported_run), "--benchmarks", "ptb",
+               "--texts", f"ptb={docs}", "--out", str(out), "--paper-model", "XDLM k=0.1"])
+    assert rc == 0 and json.loads(out.read_text())["comparison"][0]["paper"] == 90.8
+    assert "source: leaderboard aggregator (unconfirmed)" in capsys.readouterr().out
 
 
 @pytest.mark.slow  # ~25 s on 2 loaded cores (transformers model import); the rules are covered

@@ -56,7 +56,8 @@ def register(sub) -> None:
     ll.add_argument("--limit", type=int, default=None, help="examples per task (smoke runs)")
     for q in (z, g, ll):
         add_trust_argument(q)
-        q.add_argument("--paper-model", default=None, help="row of paper_values.yaml to compare")
+        q.add_argument("--paper-model", default=None,
+                       help="row of paper_values.yaml to compare (default: the run's k)")
         q.add_argument("--paper-values", default=None, help="another paper_values.yaml")
         q.add_argument("--out", default=None, metavar="FILE.json")
     ll.add_argument("--device", default="auto", help="auto (cuda if visible, else cpu), cpu, cuda")
@@ -109,7 +110,8 @@ def _run_run(R, args, loaded):
             loaded, args.benchmarks, texts=texts, seq_len=seq_len, max_rows=args.max_rows,
             batch_size=args.batch_size or 16, t_samples=args.t_samples, seed=args.seed or 0,
         )  # fmt: skip
-        return results, {k: v["ppl"] for k, v in results.items()}, args.paper_model
+        ours = R.with_average({k: v["ppl"] for k, v in results.items()})
+        return results, ours, args.paper_model or R.paper_model_for(loaded.kernel.k)
     from xdlm.builders import build_sampler
     from xdlm.config import SampleConfig
 
@@ -120,7 +122,8 @@ def _run_run(R, args, loaded):
         batch_size=args.batch_size or 8, seq_len=seq_len, seed=args.seed or 1,
         device=args.device, sampler=plan.sampler, final=plan.final, grid=plan.grid,
     )  # fmt: skip
-    return results, {str(t): v["gen_ppl"] for t, v in results.items()}, args.paper_model
+    ours = {str(t): v["gen_ppl"] for t, v in results.items()}
+    return results, ours, args.paper_model or R.paper_model_for(loaded.kernel.k)
 
 
 def _texts(item: str) -> tuple[str, list[str]]:

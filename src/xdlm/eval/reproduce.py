@@ -29,19 +29,23 @@ from xdlm.eval.protocols import (
     zero_shot_upstream,
 )
 
-TABLES = ("zero_shot", "gen_ppl", "llada")
+TABLES = ("zero_shot", "gen_ppl", "llada", "images")
+# The papers' zero-shot "average": the mean PPL over these sets (paper_values.yaml).
+AVERAGE_SETS = ("ptb", "wikitext2", "lm1b", "lambada", "ag_news", "pubmed", "arxiv")
 
 
 @dataclass(frozen=True)
 class PaperValue:
     """One published number: `table`, the model it was reported for, its key (a benchmark, a
-    step count T or a task), the value and where it was read."""
+    step count T or a task), the value, where it was read and how exactly it is known
+    (`precision`, e.g. "figure reading, ±1")."""
 
     table: str
     model: str
     key: str
     value: float
     source: str
+    precision: str
 
 
 def paper_values(path: str | Path | None = None) -> list[PaperValue]:
@@ -53,17 +57,30 @@ def paper_values(path: str | Path | None = None) -> list[PaperValue]:
     )
     data = yaml.safe_load(text) or {}
     return [
-        PaperValue(table, str(r["model"]), str(r["key"]), float(r["value"]), str(r["source"]))
+        PaperValue(table, str(r["model"]), str(r["key"]), float(r["value"]), str(r["source"]),
+                   str(r["precision"]))  # fmt: skip
         for table in TABLES
         for r in data.get(table) or []
     ]
+
+
+def paper_model_for(k: float) -> str:
+    """The paper_values.yaml model name of a run with uniform share k: MDLM, UDLM, XDLM k=<k>."""
+    return {0.0: "MDLM", 1.0: "UDLM"}.get(float(k), f"XDLM k={float(k):g}")
+
+
+def with_average(ppl: dict[str, float]) -> dict[str, float]:
+    """`ppl` per benchmark plus "average" (the mean over AVERAGE_SETS) when all are there."""
+    if not set(AVERAGE_SETS) <= set(ppl):
+        return dict(ppl)
+    return {**ppl, "average": sum(ppl[s] for s in AVERAGE_SETS) / len(AVERAGE_SETS)}
 
 
 def comparison(
     ours: dict[str, float], table: str, model: str | None, values: Sequence[PaperValue]
 ) -> list[dict]:
     """One row per key of `ours`: ours, the paper's value for `model` (None if absent), the
-    difference ours − paper and the source."""
+    difference ours − paper, the source and its precision."""
     rows = []
     for key, value in ours.items():
         match = next(
@@ -73,18 +90,21 @@ def comparison(
         paper = None if match is None else match.value
         rows.append({"key": str(key), "ours": value, "paper": paper,
                      "diff": None if paper is None else value - paper,
-                     "source": None if match is None else match.source})  # fmt: skip
+                     "source": None if match is None else match.source,
+                     "precision": None if match is None else match.precision})  # fmt: skip
     return rows
 
 
 def format_rows(rows: Sequence[dict], title: str) -> str:
-    """A plain-text table: key | ours | paper | diff, then the sources."""
+    """A plain-text table: key | ours | paper | diff, then the sources with their precision."""
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     lines = [title, f"{'':14} {'ours':>10} {'paper':>10} {'diff':>10}"]
     lines += [f"{r['key']:14} {fmt(r['ours']):>10} {fmt(r['paper']):>10} {fmt(r['diff']):>10}"
               for r in rows]  # fmt: skip
-    sources = sorted({r["source"] for r in rows if r["source"]})
-    lines += [f"  source: {s}" for s in sources] or ["  paper: no published value in the table"]
+    sources = sorted({(r["source"], r["precision"]) for r in rows if r["source"]})
+    lines += [f"  source: {s} ({p})" for s, p in sources] or [
+        "  paper: no published value in the table"
+    ]
     return "\n".join(lines)
 
 
