@@ -77,16 +77,40 @@ def prepare_data(settings: dict, out: Path) -> Path:
                        patch=spec.get("patch", 1))  # fmt: skip
     path = out / "classifier.json"
     if not path.is_file():
-        start = time.perf_counter()
-        clf, real = reference_classifier(str(data_dir), settings["classifier"]["seed"])
-        acc = classifier_accuracy(clf, real.images, real.labels)
-        path.write_text(json.dumps({"valid_accuracy": acc, "valid_images": len(real.labels),
-                                    "wall_s": time.perf_counter() - start}, indent=1))  # fmt: skip
+        path.write_text(json.dumps(train_reference_classifier(settings["classifier"], data_dir),
+                                   indent=1))  # fmt: skip
     acc, need = json.loads(path.read_text())["valid_accuracy"], settings["classifier"]
     if acc < need["min_accuracy"]:
         raise ValueError(f"the reference classifier reaches {acc:.3f} on held-out digits, below "
-                         f"classifier.min_accuracy = {need['min_accuracy']}")  # fmt: skip
+                         f"classifier.min_accuracy = {need['min_accuracy']} with every seed "
+                         f"tried ({path}); lower it or raise classifier.retries")  # fmt: skip
     return data_dir
+
+
+def train_reference_classifier(spec: dict, data_dir: Path) -> dict:
+    """Train the classifier with seed `spec.seed`; while its held-out accuracy is below
+    `spec.min_accuracy`, retry with the next seed, at most `spec.retries` times (the float
+    arithmetic of the CPU moves the accuracy by a few digits: 0.979 on one Xeon where another
+    machine reached 0.985 with the same seed). Every attempt is recorded and reported; the
+    result's `seed` is the one the evaluation uses."""
+    attempts, start = [], time.perf_counter()
+    for seed in range(spec["seed"], spec["seed"] + spec.get("retries", 0) + 1):
+        clf, real = reference_classifier(str(data_dir), seed)
+        attempts.append({"seed": seed, "valid_accuracy": classifier_accuracy(clf, real.images,
+                                                                             real.labels)})
+        print(f"reference classifier, seed {seed}: held-out accuracy "
+              f"{attempts[-1]['valid_accuracy']:.4f} (needed {spec['min_accuracy']})", flush=True)
+        if attempts[-1]["valid_accuracy"] >= spec["min_accuracy"]:
+            break
+    return {**attempts[-1], "valid_images": len(real.labels), "attempts": attempts,
+            "wall_s": time.perf_counter() - start}  # fmt: skip
+
+
+def classifier_seed(settings: dict, out: Path) -> int:
+    """The seed of the reference classifier that passed (classifier.json; older files: the
+    configured seed)."""
+    recorded = json.loads((out / "classifier.json").read_text())
+    return recorded.get("seed", settings["classifier"]["seed"])
 
 
 @torch.no_grad()
@@ -146,7 +170,7 @@ def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple
         if "train" in stages:
             train_model(model_config(settings, budget, k, seed, data_dir), run_dir)
         if "eval" in stages and (run_dir / "train_info.json").is_file():
-            evaluate_model(run_dir, data_dir, ev, settings["classifier"]["seed"])
+            evaluate_model(run_dir, data_dir, ev, classifier_seed(settings, out))
             print(f"evaluated {run_dir.name}", flush=True)
 
 
