@@ -174,3 +174,41 @@ def test_shared_ids_only_where_named():
     mask_too = {**shared, "mask": "[E]"}
     with pytest.raises(ValueError, match="only bos, eos and pad"):
         TextTokenizer(base, mask_too, {"kind": "x"}, shared=("bos", "eos", "pad", "mask"))
+
+
+@pytest.mark.parametrize(
+    "data, text",
+    [
+        ("é".encode()[1:] + b"ab" + "中".encode()[:2], "ab"),  # cut at both ends: left out
+        ("a—b".encode(), "a—b"),
+        (b"a\xe2b", "a\ufffdb"),  # a lead byte without its continuation, inside: invalid
+        (b"\x80\x80\x80\x80x", "\ufffdx"),  # at most 3 bytes can belong to a cut character
+        ("😀".encode()[:3], ""),
+        (b"", ""),
+    ],
+)
+def test_utf8_text_drops_cut_characters_and_replaces_invalid_bytes(data, text):
+    from xdlm.data.bytelevel import utf8_text
+
+    assert utf8_text(data) == text
+
+
+def test_bytelevel_decode_keeps_characters_split_across_tokens(corpus):
+    """Regression (issue 32): samples printed "�" where a token boundary split a multi-byte
+    character. A 400-id BPE has no token for "é" or "中": their bytes are separate tokens."""
+    from xdlm.data.bytelevel import byte_of_char
+
+    tok = _build("bpe", corpus, None)
+    text = "naïve café — 中文 it’s"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    token_of = {b: tok._tok.token_to_id(c) for c, b in byte_of_char().items()}
+    cafe = tok.encode("café")
+    assert cafe[-2:] == [token_of[0xC3], token_of[0xA9]]  # é = C3 A9, one token per byte
+    masked = [*cafe[:-1], tok.mask_id, cafe[-1], *tok.encode(" ok")]
+    assert tok.decode(masked, skip_special=False) == "caf[MASK] ok"  # cut halves left out
+    assert tok.decode(masked) == "caf ok"
+    window = tok.encode("中文")[1:]  # a row cut out of a longer text starts mid-character
+    assert tok.decode(window) == "文"
+    invalid = [*tok.encode("a"), token_of[0xC3], *tok.encode("b")]
+    assert tok.decode(invalid) == "a\ufffdb"  # only a truly invalid byte is replaced

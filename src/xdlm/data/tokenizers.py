@@ -37,6 +37,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from tokenizers.trainers import BpeTrainer
 
+from xdlm.data.bytelevel import token_bytes, utf8_text
 from xdlm.files import read_json, require
 
 KINDS = ("gpt2", "gpt2-mdlm", "bert-base-uncased", "wordpiece", "char", "bpe", "hf")
@@ -96,12 +97,31 @@ class TextTokenizer:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        """Ids -> text. With `skip_special`, BOS/EOS/PAD/MASK (and other specials) emit nothing."""
+        """Ids -> text. With `skip_special`, BOS/EOS/PAD/MASK (and other specials) emit nothing.
+        Byte-level BPE decodes each run between added tokens at once: a character split across
+        tokens comes out whole, one cut off at a run's end is left out, and only invalid bytes
+        inside become U+FFFD (`xdlm.data.bytelevel`)."""
         ids = [int(i) for i in ids]
+        if isinstance(self._tok.decoder, decoders.ByteLevel):
+            return self._decode_bytes(ids, skip_special)
         if skip_special:
             drop = set(self.special_ids.values())
             ids = [i for i in ids if i not in drop]
         return self._tok.decode(ids, skip_special_tokens=skip_special)
+
+    def _decode_bytes(self, ids: list[int], skip_special: bool) -> str:
+        added = self._tok.get_added_tokens_decoder()
+        special = set(self.special_ids.values()) | {i for i, t in added.items() if t.special}
+        parts, run = [], bytearray()
+        for i in ids:
+            if i not in added and i not in special:
+                run += token_bytes(self._tok.id_to_token(i))
+                continue
+            parts.append(utf8_text(bytes(run)))
+            run.clear()
+            if not (skip_special and i in special):
+                parts.append(added[i].content if i in added else self._tok.id_to_token(i))
+        return "".join(parts) + utf8_text(bytes(run))
 
     def fingerprint(self) -> str:
         """SHA-256 of the tokenizer's serialized form (vocabulary, merges, normalizer,
