@@ -372,8 +372,12 @@ def test_change_of_variables_run_is_conditioned_on_its_own_time(tmp_path):
     from xdlm.importing import model_config
 
     sd = upstream_state_dict(V, torch.Generator().manual_seed(5))
-    config = {"diffusion": "absorbing_state", "time_conditioning": True,
-              "training": {"change_of_variables": True}, "model": {"n_heads": SIZES["heads"]}}
+    config = {
+        "diffusion": "absorbing_state",
+        "time_conditioning": True,
+        "training": {"change_of_variables": True},
+        "model": {"n_heads": SIZES["heads"]},
+    }
     w = _ckpt_with_config(tmp_path / "cov.ckpt", sd, config)
     assert model_config(w, ImportOptions()).time_input == "t"
     ids, t = _inputs()

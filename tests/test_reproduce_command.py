@@ -42,7 +42,10 @@ def test_runs_compare_with_the_row_of_their_k():
     from xdlm.eval.reproduce import paper_model_for, with_average
 
     assert [paper_model_for(k) for k in (0, 1, 0.1, 0.5)] == [
-        "MDLM", "UDLM", "XDLM k=0.1", "XDLM k=0.5"
+        "MDLM",
+        "UDLM",
+        "XDLM k=0.1",
+        "XDLM k=0.5",
     ]
     sets = ("ptb", "wikitext2", "lm1b", "lambada", "ag_news", "pubmed", "arxiv")
     full = with_average({s: float(i) for i, s in enumerate(sets)})
@@ -91,8 +94,22 @@ def test_reproduce_zero_shot_on_local_texts(imported_run, tmp_path, capsys):
     assert rules["insert_eos"] is False and rules["seq_len"] == 16  # the run's L by default
     assert res["comparison"][0]["paper"] is None  # k = 0: MDLM, no published PTB value
     assert "zero-shot (MDLM)" in capsys.readouterr().out
-    rc = main(["reproduce", "zero-shot", "--ckpt", str(imported_run), "--benchmarks", "ptb",
-               "--texts", f"ptb={docs}", "--out", str(out), "--paper-model", "XDLM k=0.1"])
+    rc = main(
+        [
+            "reproduce",
+            "zero-shot",
+            "--ckpt",
+            str(imported_run),
+            "--benchmarks",
+            "ptb",
+            "--texts",
+            f"ptb={docs}",
+            "--out",
+            str(out),
+            "--paper-model",
+            "XDLM k=0.1",
+        ]
+    )
     assert rc == 0 and json.loads(out.read_text())["comparison"][0]["paper"] == 90.8
     assert "source: leaderboard aggregator (unconfirmed)" in capsys.readouterr().out
 

@@ -194,4 +194,4 @@ def recorded_choices() -> dict:
     """{shape: recorded decision} of this machine (CPU, threads, torch) from the cache file."""
     prefix = machine_key() + " | "
     entries = _read(cache_dir() / "precision.json")
-    return {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in entries.items() if k.startswith(prefix)}

@@ -102,7 +102,11 @@ def run(args) -> int:
         "kernel": loaded.kernel.spec(),
     }
     precision = inference_precision(
-        ev.precision, device, loaded.model, ev.batch_size, loaded.config.data.seq_len,
+        ev.precision,
+        device,
+        loaded.model,
+        ev.batch_size,
+        loaded.config.data.seq_len,
         loaded.kernel.vocab_size,
     )
     report["precision"] = precision.name

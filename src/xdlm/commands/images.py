@@ -108,8 +108,12 @@ def _load(args):
     info = image_info(loaded.config.data.path)
     s = resolve_sampling(s, cfg.model, loaded.kernel.mask_id)
     chosen = inference_precision(
-        s.precision, device, loaded.model, info.num_classes * cfg.images.per_class,
-        info.height * info.width, loaded.kernel.vocab_size,
+        s.precision,
+        device,
+        loaded.model,
+        info.num_classes * cfg.images.per_class,
+        info.height * info.width,
+        loaded.kernel.vocab_size,
     )
     with chosen.autocast(device):
         samples = sample_classes(

@@ -31,8 +31,12 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR")
     p.add_argument("--file", default=None, help="a .ckpt inside the Hub repo / directory")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
-    p.add_argument("--k", type=float, default=None,
-                   help="uniform share k (default from the source: MDLM 0, UDLM 1, XDLM algo.k1)")
+    p.add_argument(
+        "--k",
+        type=float,
+        default=None,
+        help="uniform share k (default from the source: MDLM 0, UDLM 1, XDLM algo.k1)",
+    )
     p.add_argument("--n-heads", type=int, default=None, help="default: config.json or d/64")
     p.add_argument("--time-input", choices=TIME_INPUTS, default=None,
                    help="time embedding input (default: config.json, else none)")  # fmt: skip

@@ -56,8 +56,11 @@ def register(sub) -> None:
     ll.add_argument("--limit", type=int, default=None, help="examples per task (smoke runs)")
     for q in (z, g, ll):
         add_trust_argument(q)
-        q.add_argument("--paper-model", default=None,
-                       help="row of paper_values.yaml to compare (default: the run's k)")
+        q.add_argument(
+            "--paper-model",
+            default=None,
+            help="row of paper_values.yaml to compare (default: the run's k)",
+        )
         q.add_argument("--paper-values", default=None, help="another paper_values.yaml")
         q.add_argument("--out", default=None, metavar="FILE.json")
     ll.add_argument("--device", default="auto", help="auto (cuda if visible, else cpu), cpu, cuda")

@@ -57,8 +57,14 @@ def paper_values(path: str | Path | None = None) -> list[PaperValue]:
     )
     data = yaml.safe_load(text) or {}
     return [
-        PaperValue(table, str(r["model"]), str(r["key"]), float(r["value"]), str(r["source"]),
-                   str(r["precision"]))  # fmt: skip
+        PaperValue(
+            table,
+            str(r["model"]),
+            str(r["key"]),
+            float(r["value"]),
+            str(r["source"]),
+            str(r["precision"]),
+        )  # fmt: skip
         for table in TABLES
         for r in data.get(table) or []
     ]
