@@ -37,6 +37,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from xdlm.core.categorical import without_mask
 from xdlm.core.kernel import MixedKernel
 from xdlm.models.protocol import Denoiser
 from xdlm.sampling.confidence import top_n
@@ -44,6 +45,7 @@ from xdlm.sampling.steps import Fixed
 from xdlm.sampling.trajectory import SampleOutput, Trajectory
 
 REMASKING = ("low_confidence", "random")
+RANK_DTYPES = ("logits", "float64")
 
 
 def transfer_counts(masked: Tensor, steps: int) -> Tensor:
@@ -96,17 +98,27 @@ class XDM:
         cfg_scale: LLaDA's unsupervised classifier-free guidance w (0 = off).
         protect_prompt: keep the prompt / fixed tokens out of the edits (ours; the authors'
             code edits them).
+        rank_dtype: "logits" (default, the authors'): p_θ = softmax in the logits' own dtype
+            over all V (the [MASK] logit included) and per-row `torch.topk`, so bf16 ties at
+            the selection boundary are broken exactly as the authors' code breaks them on the
+            same device; "float64": p_θ in float64 with p_θ(m) = 0, ties broken by position
+            (device-independent).
     """
 
     temperature: float = 0.0
     remasking: str = "low_confidence"
     cfg_scale: float = 0.0
     protect_prompt: bool = False
+    rank_dtype: str = "logits"
     uses_final_step: ClassVar[bool] = False  # the loop's final step does not apply
 
     def __post_init__(self) -> None:
         if self.remasking not in REMASKING:
             raise ValueError(f"xdm remasking must be one of {REMASKING}, got {self.remasking!r}")
+        if self.rank_dtype not in RANK_DTYPES:
+            raise ValueError(
+                f"xdm rank_dtype must be one of {RANK_DTYPES}, got {self.rank_dtype!r}"
+            )
         if self.temperature < 0.0 or self.cfg_scale < 0.0:
             raise ValueError(
                 f"xdm needs temperature >= 0 and cfg_scale >= 0, got {self.temperature}, "
@@ -134,33 +146,45 @@ class XDM:
         n_edit: Tensor,
         editable: Tensor,
         generator: torch.Generator | None,
+        scratch: dict[str, Tensor] | None = None,
     ) -> XDMStep:
         """One step on the canvas z_t (B, L): reveal n_reveal (B,) masked positions left of
-        `block_end`, edit at most n_edit (B,) `editable` (B, L) visible positions."""
-        logits = logits.double().index_fill(
-            -1, torch.tensor([mask_id], device=z_t.device), -math.inf
-        )
-        x_hat = self._propose(logits, generator)
-        p = torch.softmax(logits, dim=-1)
-        p_hat = p.gather(-1, x_hat.unsqueeze(-1)).squeeze(-1)
-        p_z = p.gather(-1, z_t.unsqueeze(-1)).squeeze(-1)
+        `block_end`, edit at most n_edit (B,) `editable` (B, L) visible positions. `scratch`
+        keeps the (B, L, V)-sized work buffers from one step to the next (`run` passes one)."""
+        scratch = {} if scratch is None else scratch
+        x_hat = self._propose(logits, mask_id, generator)
+        if self.rank_dtype == "logits":
+            p_hat, p_z = _probs_in_dtype(logits, x_hat, z_t, scratch)
+            select = _topk_rows
+        else:
+            p_hat, p_z = _probs_float64(logits, x_hat, z_t, mask_id, scratch)
+            select = top_n
         masked = z_t == mask_id
         if self.remasking == "random":
             score = torch.rand(z_t.shape, generator=generator, device=z_t.device)
         else:
             score = p_hat
         in_block = torch.arange(z_t.shape[1], device=z_t.device) < block_end
-        reveal = top_n(torch.where(masked & in_block, score, -math.inf), n_reveal)
+        reveal = select(torch.where(masked & in_block, score, -math.inf), n_reveal)
         candidate = ~masked & editable & (x_hat != z_t) & (p_hat >= p_z)
-        edit = top_n(torch.where(candidate, p_hat, -math.inf), n_edit.clamp(min=0))
+        n_edit = torch.minimum(n_edit.clamp(min=0), candidate.sum(-1))
+        edit = select(torch.where(candidate, p_hat, -math.inf), n_edit)
         return XDMStep(torch.where(reveal | edit, x_hat, z_t), reveal, edit)
 
-    def _propose(self, logits: Tensor, generator: torch.Generator | None) -> Tensor:
-        """x̂ (B, L): argmax, or the Gumbel-max draw at temperature τ (float64 noise)."""
+    def _propose(self, logits: Tensor, mask_id: int, generator: torch.Generator | None) -> Tensor:
+        """x̂ (B, L), never m: argmax of the logits (B, L, V) (`max(-1)`: the same first-index
+        rule as `argmax`, about twice as fast on CPU), or at temperature τ > 0 the Gumbel-max
+        draw argmax(logits − τ·log(−log U)) with U (B, L, V) float64, drawn as the authors do."""
         if self.temperature == 0.0:
-            return logits.argmax(-1)
+            x_hat = logits.max(-1).indices
+            chose_mask = x_hat == mask_id
+            if bool(chose_mask.any()):  # never with LLaDA; then the argmax without [MASK]
+                x_hat = torch.where(chose_mask, without_mask(logits, mask_id).argmax(-1), x_hat)
+            return x_hat
         u = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=logits.device)
-        return (logits - self.temperature * torch.log(-torch.log(u))).argmax(-1)
+        perturbed = u.log_().neg_().log_().mul_(-self.temperature).add_(logits)
+        perturbed[..., mask_id] = -math.inf
+        return perturbed.argmax(-1)
 
     @torch.no_grad()
     def run(
@@ -190,7 +214,7 @@ class XDM:
         z = fixed.pin(z)
         prompt = fixed.mask.to(device)
         editable = ~prompt if self.protect_prompt else torch.ones_like(prompt)
-        states, labels, nfe = [z], [], 0
+        states, labels, nfe, scratch = [z], [], 0, {}
         for b, block in enumerate(blocks(prompt_length(fixed), seq_len, steps, block_size)):
             n = transfer_counts(z[:, block.begin : block.end] == m, block.steps)
             budget = cumulative_edit_budget(kernel.k, n)
@@ -199,13 +223,60 @@ class XDM:
                 logits = self.logits(denoiser, z, prompt, m, class_labels)
                 nfe += 1 if self.cfg_scale == 0.0 else 2
                 allowed = budget[:, i] - edits
-                out = self.step(logits, z, m, block.end, n[:, i], allowed, editable, generator)
+                out = self.step(
+                    logits, z, m, block.end, n[:, i], allowed, editable, generator, scratch
+                )
                 z, edits = out.z_s, edits + out.edited.sum(-1)
                 if record:
                     states.append(z)
                     labels.append(f"block {b} step {i + 1}")
         trajectory = Trajectory(torch.stack(states), labels, m) if record else None
         return SampleOutput(z, nfe, trajectory, time.perf_counter() - start)
+
+
+def _buffer(scratch: dict[str, Tensor], name: str, like: Tensor, shape, dtype) -> Tensor:
+    """scratch[name], (re)allocated when its shape or dtype changes (a reused work buffer)."""
+    buf = scratch.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != like.device:
+        buf = scratch[name] = torch.empty(shape, dtype=dtype, device=like.device)
+    return buf
+
+
+def _probs_in_dtype(
+    logits: Tensor, x_hat: Tensor, z: Tensor, scratch: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """p_θ(x̂), p_θ(z) (B, L) in the logits' dtype: `torch.softmax` over all V logits (B, L, V),
+    the [MASK] logit included, exactly the values the authors rank (the same kernel, written
+    into a reused buffer: no fresh (B, L, V) allocation per step)."""
+    p = _buffer(scratch, "p", logits, logits.shape, logits.dtype)
+    torch._softmax(logits, -1, False, out=p)
+    return p.gather(-1, x_hat.unsqueeze(-1)).squeeze(-1), p.gather(-1, z.unsqueeze(-1)).squeeze(-1)
+
+
+def _probs_float64(
+    logits: Tensor, x_hat: Tensor, z: Tensor, mask_id: int, scratch: dict[str, Tensor]
+) -> tuple[Tensor, Tensor]:
+    """p_θ(x̂), p_θ(z) (B, L) float64 with p_θ(m) = 0: exp(ℓ_v − max ℓ) / Σ_{v≠m} exp(ℓ_v − max ℓ)
+    from the logits ℓ (B, L, V), one sequence at a time in a reused (L, V) float64 buffer."""
+    index = torch.stack([x_hat, z], dim=-1)  # (B, L, 2)
+    out = torch.empty(index.shape, dtype=torch.float64, device=logits.device)
+    work = _buffer(scratch, "float64", logits, logits.shape[1:], torch.float64)
+    for b in range(logits.shape[0]):
+        work.copy_(logits[b])
+        work[:, mask_id] = -math.inf
+        top = work.amax(-1, keepdim=True)
+        picked = work.gather(-1, index[b]).sub_(top).exp_()
+        out[b] = picked / work.sub_(top).exp_().sum(-1, keepdim=True)
+    return out[..., 0], out[..., 1]
+
+
+def _topk_rows(score: Tensor, n: Tensor) -> Tensor:
+    """Bool (B, L): in each row b of score (B, L), the n[b] positions `torch.topk` picks, as the
+    authors select them (ties broken however topk breaks them on this device)."""
+    chosen = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+    for b, count in enumerate(n.tolist()):
+        chosen[b, torch.topk(score[b], count).indices] = True
+    return chosen
 
 
 @dataclass(frozen=True)
