@@ -1,16 +1,18 @@
-"""The authors' LLaDA-XDLM `generate.py`, loaded at run time from a fetched git mirror.
+"""The authors' code, loaded at run time from fetched git mirrors (None when absent).
 
-    gen = load_generate("/work/.mirror/MzeroMiko+LLaDA-XDLM/repo")   # None when absent
+    gen = load_generate()    # MzeroMiko/LLaDA-XDLM generate.py
     gen.generate_xdm(AuthorsModel(fake), prompt, steps=32, gen_length=256, ..., k1=0.1)
+    xdlm = load_xdlm_step()  # MzeroMiko/XDLM: XDMHelper (xdm_utils.py), sample_categorical
 
-Nothing of the authors' code is copied into this repository: the file is read from the mirror's
-HEAD with `git show` and executed as a module. Its top-level `from transformers import
+Nothing of the authors' code is copied into this repository: the files are read from the
+mirrors' HEAD with `git show` and executed. Its top-level `from transformers import
 AutoTokenizer, AutoModel` is only used by its `main()`; when transformers is not installed a
 stand-in module with those two names is provided for the import.
 """
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import types
@@ -20,16 +22,40 @@ from types import SimpleNamespace
 import torch
 
 MIRROR = Path("/work/.mirror/MzeroMiko+LLaDA-XDLM/repo")
+XDLM_MIRROR = Path("/work/.mirror/MzeroMiko+XDLM/repo")
+
+
+def _show(git_dir: str | Path, path: str) -> str | None:
+    try:
+        return subprocess.run(
+            ["git", f"--git-dir={git_dir}", "show", f"HEAD:{path}"],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def load_xdlm_step(git_dir: str | Path = XDLM_MIRROR) -> SimpleNamespace | None:
+    """The XDLM repository's ancestral step: `XDMHelper` (xdm_utils.py, imports torch only) and
+    algo.py's `sample_categorical` (only that function is executed: algo.py's imports need the
+    authors' Lightning training stack)."""
+    helper, algo = _show(git_dir, "xdm_utils.py"), _show(git_dir, "algo.py")
+    if helper is None or algo is None:
+        return None
+    scope: dict = {}
+    exec(compile(helper, f"{git_dir}:HEAD:xdm_utils.py", "exec"), scope)  # noqa: S102
+    tree = ast.parse(algo)
+    body = [n for n in tree.body if getattr(n, "name", None) == "sample_categorical"]
+    exec(compile(ast.Module(body=body, type_ignores=[]), "algo.py", "exec"), scope)  # noqa: S102
+    return SimpleNamespace(
+        XDMHelper=scope["XDMHelper"], sample_categorical=scope["sample_categorical"]
+    )
 
 
 def load_generate(git_dir: str | Path = MIRROR) -> types.ModuleType | None:
     """The module of the authors' `generate.py` at the mirror's HEAD, or None when absent."""
-    try:
-        source = subprocess.run(
-            ["git", f"--git-dir={git_dir}", "show", "HEAD:generate.py"],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
+    source = _show(git_dir, "generate.py")
+    if source is None:
         return None
     if "transformers" not in sys.modules:
         try:

@@ -6,12 +6,12 @@ Setting (the paper's): B = 3 prompts of P = 32 tokens, 256 generated tokens in o
 T = 32 steps, k = 0.1, greedy, V = 32,000. Models: `FakeLM(hidden)`, logits (B, L, V) =
 (E[z_l] + E'[z_{l−1}] + E'[z_{l+1}]) · W, a cheap canvas-dependent fake (width 16, the
 sampler's bookkeeping dominates) and a costlier one (lifted to 2048 features, the model
-dominates). Cases, interleaved
-and repeated, medians reported: the authors' `generate_xdm` (loaded at run time from the fetched
-mirror, `benchmarks/upstream.py`; skipped with a reason when absent), ours (`XDM` with
-rank_dtype "logits" and "float64"), and the model alone (T calls on one canvas). Every run also
-checks ours against the authors' tokens (fp32 and bf16 logits), and measures each case's peak
-RSS in a fresh process. Results: benchmarks/results/xdm_speed.json.
+dominates). Cases, interleaved and repeated, medians reported: the authors' `generate_xdm`
+(loaded at run time from the fetched mirror, `benchmarks/upstream.py`; skipped with a reason
+when absent), ours (`XDM` with rank_dtype "logits" and "float64") and the model alone (T calls
+on one canvas); for the costly model only ours (default) and the model alone. The cheap model's
+run also checks ours against the authors' tokens (fp32 and bf16 logits) and measures each
+case's peak RSS in a fresh process. Results: benchmarks/results/xdm_speed.json.
 """
 
 from __future__ import annotations
@@ -89,12 +89,13 @@ def model_only(model, prompt: torch.Tensor) -> None:
         model(z)
 
 
-def cases(gen, model, prompt, float64: bool = True) -> dict:
+def cases(gen, model, prompt, cheap: bool = True) -> dict:
+    """Every case for the cheap model; ours (default rank_dtype) and the model alone else."""
     out = {"ours_logits": lambda: ours(model, prompt, "logits")}
-    if float64:
+    if cheap:
         out["ours_float64"] = lambda: ours(model, prompt, "float64")
     out["model_only"] = lambda: model_only(model, prompt)
-    if gen is not None:
+    if gen is not None and cheap:
         out["authors"] = lambda: authors(gen, model, prompt)
     return out
 
@@ -142,7 +143,7 @@ def peak_rss(case: str, hidden: int | None, threads: int) -> dict:
 
 def bench(hiddens: tuple[int | None, ...], repeats: int, costly_repeats: int, threads: int) -> dict:
     """The cheap model: every case, token agreement, peak RSS; a costlier model (hidden set):
-    times of ours (default rank_dtype), the authors' and the model alone."""
+    times of ours (default rank_dtype) and of the model alone."""
     torch.set_num_threads(threads)
     gen = load_generate()
     data = {"machine": machine(), "threads": threads, "repeats": [repeats, costly_repeats],
@@ -151,20 +152,19 @@ def bench(hiddens: tuple[int | None, ...], repeats: int, costly_repeats: int, th
             "runs": []}  # fmt: skip
     for hidden in hiddens:
         model, prompt, cheap = FakeLM(hidden), prompt_tokens(), hidden is None
-        fns = cases(gen, model, prompt, float64=cheap)
+        fns = cases(gen, model, prompt, cheap)
         with torch.no_grad():
             times = median_times(fns, repeats if cheap else costly_repeats)
         med = {name: t["median_s"] for name, t in times.items()}
         row = {"hidden": hidden, "times": times, "load_avg_1min_after": os.getloadavg()[0]}
         row["ratio_vs_model_only"] = {n: med[n] / med["model_only"] for n in med}
-        if gen is not None:
+        if "authors" in med:
             row["ratio_vs_authors"] = {n: med[n] / med["authors"] for n in med}
             outside = med["authors"] - med["model_only"]
             row["outside_model_vs_authors"] = {
                 n: (med[n] - med["model_only"]) / outside for n in med if n.startswith("ours")
             }
-            if cheap:
-                row["agreement"] = agreement(gen, hidden)
+            row["agreement"] = agreement(gen, hidden)
         if cheap:
             row["peak_rss"] = {name: peak_rss(name, hidden, threads) for name in fns}
         print(json.dumps({k: row[k] for k in row if k != "times"}, indent=1), flush=True)

@@ -154,6 +154,17 @@ def test_generation_defaults_to_the_xdm_sampler(harness):
         XDLMHarnessLM(denoiser=harness.denoiser, tokenizer=harness.tokenizer, sampler="ancestral")
 
 
+def test_xdm_rank_dtype_model_arg(harness):
+    """The authors' ranking in the model's dtype by default; model_args xdm_rank_dtype=float64
+    picks ours; a bad value is an error naming the setting."""
+    assert harness.sampler.rank_dtype == "logits"
+    objects = dict(denoiser=harness.denoiser, tokenizer=harness.tokenizer)
+    precise = XDLMHarnessLM(**objects, xdm_rank_dtype="float64")
+    assert precise.sampler == XDM(rank_dtype="float64")
+    with pytest.raises(ValueError, match="rank_dtype"):
+        XDLMHarnessLM(**objects, xdm_rank_dtype="bfloat16")
+
+
 def test_simple_evaluate_on_a_local_task(harness, tmp_path):
     """lm_eval end to end with an oracle that knows "Mr. Darcy": it is right exactly on the
     two documents labelled Darcy, so acc = 2/3 (1/3 if the scores reached lm_eval reversed)."""

@@ -276,3 +276,15 @@ def test_unknown_sampling_names_are_errors_at_the_edge(key, bad):
     with pytest.raises(ValueError, match="sampler|final|grid|strategy"):
         extra = {"sampler": "remdm"} if key == "remdm_strategy" else {}
         build_sampler(SampleConfig(**{key: bad, **extra}))
+
+
+def test_xdm_rank_dtype_reaches_the_sampler():
+    """`sample.xdm_rank_dtype`: the authors' ranking ("logits") by default, float64 on request,
+    anything else an error naming the key."""
+    assert build_sampler(SampleConfig(sampler="xdm")).sampler.rank_dtype == "logits"
+    plan = build_sampler(
+        load_config(None, ["sample.sampler=xdm", "sample.xdm_rank_dtype=float64"]).sample
+    )
+    assert plan.sampler.rank_dtype == "float64"
+    with pytest.raises(ValueError, match="sample.xdm_rank_dtype"):
+        load_config(None, ["sample.xdm_rank_dtype=bfloat16"])

@@ -35,8 +35,10 @@ class HashModel:
     predicted (logit −1e9), so the sampler's p_θ(m) = 0 is a no-op and the reference can use
     the raw logits as the authors do."""
 
-    def __init__(self, length: int, seed: int = 0, scale: float = 3.0):
-        g = torch.Generator().manual_seed(seed)
+    def __init__(
+        self, length: int, seed: int = 0, scale: float = 3.0, dtype: torch.dtype = torch.float32
+    ):
+        g, self.dtype = torch.Generator().manual_seed(seed), dtype
         self.left = scale * torch.randn(length, V, V, generator=g)
         self.right = scale * torch.randn(length, V, V, generator=g)
         self.calls = 0
@@ -48,7 +50,7 @@ class HashModel:
         right = torch.nn.functional.pad(z[:, 1:], (0, 1), value=M)
         logits = self.left[pos, left] + self.right[pos, right]
         logits[..., M] = -1e9
-        return logits
+        return logits.to(self.dtype)
 
 
 def reference_num_transfer_tokens(block_mask, steps):
@@ -63,8 +65,10 @@ def reference_num_transfer_tokens(block_mask, steps):
 @torch.no_grad()
 def reference_generate_xdm(
     model, prompt, gen_length, steps, block_length, k, temperature=0.0,
-    remasking="low_confidence", cfg_scale=0.0, generator=None,
+    remasking="low_confidence", cfg_scale=0.0, generator=None, in_logits_dtype=False,
 ):  # fmt: skip
+    """in_logits_dtype: the authors' precision (softmax and ranking in the model's dtype);
+    otherwise p in float64."""
     x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), M, dtype=torch.long)
     x[:, : prompt.shape[1]] = prompt.clone()
     prompt_index = x != M
@@ -85,10 +89,12 @@ def reference_generate_xdm(
                 logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
             else:
                 logits = model(x, None)
-            logits = logits.to(torch.float64)
+            if not in_logits_dtype:
+                logits = logits.to(torch.float64)
             if temperature > 0.0:
                 noise = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
-                x0 = torch.argmax(logits.exp() / (-torch.log(noise)) ** temperature, dim=-1)
+                gumbel = logits.to(torch.float64).exp() / (-torch.log(noise)) ** temperature
+                x0 = torch.argmax(gumbel, dim=-1)
             else:
                 x0 = torch.argmax(logits, dim=-1)
             p = torch.softmax(logits, dim=-1)
@@ -128,20 +134,21 @@ def _fixed(prompt: torch.Tensor) -> Fixed:
     return Fixed(mask, tokens)
 
 
-def _run(k, blocks, record=False, seed=0, **xdm):
+def _run(k, blocks, record=False, seed=0, dtype=torch.float32, **xdm):
     prompt = _prompt()
     out = generate(
-        HashModel(P + GEN), MixedKernel(V, M, k), LogLinear(), batch_size=B, seq_len=P + GEN,
-        steps=STEPS, generator=torch.Generator().manual_seed(seed), sampler=XDM(**xdm),
-        fixed=_fixed(prompt), block_size=GEN // blocks, record=record,
+        HashModel(P + GEN, dtype=dtype), MixedKernel(V, M, k), LogLinear(), batch_size=B,
+        seq_len=P + GEN, steps=STEPS, generator=torch.Generator().manual_seed(seed),
+        sampler=XDM(**xdm), fixed=_fixed(prompt), block_size=GEN // blocks, record=record,
     )  # fmt: skip
     return prompt, out
 
 
+@pytest.mark.parametrize("rank_dtype", ["logits", "float64"])
 @pytest.mark.parametrize("blocks", [1, 4])
 @pytest.mark.parametrize("k", [0.0, 0.1, 0.5])
-def test_equals_the_reference_token_for_token(k, blocks):
-    prompt, out = _run(k, blocks, record=True)
+def test_equals_the_reference_token_for_token(k, blocks, rank_dtype):
+    prompt, out = _run(k, blocks, record=True, rank_dtype=rank_dtype)
     ref = reference_generate_xdm(HashModel(P + GEN), prompt, GEN, STEPS, GEN // blocks, k)
     assert torch.equal(out.tokens, ref)
     assert out.nfe == STEPS and not (out.tokens == M).any()
@@ -169,6 +176,43 @@ def test_sampling_options_equal_the_reference(xdm, blocks, k):
     )
     assert torch.equal(out.tokens, ref)
     assert out.nfe == STEPS * (2 if xdm.get("cfg_scale") else 1)
+
+
+BF16_SETTINGS = [(k, blocks, seed) for k in (0.1, 0.5) for blocks in (1, 4) for seed in (0, 1, 2)]
+
+
+def _bf16_case(k, blocks, seed, **xdm):
+    """(ours, the reference ranking in bf16, the reference ranking in float64) on bf16 logits."""
+    prompt = torch.randint(M, (B, P), generator=torch.Generator().manual_seed(seed))
+    model = HashModel(P + GEN, seed=seed, dtype=torch.bfloat16)
+    out = generate(
+        model, MixedKernel(V, M, k), LogLinear(), batch_size=B, seq_len=P + GEN, steps=STEPS,
+        generator=None, sampler=XDM(**xdm), fixed=_fixed(prompt), block_size=GEN // blocks,
+    )  # fmt: skip
+    refs = [
+        reference_generate_xdm(model, prompt, GEN, STEPS, GEN // blocks, k, in_logits_dtype=bf16)
+        for bf16 in (True, False)
+    ]
+    return out.tokens, *refs
+
+
+@pytest.mark.parametrize("k,blocks,seed", BF16_SETTINGS)
+def test_bf16_logits_rank_as_the_authors_by_default(k, blocks, seed):
+    """bf16 probabilities tie at the selection boundary; the default rank_dtype ("logits")
+    breaks the ties as `torch.topk` on the bf16 values does, as the authors' code."""
+    ours, faithful, _ = _bf16_case(k, blocks, seed)
+    assert torch.equal(ours, faithful)
+
+
+def test_bf16_ties_decide_the_outcome():
+    """The float64 ranking (ties by position) equals the float64 reference and differs from the
+    authors' bf16 ranking in some of the settings: the bf16 test above has something to test."""
+    differing = 0
+    for k, blocks, seed in BF16_SETTINGS:
+        ours, faithful, precise = _bf16_case(k, blocks, seed, rank_dtype="float64")
+        assert torch.equal(ours, precise)
+        differing += int(not torch.equal(precise, faithful))
+    assert differing > 0
 
 
 def test_edits_stay_within_the_cumulative_budget_and_reach_the_prompt():
@@ -230,3 +274,5 @@ def test_errors_name_the_fix(kwargs, match):
         generate(HashModel(P + GEN), MixedKernel(V, M, 0.1), LogLinear(), **settings | kwargs)
     with pytest.raises(ValueError, match="remasking"):
         XDM(remasking="top")
+    with pytest.raises(ValueError, match="rank_dtype"):
+        XDM(rank_dtype="bfloat16")

@@ -312,7 +312,10 @@ def build_sampler(cfg: SampleConfig) -> SamplingPlan:
                 "--top-k/--top-p (sample.top_k/top_p) do not apply to the xdm sampler "
                 "(greedy or --temperature)"
             )
-        sampler = XDM(temperature, cfg.xdm_remasking, protect_prompt=cfg.xdm_protect_prompt)
+        sampler = XDM(
+            temperature, cfg.xdm_remasking, protect_prompt=cfg.xdm_protect_prompt,
+            rank_dtype=cfg.xdm_rank_dtype,
+        )  # fmt: skip
         filt = LogitFilter()  # xdm draws x̂ itself (its own temperature)
     elif kind is ReMDM:
         rescale = _pick(REMDM_STRATEGIES, cfg.remdm_strategy, "sample.remdm_strategy")

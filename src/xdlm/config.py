@@ -143,6 +143,9 @@ class SampleConfig:
     remdm_strategy: Literal["cap", "rescale"] = "cap"
     xdm_remasking: Literal["low_confidence", "random"] = "low_confidence"  # xdm reveal order
     xdm_protect_prompt: bool = False  # xdm: never edit the prompt / fixed tokens
+    # xdm ranking: "logits" = the authors' (softmax in the logits' dtype, torch.topk ties),
+    # "float64" = float64 p_θ, ties by position (docs/sampling.md)
+    xdm_rank_dtype: Literal["logits", "float64"] = "logits"
     prompt: str | None = None  # fixed text prefix
     infill: str | None = None  # text with [BLANK] / [BLANK:n] gaps
     blank_len: int = 8  # tokens per plain [BLANK]

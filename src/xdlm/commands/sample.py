@@ -84,6 +84,9 @@ def register(sub) -> None:
               choices=choices(SampleConfig, "xdm_remasking"))  # fmt: skip
     shorthand(p, "--xdm-protect-prompt", key=S + "xdm_protect_prompt", action="store_true",
               help="xdm: never edit prompt/fixed tokens")  # fmt: skip
+    shorthand(p, "--xdm-rank-dtype", key=S + "xdm_rank_dtype",
+              choices=choices(SampleConfig, "xdm_rank_dtype"),
+              help="xdm ranking: logits (the authors', default) or float64")  # fmt: skip
     shorthand(p, "--prompt", key=S + "prompt", help="text prefix kept fixed")
     shorthand(p, "--infill", key=S + "infill", help="text with [BLANK] / [BLANK:n] gaps to fill")
     shorthand(p, "--blank-len", key=S + "blank_len", type=int, help="tokens per plain [BLANK]")

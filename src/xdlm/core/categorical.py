@@ -66,6 +66,9 @@ def denoiser_probs(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> Tensor:
-    """p_θ (…, V) in float32+: mask logit forced to −inf (p_θ(m) = 0), then the filters."""
-    logits = filter_logits(without_mask(logits, mask_id), temperature, top_k, top_p)
+    """p_θ (…, V) in float32+: mask logit forced to −inf (p_θ(m) = 0), then the filters (none at
+    the defaults: no extra (…, V) copy)."""
+    logits = without_mask(logits, mask_id)
+    if temperature != 1.0 or top_k is not None or top_p is not None:
+        logits = filter_logits(logits, temperature, top_k, top_p)
     return torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))

@@ -75,6 +75,9 @@ class XDLMHarnessLM(LM):
             block_length: semi-AR block size (None: one block, as in the paper).
         sampler: "xdm" (the authors' algorithm, default) or "confidence" (our variant); for a
             run, any `sample.sampler` (default: the run's own, with its final step and grid).
+        xdm_rank_dtype: "logits" (default: p_θ and its ranking in the model's dtype, ties as
+            the authors' `torch.topk` breaks them, so bf16 LLaDA reproduces their choices) or
+            "float64" (docs/sampling.md); for a run, default: the run's own.
         device: "auto" (cuda when visible, else cpu) or a device this machine has.
         seed: seeds the generator used for the Monte-Carlo estimates.
         batch_size: requests scored per forward pass (an int; "auto" is not supported);
@@ -94,6 +97,7 @@ class XDLMHarnessLM(LM):
         steps: int = 32,
         block_length: int | None = None,
         sampler: str | None = None,
+        xdm_rank_dtype: str | None = None,
         device: str = "auto",
         dtype: str | None = None,
         trust_remote_code: bool = False,
@@ -114,7 +118,8 @@ class XDLMHarnessLM(LM):
         trust = str(trust_remote_code).lower() == "true"
         if is_native(pretrained):
             given = {"k": k, "mask_id": mask_id, "dtype": dtype}
-            native = load_native(pretrained, device, sampler, given, trust_remote_code=trust)
+            chosen = {"sampler": sampler, "xdm_rank_dtype": xdm_rank_dtype}
+            native = load_native(pretrained, device, chosen, given, trust_remote_code=trust)
             self._init_native(native, mc_samples, max_length, gen_length, steps, block_length)
             self.device_name, self.seed = device, int(seed)
             return
@@ -147,7 +152,10 @@ class XDLMHarnessLM(LM):
             raise ValueError(
                 f"sampler must be 'xdm' or 'confidence' for generation, got {sampler!r}"
             )
-        self.sampler = build_sampler(SampleConfig(sampler=sampler, final="none")).sampler
+        plan = SampleConfig(
+            sampler=sampler, final="none", xdm_rank_dtype=xdm_rank_dtype or "logits"
+        )
+        self.sampler = build_sampler(plan).sampler
         self.generate_kwargs = {"sampler": self.sampler, "final": None}
         self.device_name, self.seed = device, int(seed)
 

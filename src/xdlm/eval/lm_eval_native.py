@@ -76,12 +76,12 @@ class NativeModel:
 def load_native(
     pretrained: str,
     device: str,
-    sampler: str | None,
+    chosen: dict[str, str | None],
     given: dict[str, object],
     trust_remote_code: bool = False,
 ) -> NativeModel:
-    """Load the run at `pretrained` on `device`. `sampler` (None: the run's `sample.sampler`)
-    replaces the run's sampler; `given` holds the model_args the user passed that a run
+    """Load the run at `pretrained` on `device`. `chosen` sample settings (`sampler`,
+    `xdm_rank_dtype`; None: the run's own) replace the run's; `given` holds the model_args the user passed that a run
     defines itself (k, mask_id) or that apply to HF backbones only (dtype), each an error
     unless it agrees with the run; `trust_remote_code` (the command line's) goes to
     `load_run` (a run of an HF backbone with custom code)."""
@@ -92,8 +92,7 @@ def load_native(
         raise ValueError(f"{pretrained} has no tokenizer/ directory; lm-eval needs the run's text")
     _check_given(pretrained, run.kernel, given)
     sample = run.config.sample
-    if sampler is not None:
-        sample = dataclasses.replace(sample, sampler=sampler)
+    sample = dataclasses.replace(sample, **{k: v for k, v in chosen.items() if v is not None})
     plan = build_sampler(resolve_sampling(sample, run.config.model, run.kernel.mask_id))
     return NativeModel(
         run.model, RunTokenizer(run.tokenizer, str(pretrained)), run.kernel, run.schedule,

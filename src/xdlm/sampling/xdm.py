@@ -8,7 +8,12 @@ and [MASK] elsewhere (fixed infilling tokens stay where the template puts them):
   None) and the T steps evenly over the blocks (T_b = T / #blocks each). Every step calls the
   denoiser on the WHOLE canvas: later blocks are still [MASK] and visible to attention.
 - x̂ = argmax of the logits (τ = 0, the paper's setting) or of logits − τ·log(−log U), U ~ U(0, 1)
-  in float64 (LLaDA's Gumbel-max: a draw from softmax(logits/τ)); p_θ = softmax(logits), float64.
+  in float64 (LLaDA's Gumbel-max: a draw from softmax(logits/τ)); x̂ is never [MASK].
+- p_θ and the ranking (`rank_dtype`): "logits" (default, the authors'): p_θ = softmax(logits)
+  in the logits' own dtype (bf16 for LLaDA) over all V, and each row's positions picked with
+  `torch.topk`, so ties between equal bf16 probabilities at the selection boundary fall as in
+  the authors' code on the same device; "float64": p_θ in float64 with p_θ(m) = 0, ties broken
+  by position (device-independent, fewer ties).
 - Reveal (LLaDA's `get_num_transfer_tokens`): with M the block's masked positions at its start,
   step i reveals n_i = M // T_b (+1 in the first M % T_b steps) of the block's masked positions,
   those with the highest c = p_θ(x̂) ('low_confidence'; 'random': c ~ U(0, 1) in float32).
@@ -19,11 +24,15 @@ and [MASK] elsewhere (fixed infilling tokens stay where the template puts them):
 - CFG (LLaDA's unsupervised guidance, w = `cfg_scale` > 0): logits = u + (w + 1)·(c − u), u the
   logits of the canvas with the prompt (every initially visible position) set to [MASK].
 
-Deliberate differences from the authors' code, none of which changes a result with LLaDA:
-the [MASK] logit is set to −∞ (p_θ(m) = 0; LLaDA never predicts [MASK], our own backbones'
-[MASK] logit is untrained); the Gumbel-max is computed in log space (same argmax, no exp
-overflow); E_i uses k's decimal value exactly (integer arithmetic, no float floor at integers).
-`protect_prompt=True` (not the authors') keeps the prompt/fixed tokens out of the edits.
+Deliberate differences from the authors' code, none of which changes a result with LLaDA: x̂
+avoids [MASK] (LLaDA never predicts it; our own backbones' [MASK] logit is untrained); the
+Gumbel-max is computed in log space (same argmax, no exp overflow); E_i uses k's decimal value
+exactly (integer arithmetic, no float floor at integers). `protect_prompt=True` (not the
+authors') keeps the prompt/fixed tokens out of the edits.
+
+Cost per step outside the denoiser (B, L, V): one `max(-1)` (x̂) and one softmax written into a
+buffer reused across steps, then (B, L) work; "float64" adds a float64 copy of one sequence's
+(L, V) logits at a time (benchmarks/xdm_speed.py).
 """
 
 from __future__ import annotations
