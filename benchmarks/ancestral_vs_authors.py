@@ -16,13 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
-from benchmarks.common import machine, save
+from benchmarks.common import machine, peak_rss, save
 from benchmarks.upstream import XDLM_MIRROR, load_xdlm_step
 from xdlm.core.kernel import MixedKernel
 from xdlm.sampling.steps import LogitFilter, sample_posterior
@@ -56,19 +54,13 @@ def cases(up, ks: tuple[float, ...] = (0.1, 0.0)) -> dict:
     return out
 
 
-def peak_rss(case: str, threads: int) -> dict:
-    code = (
-        "import resource, torch; from benchmarks import ancestral_vs_authors as A; "
-        f"torch.set_num_threads({threads}); "
-        f"fns = A.cases(A.load_xdlm_step(), ({float(case.split('_k')[1])},)); "
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        f"fns[{case!r}](); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base)"
+def _peak(case: str, threads: int) -> dict:
+    k = float(case.split("_k")[1])  # only this k's inputs exist in the probe
+    setup = (
+        "from benchmarks import ancestral_vs_authors as A\n"
+        f"fns = A.cases(A.load_xdlm_step(), ({k},))"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(res.stderr)
-    peak, base = (int(x) for x in res.stdout.split())
-    return {"peak_mib": peak / 1024, "above_setup_mib": (peak - base) / 1024}
+    return peak_rss(setup, f"fns[{case!r}]()", threads)
 
 
 def bench(repeats: int, threads: int) -> dict:
@@ -87,7 +79,7 @@ def bench(repeats: int, threads: int) -> dict:
             "setting": {"V": V, "B": B, "L": L, "alpha_t": 0.5, "alpha_s": 0.55},
             "authors": f"{XDLM_MIRROR}:HEAD" if up else "absent (fetch the mirror)",
             "median_s": med, "all_s": times,
-            "peak_rss": {name: peak_rss(name, threads) for name in fns}}  # fmt: skip
+            "peak_rss": {n: _peak(n, threads) for n in fns}}  # fmt: skip
     if up is not None:
         data["ratio_ours_vs_authors"] = {
             f"k{k}": med[f"ours_k{k}"] / med[f"authors_k{k}"] for k in (0.1, 0.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,3 +60,29 @@ def save(name: str, data: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=1))
     return path
+
+
+_PEAK_PROBE = """
+import torch
+torch.set_num_threads({threads})
+{setup}
+def status(key):
+    line = next(x for x in open("/proc/self/status") if x.startswith(key + ":"))
+    return int(line.split()[1]) / 1024
+base = status("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")  # the high-water mark restarts at the current RSS
+{call}
+print(base, status("VmHWM"))
+"""
+
+
+def peak_rss(setup: str, call: str, threads: int) -> dict:
+    """Peak RSS (MiB, Linux VmHWM) of a fresh process while it runs the statement `call` after
+    `setup`, and its rise above the RSS before the call (ru_maxrss would report the parent's
+    RSS at fork time)."""
+    code = _PEAK_PROBE.format(threads=threads, setup=setup, call=call)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(res.stderr)
+    base, peak = (float(x) for x in res.stdout.split()[-2:])
+    return {"peak_mib": peak, "above_before_call_mib": peak - base}

@@ -1,12 +1,14 @@
 """Speed and memory of the `xdm` sampler against the authors' `generate_xdm` (issue 30).
 
-    python -m benchmarks.xdm_speed [--repeats 3] [--costly-repeats 2] [--threads 2] [--quick]
+    python -m benchmarks.xdm_speed [--repeats 4] [--costly-repeats 2] [--threads 2] [--quick]
 
 Setting (the paper's): B = 3 prompts of P = 32 tokens, 256 generated tokens in one block,
 T = 32 steps, k = 0.1, greedy, V = 32,000. Models: `FakeLM(hidden)`, logits (B, L, V) =
 (E[z_l] + E'[z_{l−1}] + E'[z_{l+1}]) · W, a cheap canvas-dependent fake (width 16, the
 sampler's bookkeeping dominates) and a costlier one (lifted to 2048 features, the model
-dominates). Cases, interleaved and repeated, medians reported: the authors' `generate_xdm`
+dominates). Cases run interleaved in rounds (order rotated per round), timed in wall and
+process CPU seconds; ratios are medians over rounds of a case's time over the same round's
+baseline time. Cases: the authors' `generate_xdm`
 (loaded at run time from the fetched mirror, `benchmarks/upstream.py`; skipped with a reason
 when absent), ours (`XDM` with rank_dtype "logits" and "float64") and the model alone (T calls
 on one canvas); for the costly model only ours (default) and the model alone. The cheap model's
@@ -20,13 +22,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
-from benchmarks.common import machine, save
+from benchmarks.common import machine, peak_rss, save
 from benchmarks.upstream import MIRROR, AuthorsModel, load_generate
 from xdlm.core.kernel import MixedKernel
 from xdlm.sampling import XDM
@@ -100,15 +100,32 @@ def cases(gen, model, prompt, cheap: bool = True) -> dict:
     return out
 
 
-def median_times(fns: dict, repeats: int) -> dict:
-    """Median wall time per case, the cases interleaved (load changes hit all alike)."""
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: {"median_s": statistics.median(t), "all_s": t} for name, t in times.items()}
+def rounds(fns: dict, repeats: int) -> dict:
+    """Wall and process CPU seconds per case and round; each round runs every case once, in an
+    order rotated from round to round (load changes hit all cases alike)."""
+    names, out = list(fns), {name: {"wall_s": [], "cpu_s": []} for name in fns}
+    loads = []
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            fns[name]()
+            out[name]["cpu_s"].append(time.process_time() - cpu)
+            out[name]["wall_s"].append(time.perf_counter() - wall)
+        loads.append(os.getloadavg()[0])
+    return {"cases": out, "load_avg_1min_per_round": loads}
+
+
+def paired_ratios(times: dict, baseline: str) -> dict:
+    """Median over rounds of (case time / baseline time in the same round), wall and CPU."""
+    base = times[baseline]
+    return {
+        name: {
+            clock: statistics.median(a / b for a, b in zip(t[clock], base[clock], strict=True))
+            for clock in ("wall_s", "cpu_s")
+        }
+        for name, t in times.items()
+        if name != baseline
+    }
 
 
 def agreement(gen, hidden: int | None) -> dict:
@@ -123,27 +140,9 @@ def agreement(gen, hidden: int | None) -> dict:
     return out
 
 
-def peak_rss(case: str, hidden: int | None, threads: int) -> dict:
-    """Peak RSS (MiB) of a fresh process that builds the model and runs `case` once."""
-    code = (
-        "import resource, torch; from benchmarks import xdm_speed as X; "
-        f"torch.set_num_threads({threads}); g = X.load_generate(); "
-        f"m = X.FakeLM({hidden}); p = X.prompt_tokens(); "
-        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        f"X.cases(g, m, p)[{case!r}](); "
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base)"
-    )
-    env = os.environ | {"OMP_NUM_THREADS": str(threads)}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    if res.returncode:
-        raise RuntimeError(res.stderr)
-    peak, base = (int(x) for x in res.stdout.split())
-    return {"peak_mib": peak / 1024, "above_setup_mib": (peak - base) / 1024}
-
-
 def bench(hiddens: tuple[int | None, ...], repeats: int, costly_repeats: int, threads: int) -> dict:
     """The cheap model: every case, token agreement, peak RSS; a costlier model (hidden set):
-    times of ours (default rank_dtype) and of the model alone."""
+    times of ours (default rank_dtype) and of the model alone. Ratios are paired per round."""
     torch.set_num_threads(threads)
     gen = load_generate()
     data = {"machine": machine(), "threads": threads, "repeats": [repeats, costly_repeats],
@@ -154,20 +153,23 @@ def bench(hiddens: tuple[int | None, ...], repeats: int, costly_repeats: int, th
         model, prompt, cheap = FakeLM(hidden), prompt_tokens(), hidden is None
         fns = cases(gen, model, prompt, cheap)
         with torch.no_grad():
-            times = median_times(fns, repeats if cheap else costly_repeats)
-        med = {name: t["median_s"] for name, t in times.items()}
-        row = {"hidden": hidden, "times": times, "load_avg_1min_after": os.getloadavg()[0]}
-        row["ratio_vs_model_only"] = {n: med[n] / med["model_only"] for n in med}
-        if "authors" in med:
-            row["ratio_vs_authors"] = {n: med[n] / med["authors"] for n in med}
-            outside = med["authors"] - med["model_only"]
-            row["outside_model_vs_authors"] = {
-                n: (med[n] - med["model_only"]) / outside for n in med if n.startswith("ours")
-            }
+            measured = rounds(fns, repeats if cheap else costly_repeats)
+        times = measured["cases"]
+        row = {"hidden": hidden, **measured}
+        row["median_s"] = {
+            n: {c: statistics.median(v) for c, v in t.items()} for n, t in times.items()
+        }
+        row["ratio_vs_model_only"] = paired_ratios(times, "model_only")
+        if "authors" in times:
+            row["ratio_vs_authors"] = paired_ratios(times, "authors")
             row["agreement"] = agreement(gen, hidden)
         if cheap:
-            row["peak_rss"] = {name: peak_rss(name, hidden, threads) for name in fns}
-        print(json.dumps({k: row[k] for k in row if k != "times"}, indent=1), flush=True)
+            setup = (
+                "from benchmarks import xdm_speed as X\n"
+                "fns = X.cases(X.load_generate(), X.FakeLM(), X.prompt_tokens())"
+            )
+            row["peak_rss"] = {n: peak_rss(setup, f"fns[{n!r}]()", threads) for n in fns}
+        print(json.dumps({k: row[k] for k in row if k != "cases"}, indent=1), flush=True)
         data["runs"].append(row)
     data["load_avg_1min_end"] = os.getloadavg()[0]
     return data
@@ -175,7 +177,7 @@ def bench(hiddens: tuple[int | None, ...], repeats: int, costly_repeats: int, th
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--costly-repeats", type=int, default=2, help="for the costly model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="the cheap model only")

@@ -81,8 +81,8 @@ def load_native(
     trust_remote_code: bool = False,
 ) -> NativeModel:
     """Load the run at `pretrained` on `device`. `chosen` sample settings (`sampler`,
-    `xdm_rank_dtype`; None: the run's own) replace the run's; `given` holds the model_args the user passed that a run
-    defines itself (k, mask_id) or that apply to HF backbones only (dtype), each an error
+    `xdm_rank_dtype`; None: the run's own) replace the run's; `given` holds the model_args the
+    user passed that a run defines itself (k, mask_id) or that apply to HF backbones only (dtype), each an error
     unless it agrees with the run; `trust_remote_code` (the command line's) goes to
     `load_run` (a run of an HF backbone with custom code)."""
     from xdlm.runs import load_run
