@@ -33,7 +33,7 @@ INFERENCE_SECTIONS = ("sample", "eval", "images")
 # infill, class label, guidance) and the seed.
 RUN_SAMPLING_KEYS = (
     "sampler", "final", "grid", "t_end", "temperature", "top_k", "top_p", "remdm_eta",
-    "remdm_strategy", "xdm_remasking", "xdm_protect_prompt", "use_ema",
+    "remdm_strategy", "xdm_remasking", "xdm_protect_prompt", "xdm_rank_dtype", "use_ema",
 )  # fmt: skip
 
 
