@@ -82,9 +82,9 @@ def load_native(
 ) -> NativeModel:
     """Load the run at `pretrained` on `device`. `chosen` sample settings (`sampler`,
     `xdm_rank_dtype`; None: the run's own) replace the run's; `given` holds the model_args the
-    user passed that a run defines itself (k, mask_id) or that apply to HF backbones only (dtype), each an error
-    unless it agrees with the run; `trust_remote_code` (the command line's) goes to
-    `load_run` (a run of an HF backbone with custom code)."""
+    user passed that a run defines itself (k, mask_id) or that apply to HF backbones only
+    (dtype), each an error unless it agrees with the run; `trust_remote_code` (the command
+    line's) goes to `load_run` (a run of an HF backbone with custom code)."""
     from xdlm.runs import load_run
 
     run = load_run(pretrained, device=device, trust_remote_code=trust_remote_code)
