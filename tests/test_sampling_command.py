@@ -81,7 +81,14 @@ def test_sample_writes_jsonl_and_trace(fake_run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "sampler", [["ancestral"], ["confidence"], ["xdm", "--xdm-protect-prompt"]]
+    "sampler",
+    [
+        ["ancestral"],
+        ["confidence"],
+        ["xdm", "--xdm-protect-prompt"],
+        ["pc", "--pc-eta", "0.7"],
+        ["threshold", "--threshold", "0.5"],
+    ],
 )
 def test_prompt_and_infill_stay_fixed(fake_run, tmp_path, sampler):
     tok = fake_run.tok

@@ -40,8 +40,10 @@ from xdlm.sampling import (
     FinalStep,
     GreedyFinal,
     LogitFilter,
+    PredictorCorrector,
     ReMDM,
     Sampler,
+    Threshold,
     TimeGrid,
     UniformAlpha,
     UniformT,
@@ -255,7 +257,14 @@ def ensure_dataset(cfg: DataConfig) -> Manifest:
     return load_manifest(path)
 
 
-SAMPLERS = {"ancestral": Ancestral, "remdm": ReMDM, "confidence": Confidence, "xdm": XDM}
+SAMPLERS = {
+    "ancestral": Ancestral,
+    "remdm": ReMDM,
+    "confidence": Confidence,
+    "xdm": XDM,
+    "pc": PredictorCorrector,
+    "threshold": Threshold,
+}
 FINAL_STEPS = {"ancestral": AncestralFinal, "greedy": GreedyFinal, "none": None}
 GRIDS = {"t": UniformT, "alpha": UniformAlpha}
 REMDM_STRATEGIES = {"cap": False, "rescale": True}  # ReMDM(rescale=...)
@@ -320,6 +329,10 @@ def build_sampler(cfg: SampleConfig) -> SamplingPlan:
     elif kind is ReMDM:
         rescale = _pick(REMDM_STRATEGIES, cfg.remdm_strategy, "sample.remdm_strategy")
         sampler = ReMDM(eta=cfg.remdm_eta, rescale=rescale)
+    elif kind is PredictorCorrector:
+        sampler = PredictorCorrector(eta=cfg.pc_eta)
+    elif kind is Threshold:
+        sampler = Threshold(cfg.threshold, cfg.threshold_revise, cfg.threshold_remask)
     else:
         sampler = kind()
     final = _pick(FINAL_STEPS, cfg.final, "sample.final")

@@ -132,7 +132,7 @@ class SampleConfig:
     steps: int = 32  # T reverse steps (per semi-AR block)
     seq_len: int | None = None  # default: data.seq_len of the run
     # None: xdm for HF (LLaDA-style) runs, ancestral otherwise (`builders.resolve_sampling`)
-    sampler: Literal["ancestral", "remdm", "confidence", "xdm"] | None = None
+    sampler: Literal["ancestral", "remdm", "confidence", "xdm", "pc", "threshold"] | None = None
     final: Literal["ancestral", "greedy", "none"] = "ancestral"  # the noise-removal step
     grid: Literal["t", "alpha"] = "t"  # uniform in t (the paper) or in α_t
     t_end: float = 1e-5  # the last grid time before the final step
@@ -141,6 +141,10 @@ class SampleConfig:
     top_p: float | None = None
     remdm_eta: float = 0.01  # ReMDM remasking (sampler=remdm, k = 0 runs)
     remdm_strategy: Literal["cap", "rescale"] = "cap"
+    pc_eta: float = 0.5  # pc: corrector re-noising level as a share of the step, in (0, 1]
+    threshold: float = 0.9  # threshold: reveal every masked token with p_θ(x̃) >= this
+    threshold_revise: float = 0.5  # threshold (k > 0): revise with margin >= this
+    threshold_remask: float = 0.02  # threshold (k > 0): re-mask visible tokens below this
     xdm_remasking: Literal["low_confidence", "random"] = "low_confidence"  # xdm reveal order
     xdm_protect_prompt: bool = False  # xdm: never edit the prompt / fixed tokens
     # xdm ranking: "logits" = the authors' (softmax in the logits' dtype, torch.topk ties),

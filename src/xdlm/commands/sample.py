@@ -78,6 +78,9 @@ def register(sub) -> None:
     shorthand(p, "--top-k", key=S + "top_k", type=int)
     shorthand(p, "--top-p", key=S + "top_p", type=float)
     shorthand(p, "--remdm-eta", key=S + "remdm_eta", type=float, help="ReMDM eta (remdm only)")
+    shorthand(p, "--pc-eta", key=S + "pc_eta", type=float, help="corrector level (pc only)")
+    shorthand(p, "--threshold", key=S + "threshold", type=float,
+              help="reveal confidence (threshold only)")  # fmt: skip
     shorthand(p, "--remdm-strategy", key=S + "remdm_strategy",
               choices=choices(SampleConfig, "remdm_strategy"))  # fmt: skip
     shorthand(p, "--xdm-remasking", key=S + "xdm_remasking",

@@ -10,6 +10,7 @@ from xdlm.sampling.conditioning import (
     parse_infill,
 )
 from xdlm.sampling.confidence import Confidence, edit_budget
+from xdlm.sampling.corrector import PredictorCorrector
 from xdlm.sampling.loop import generate
 from xdlm.sampling.steps import (
     Ancestral,
@@ -27,6 +28,7 @@ from xdlm.sampling.steps import (
     UniformT,
     sample_posterior,
 )
+from xdlm.sampling.threshold import Threshold
 from xdlm.sampling.trace_html import write_trace_html
 from xdlm.sampling.trajectory import SampleOutput, Trajectory, TransitionCounts, classify
 from xdlm.sampling.xdm import XDM, cumulative_edit_budget, transfer_counts
@@ -40,11 +42,13 @@ __all__ = [
     "Fixed",
     "GreedyFinal",
     "LogitFilter",
+    "PredictorCorrector",
     "ReMDM",
     "SampleOutput",
     "Sampler",
     "StepOutput",
     "StepTimes",
+    "Threshold",
     "TimeGrid",
     "Trajectory",
     "TransitionCounts",

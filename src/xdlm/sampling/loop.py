@@ -95,7 +95,9 @@ def generate(
     """Sample B sequences of length L with T steps per window.
 
     Args:
-        sampler: a `Sampler` (`Ancestral`, `ReMDM`, `Confidence`) or an `XDM`;
+        sampler: a `Sampler` (`Ancestral`, `ReMDM`, `Confidence`, `PredictorCorrector`,
+            `Threshold`) or an `XDM`; a sampler with a `correct` method (`PredictorCorrector`)
+            gets one corrector move after every step, its denoiser calls counted in NFE;
             `xdlm.builders.build_sampler` makes one from the config's `sample.sampler`. `XDM`
             runs its own loop (`XDM.run`: full canvas, `steps` in total split over the blocks);
             it takes no filter or guidance (its temperature and cfg_scale are its own fields)
@@ -128,6 +130,11 @@ def generate(
     z = fixed.pin(z)
     recorder = _Recorder(record, [z])
     ts = grid.times(schedule, steps).to(device)
+    correct = getattr(sampler, "correct", None)  # a corrector move after every step (pc)
+
+    def denoise(z_c: Tensor, alpha_c: Tensor) -> Tensor:
+        return filter.probs(evaluate(z_c, schedule.t_of_alpha(alpha_c)), kernel.mask_id)
+
     for b, window in enumerate(block_windows(seq_len, block_size, context_len)):
         win_fixed = _window_fixed(fixed, z, window)
         if bool(win_fixed.mask.all()):
@@ -140,6 +147,8 @@ def generate(
                 s_next = ts[i + 1].expand(batch_size)
                 times = StepTimes(schedule.alpha(t), schedule.alpha(s_next), steps - i)
                 z_w = sampler.step(kernel, p_x0, z_w, times, generator, win_fixed).z_s
+                if correct is not None:
+                    z_w = correct(kernel, denoise, z_w, times, generator, win_fixed)
             else:
                 alpha_t = schedule.alpha(t)
                 z_w = final.step(kernel, p_x0, z_w, alpha_t, generator, win_fixed).z_s
