@@ -18,7 +18,7 @@ import sys
 
 COMMANDS = [
     "prepare", "train", "sample", "eval", "export", "plot", "lmeval", "consolidate", "images",
-    "verify", "import_", "reproduce",
+    "verify", "import_", "reproduce", "distill",
 ]  # fmt: skip
 
 

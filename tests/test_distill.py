@@ -1,0 +1,114 @@
+"""Few-step distillation (`xdlm distill`): the two-half-step target is a distribution for any k,
+the student's steps follow the grids, a tiny distillation runs from the CLI and a stopped one
+resumes exactly; bad rounds / teachers are one-line user errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import xdlm.train.distill as distill_mod
+from xdlm.builders import build_model
+from xdlm.cli import main
+from xdlm.config import ModelConfig
+from xdlm.core.kernel import MixedKernel
+from xdlm.core.schedules import LogLinear
+from xdlm.runs import load_run
+from xdlm.sampling.distill import student_steps, two_step_target
+from xdlm.sampling.steps import UniformT
+from xdlm.train.distill import distill
+
+V, MASK = 9, 8
+
+
+@pytest.mark.parametrize("k", [0.0, 0.1])
+def test_two_step_target_is_a_distribution(k):
+    torch.manual_seed(0)
+    teacher = build_model(ModelConfig(n_layers=1, d_model=32, n_heads=2), V).eval()
+    kernel, schedule = MixedKernel(V, MASK, k), LogLinear()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(MASK, (6, 12), generator=g)
+    times = student_steps(schedule, 2, torch.tensor([0.99, 0.9, 0.7, 0.5, 0.3, 0.01]))
+    z_t = kernel.sample_marginal(x0, schedule.alpha(times.t), g)
+    target = two_step_target(teacher, kernel, schedule, z_t, times, g)
+    assert target.shape == (6, 12, V) and (target >= 0).all()
+    torch.testing.assert_close(target.sum(-1), torch.ones(6, 12), rtol=0, atol=1e-5)
+    assert (target[..., MASK] == 0).all()
+    if k == 0.0:  # visible tokens of z_t stay visible in z_u and are their own one-hot target
+        visible = z_t != MASK
+        assert (target[visible].max(-1).values == 1).all()
+        assert (target[visible].argmax(-1) == z_t[visible]).all()
+
+
+def test_student_steps_split_the_teacher_grid():
+    schedule = LogLinear()
+    grid = UniformT().times(schedule, 8)  # the teacher's 2T = 8 steps for T = 4
+    st = student_steps(schedule, 4, torch.tensor([1.0, 0.75001, 0.75, 0.001]))
+    assert st.t.tolist() == [grid[0], grid[0], grid[2], grid[6]]
+    assert st.u.tolist() == [grid[1], grid[1], grid[3], grid[7]]
+    assert st.s.tolist() == [grid[2], grid[2], grid[4], grid[8]]
+    one = student_steps(schedule, 1, torch.tensor([0.5]))
+    assert (one.t.item(), one.s.item()) == (1.0, UniformT().t_end)
+
+
+def _weights(run_dir):
+    return load_run(run_dir, use_ema=False).model.state_dict()
+
+
+def test_distill_cli_runs_and_writes_student_runs(tiny_run, tmp_path, capsys):
+    out = tmp_path / "students"
+    argv = ["distill", "--teacher", str(tiny_run / "run"), "--out", str(out), "--rounds", "4,2",
+            "--steps", "2", "--set", "train.lr=1e-4"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"student for T=4: {out / 'T4'}" in printed and "T=2" in printed
+    for steps in (4, 2):
+        loaded = load_run(out / f"T{steps}")
+        assert loaded.step == 2 and loaded.config.train.lr == 1e-4
+        meta = json.loads((loaded.checkpoint / "meta.json").read_text())
+        assert meta["distill"]["steps"] == steps
+    t2 = json.loads((load_run(out / "T2").checkpoint / "meta.json").read_text())
+    assert "T4" in t2["distill"]["teacher"]  # round 2 learns from round 1's student
+    assert main(argv) == 2  # a second run needs --resume
+    assert "already holds a distillation round" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0  # everything finished: nothing to do
+
+
+def test_stopped_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch):
+    teacher = tiny_run / "run"
+    straight = distill(teacher, tmp_path / "a", [4, 2], 3)
+    assert straight.last.step == 3
+    real_step = distill_mod.Distiller.train_step
+
+    def stop_in_round_two(self):
+        if self.meta["distill"]["steps"] == 2 and self.state.step == 1:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(distill_mod.Distiller, "train_step", stop_in_round_two)
+    stopped = distill(teacher, tmp_path / "b", [4, 2], 3)
+    assert stopped.last.interrupted and stopped.last.step == 1
+    monkeypatch.setattr(distill_mod.Distiller, "train_step", real_step)
+    resumed = distill(teacher, tmp_path / "b", [4, 2], 3, resume=True)
+    assert resumed.last.step == 3
+    for steps in (4, 2):
+        wa, wb = _weights(tmp_path / "a" / f"T{steps}"), _weights(tmp_path / "b" / f"T{steps}")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), steps
+    first = _weights(teacher)
+    assert not all(torch.equal(first[k], wa[k]) for k in first)  # the student did move
+
+
+def test_distill_user_errors(tiny_run, tmp_path, capsys):
+    base = ["distill", "--teacher", str(tiny_run / "run"), "--out", str(tmp_path / "s")]
+    for rounds, steps in (("4,4", "2"), ("2,4", "2"), ("0", "2"), ("4", "0"), ("4,x", "2")):
+        assert main([*base, "--rounds", rounds, "--steps", steps]) == 2
+        assert ("--steps" if steps == "0" else "--rounds") in capsys.readouterr().err
+    missing = ["distill", "--teacher", str(tmp_path / "none"), "--out", str(tmp_path / "s"),
+               "--rounds", "2", "--steps", "1"]  # fmt: skip
+    assert main(missing) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+    kernel = [*base, "--rounds", "2", "--steps", "1", "--set", "kernel.k=0.5"]
+    assert main(kernel) == 2
+    assert "do not --set kernel" in capsys.readouterr().err
