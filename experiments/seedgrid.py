@@ -76,10 +76,10 @@ def train_model(cfg: XDLMConfig, run_dir: Path) -> dict:
 
 
 def spawn_workers(script: str, args, n: int) -> None:
-    """Run `n` single-thread processes of `script` (its train + eval stages, worker i of n each)
-    with the same --budget / --out, and wait for all of them."""
+    """Run `n` single-thread processes of `script` (worker i of n each: every stage but data and
+    report) with the same --budget / --out, and wait for all of them."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    stages = ",".join(s for s in args.stages.split(",") if s in ("train", "eval"))
+    stages = ",".join(s for s in args.stages.split(",") if s not in ("data", "report"))
     common = [sys.executable, script, "--budget", args.budget, "--out", str(args.out)]
     procs = [
         subprocess.Popen([*common, "--stages", stages, "--worker", f"{i}/{n}"], env=env)
@@ -107,7 +107,7 @@ def run_stages(
     start = time.perf_counter()
     prepare()
     print(f"data ready in {args.out} ({time.perf_counter() - start:.0f} s)", flush=True)
-    if "train" in stages or "eval" in stages:
+    if set(stages) - {"data", "report"}:
         if args.jobs > 1:
             spawn_workers(script, args, args.jobs)
         else:

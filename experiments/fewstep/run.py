@@ -1,0 +1,180 @@
+"""Few-step frontier on the known law: quality (exact −log p under the law) vs NFE for MDLM
+(k = 0) and XDLM (k = 0.1) × {ancestral, predictor-corrector, threshold decoding, distilled
+students} at T ∈ {1, ..., 32}, three seeds (issue 31).
+
+    python experiments/fewstep/run.py --budget cpu-800 --jobs 2     # data, teachers, students,
+                                                                    # eval, report
+    python experiments/fewstep/run.py --budget smoke --out /tmp/fs --publish /tmp/fs  # seconds
+
+Stages (each skips work already done in `--out`, so a stopped run resumes where it was):
+  data     the known law's data and reference (`experiments/knownlaw/run.py`'s `prepare_data`);
+  train    one teacher per (k, seed): the known-law model of `knownlaw_budget` with `teacher`'s
+           training overrides (`xdlm.train.loop.train`, resumable);
+  distill  one student per teacher by progressive few-step distillation (`xdlm.distill`:
+           rounds T -> T/2, each round's student teaching the next), resumable;
+  eval     per model and method, samples at every T of the budget, scored with the exact
+           −log p(x)/L beside their unigram entropy (`<run>/fewstep_eval.json`);
+  report   one row per (method, k, T, seed) in results/<budget>.json, 95 % t-intervals over
+           seeds, the plot and the `## Few-step frontier` section of docs/results.md.
+
+Every setting lives in `fewstep.yaml` (fixed before any result was seen).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from xdlm.builders import build_sampler
+from xdlm.config import SampleConfig
+from xdlm.data.synthetic import load_law
+from xdlm.eval.genquality import unigram_entropy
+from xdlm.eval.sweep import SamplingSetting, generate_many
+from xdlm.runs import load_run
+from xdlm.train.distill import distill
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # experiments/seedgrid.py
+from seedgrid import (  # noqa: E402
+    budget_spec,
+    model_config,
+    models,
+    parse_args,
+    run_name,
+    run_stages,
+    train_model,
+)
+
+_SPEC = importlib.util.spec_from_file_location("knownlaw_run", HERE.parent / "knownlaw" / "run.py")
+knownlaw = importlib.util.module_from_spec(_SPEC)  # the known-law experiment's stages
+_SPEC.loader.exec_module(knownlaw)
+STAGES = ("data", "train", "distill", "eval", "report")
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else copy.deepcopy(value)  # fmt: skip
+    return out
+
+
+def load_settings(budget: str, path: Path = HERE / "fewstep.yaml") -> dict:
+    """The known-law settings with this experiment's grid (ks, seeds) and, as the budget's
+    block, the known-law budget's block with the teacher overrides merged into its config plus
+    this budget's distill / eval / samplers sections."""
+    own = yaml.safe_load(path.read_text())
+    spec = budget_spec(own, budget)
+    law = knownlaw.load_settings()
+    base = budget_spec(law, spec.get("knownlaw_budget", own["knownlaw_budget"]))
+    merged = {**_deep_merge(base, {"config": spec.get("teacher", {})}),
+              **{key: spec[key] for key in ("distill", "eval", "samplers", "methods")}}  # fmt: skip
+    merged["eval"] = {**base["eval"], **spec["eval"]}
+    return {**law, "ks": own["ks"], "seeds": own["seeds"], "budgets": {budget: merged}}
+
+
+def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple[int, int]):
+    """Worker `share` = (i, n) over its models, in phases so that every seed of a phase is done
+    before the next starts: teachers; their samplers; students; the students' samples."""
+    spec, data_dir = budget_spec(settings, budget), out / "data"
+    grid = [(k, s, out / "runs" / run_name(k, s)) for k, s in models(settings)]
+    mine = grid[share[0] :: share[1]]
+    if "train" in stages:
+        for k, seed, run_dir in mine:
+            train_model(model_config(settings, budget, k, seed, data_dir), run_dir)
+            print(f"trained {run_dir.name}", flush=True)
+    if "eval" in stages:
+        for _, _, run_dir in mine:
+            evaluate(run_dir, run_dir, data_dir, spec, ("ancestral", "pc", "threshold"))
+    d = spec["distill"]
+    if "distill" in stages:
+        for _, _, run_dir in mine:
+            distill(run_dir, student_dir(run_dir), d["rounds"], d["steps_per_round"], d["set"],
+                    resume=True)  # fmt: skip
+            print(f"distilled {run_dir.name}", flush=True)
+    if "eval" in stages:
+        for _, _, run_dir in mine:
+            if (student_dir(run_dir) / f"T{d['rounds'][-1]}").is_dir():
+                evaluate(run_dir, student_dir(run_dir), data_dir, spec, ("distilled",))
+
+
+def student_dir(run_dir: Path) -> Path:
+    """<out>/students/<run name>: the rounds' run dirs T<T> of one teacher."""
+    return run_dir.parent.parent / "students" / run_dir.name
+
+
+def plan(method: str, spec: dict):
+    """The sampler keywords of `generate` for a method (ancestral for the distilled students)."""
+    s = spec["samplers"]
+    name = {"distilled": "ancestral"}.get(method, method)
+    cfg = SampleConfig(sampler=name, final="ancestral", grid="t", t_end=1e-5,
+                       pc_eta=s["pc_eta"], threshold=s["threshold"])  # fmt: skip
+    kw = build_sampler(cfg).generate_kwargs()
+    kw.pop("filter")  # temperature 1, no top-k / top-p (generate_many's default setting)
+    return kw
+
+
+def method_steps(spec: dict, method: str) -> list[int]:
+    return spec["distill"]["rounds"] if method == "distilled" else spec["methods"][method]
+
+
+def evaluate(run_dir: Path, model_dir: Path, data_dir: Path, spec: dict, methods) -> None:
+    """Rows (method, T) of one teacher: samples scored by the exact law, appended to
+    <run_dir>/fewstep_eval.json as they are done (a stopped evaluation resumes)."""
+    path, law, ev = run_dir / "fewstep_eval.json", load_law(data_dir), spec["eval"]
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    done = {(r["method"], r["steps"]) for r in rows}
+    info = json.loads((run_dir / "train_info.json").read_text())
+    for method in methods:
+        for steps in method_steps(spec, method):
+            if (method, steps) in done:
+                continue
+            src = model_dir / f"T{steps}" if method == "distilled" else model_dir
+            row = sample_row(load_run(src), law, ev, steps, plan(method, spec))
+            rows.append({"method": method, "k": info["k"], "seed": info["seed"], **row})
+            path.write_text(json.dumps(rows, indent=1))
+        print(f"evaluated {run_dir.name} {method}", flush=True)
+
+
+def sample_row(loaded, law, ev: dict, steps: int, kwargs: dict) -> dict:
+    """T steps, `num_samples` sequences: NFE per batch, −log p(x)/L (mean, SE), entropy."""
+    seq_len, n = loaded.config.data.seq_len, ev["num_samples"]
+    tokens, nfe, wall = generate_many(
+        loaded.model, loaded.kernel, loaded.schedule, num_samples=n, seq_len=seq_len,
+        steps=steps, setting=SamplingSetting(), batch_size=ev["sample_batch"], seed=ev["seed"],
+        **kwargs,
+    )  # fmt: skip
+    nll = knownlaw.per_token(-law.log_prob(tokens), seq_len)
+    batches = -(-n // ev["sample_batch"])
+    return {"steps": steps, "nfe": nfe / batches, "nll_per_token": nll["mean"],
+            "nll_se": nll["se"], "unigram_entropy": unigram_entropy(tokens.tolist()),
+            "wall_s": wall}  # fmt: skip
+
+
+def collect(settings: dict, out: Path) -> dict:
+    """Every evaluated row with the law's reference."""
+    reference = json.loads((out / "law_reference.json").read_text())
+    rows = []
+    for k, seed in models(settings):
+        path = out / "runs" / run_name(k, seed) / "fewstep_eval.json"
+        rows += json.loads(path.read_text()) if path.is_file() else []
+    return {"reference": reference, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv, __doc__, "fewstep", "cpu-800", STAGES)
+    settings = load_settings(args.budget)
+    return run_stages(
+        __file__, args, settings,
+        lambda: knownlaw.prepare_data(settings, args.budget, args.out), work,
+        lambda: collect(settings, args.out),
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""experiments/fewstep: the teachers are the known-law models with only their training budget
+changed; the summary pairs every method with the ancestral sampler of the same model; the goal
+is judged on the intervals; the smoke budget runs end to end (slow)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from experiment_modules import experiment_modules, grid_configs
+
+ROOT = Path(__file__).resolve().parent.parent
+EXP = ROOT / "experiments" / "fewstep"
+
+
+@pytest.fixture(scope="module")
+def fewstep():
+    yield from experiment_modules("fewstep")
+
+
+def test_teachers_are_the_known_law_models_with_a_shorter_budget(fewstep):
+    run = fewstep["run"]
+    settings = run.load_settings("cpu-800")
+    assert [k for k, s in run.models(settings) if s == 0] == [0.0, 0.1]
+    assert len(settings["seeds"]) >= 3
+    cfgs = grid_configs(run, settings, "cpu-800")
+    law = run.knownlaw.load_settings()
+    ref = run.model_config(law, "cpu-3000", 0.1, 2, Path("d"))
+    ours = dataclasses.replace(cfgs[-1], train=dataclasses.replace(
+        cfgs[-1].train, steps=3000, eval_every=500, save_every=500))  # fmt: skip
+    assert ours == ref and cfgs[-1].train.steps == 800
+    grid_configs(run, run.load_settings("smoke"), "smoke")
+
+
+def _row(method: str, k: float, seed: int, nll: float, ent: float = 2.4) -> dict:
+    return {"method": method, "k": k, "seed": seed, "steps": 4, "nfe": 5.0,
+            "nll_per_token": nll, "unigram_entropy": ent}  # fmt: skip
+
+
+def test_summary_pairs_each_method_with_ancestral_by_seed(fewstep):
+    report = fewstep["report"]
+    rows = [_row("ancestral", 0.1, s, 3.0 + 0.1 * s) for s in range(3)]
+    rows += [_row("pc", 0.1, s, 2.8 + 0.1 * s + 0.001 * s) for s in range(3)]
+    summary = {r["method"]: r for r in report.summarize(rows)}
+    d = summary["pc"]["nll_vs_ancestral"]
+    assert math.isclose(d["mean"], -0.199) and d["hi"] < 0  # seed offsets cancel in pairs
+    assert "nll_vs_ancestral" not in summary["ancestral"]
+    assert summary["pc"]["nll"]["lo"] < summary["ancestral"]["nll"]["hi"]  # unpaired overlap
+
+
+def test_goal_is_judged_on_the_intervals(fewstep):
+    report = fewstep["report"]
+    rows = [_row("distilled", 0.1, s, 2.80 + 0.01 * s, 2.40 + 0.001 * s) for s in range(3)]
+    rows += [_row("pc", 0.1, s, 2.95 + 0.01 * s, 2.60) for s in range(3)]
+    rows += [_row("threshold", 0.1, s, 2.88 + 0.04 * s, 2.40) for s in range(3)]
+    text = report.goal_lines(report.summarize(rows), law_entropy=2.392)
+    lines = {line.split(",")[1].split("(")[0].strip(): line for line in text.splitlines()}
+    assert "≤ 2.91? **yes**" in lines["distilled"] and "? **yes**." in lines["distilled"]
+    assert "≤ 2.91? **no**" in lines["pc"] and lines["pc"].endswith("? **no**.")
+    assert "≤ 2.91? **undecided**" in lines["threshold"]
+
+
+@pytest.mark.slow
+def test_smoke_budget_end_to_end(tmp_path, fewstep):
+    cmd = [sys.executable, str(EXP / "run.py"), "--budget", "smoke", "--out", str(tmp_path),
+           "--publish", str(tmp_path / "pub"), "--jobs", "2"]  # fmt: skip
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    raw = json.loads((tmp_path / "pub" / "experiments/fewstep/results/smoke.json").read_text())
+    methods = {(r["method"], r["k"], r["steps"]) for r in raw["rows"]}
+    assert ("distilled", 0.1, 1) in methods and ("pc", 0.0, 1) in methods
+    assert len(raw["rows"]) == 6 * 7  # 6 models × (2 ancestral + 1 pc + 2 threshold + 2 students)
+    assert all(r["nll_per_token"] > 0 and r["unigram_entropy"] > 0 for r in raw["rows"])
+    text = (tmp_path / "pub" / "docs" / "results.md").read_text()
+    assert fewstep["report"].SECTION in text and "Goal (k = 0.1, T = 4" in text  # no T = 4
+    assert (tmp_path / "pub" / "docs" / "img" / "fewstep_smoke.png").stat().st_size > 0
+    assert (tmp_path / "students" / "k0.1-s2" / "T1" / "checkpoints" / "latest").is_file()
