@@ -16,6 +16,8 @@ Samplers (frozen dataclasses with a `step` method):
   (float64 inverse CDF on those rows only), so no (B, L, V) temporaries exist.
 - `ReMDM` (k = 0 only): MDLM's posterior with remasking of a fraction σ_t of visible tokens.
 - `Confidence` (in `xdlm.sampling.confidence`): LLaDA-style greedy unmasking + edit budget.
+- `PredictorCorrector` (in `xdlm.sampling.corrector`): ancestral + forward–backward corrector.
+- `Threshold` (in `xdlm.sampling.threshold`): confidence-threshold reveal / revise / re-mask.
 
 `AncestralFinal` / `GreedyFinal` are the noise-removal step α_s = 1; `UniformT` / `UniformAlpha`
 build the step grid. Strings from the config pick these classes once, in `xdlm.builders`.
