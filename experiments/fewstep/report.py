@@ -19,7 +19,7 @@ from xdlm.eval.seeds import paired_difference, t_interval  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Few-step frontier on the known law: samplers and distilled students"
-METHODS = ("ancestral", "pc", "threshold", "distilled")
+METHODS = ("ancestral", "pc", "threshold", "threshold-remask", "distilled")
 GOAL = {"k": 0.1, "steps": 4, "nll": 2.91, "entropy_tol": 0.05}
 
 
@@ -151,8 +151,9 @@ DiT) with the training of `experiments/fewstep/fewstep.yaml` (budget `{budget}`)
 and k = 0.1 (XDLM), seeds {sorted({r["seed"] for r in results["rows"]})}. Methods: `ancestral`
 (exact posterior + noise-removal step), `pc` (predictor–corrector, η = \
 {spec["samplers"]["pc_eta"]}), `threshold` (τ = {spec["samplers"]["threshold"]}, revise margin
-0.5, re-mask below 0.02), `distilled` (students of `xdlm distill`, rounds \
-{spec["distill"]["rounds"]} × {spec["distill"]["steps_per_round"]} steps, ancestral sampler).
+{spec["samplers"]["threshold_revise"]}, no re-masking), `threshold-remask` (the same, re-masking
+visible tokens below {spec["samplers"]["threshold_remask"]}), `distilled` (students of
+`xdlm distill`, rounds {spec["distill"]["rounds"]} × {spec["distill"]["steps_per_round"]} steps, ancestral sampler).
 Each cell: {spec["eval"]["num_samples"]} samples per model, scored with the exact −log p(x)/L
 under the law (the law's own samples: {ref["samples"]["law_nll"]["mean"]:.3f}, unigram entropy
 {law_ent:.3f}; entropy rate H = {ref["entropy"]["mean"]:.4f}); 95 % t-intervals over seeds; Δ is

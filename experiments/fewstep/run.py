@@ -90,7 +90,7 @@ def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple
             print(f"trained {run_dir.name}", flush=True)
     if "eval" in stages:
         for _, _, run_dir in mine:
-            evaluate(run_dir, run_dir, data_dir, spec, ("ancestral", "pc", "threshold"))
+            evaluate(run_dir, run_dir, data_dir, spec, tuple(spec["methods"]))
     d = spec["distill"]
     if "distill" in stages:
         for _, _, run_dir in mine:
@@ -109,11 +109,14 @@ def student_dir(run_dir: Path) -> Path:
 
 
 def plan(method: str, spec: dict):
-    """The sampler keywords of `generate` for a method (ancestral for the distilled students)."""
+    """The sampler keywords of `generate` for a method (ancestral for the distilled students;
+    `threshold` without and `threshold-remask` with re-masking)."""
     s = spec["samplers"]
-    name = {"distilled": "ancestral"}.get(method, method)
+    name = {"distilled": "ancestral", "threshold-remask": "threshold"}.get(method, method)
+    remask = s["threshold_remask"] if method == "threshold-remask" else 0.0
     cfg = SampleConfig(sampler=name, final="ancestral", grid="t", t_end=1e-5,
-                       pc_eta=s["pc_eta"], threshold=s["threshold"])  # fmt: skip
+                       pc_eta=s["pc_eta"], threshold=s["threshold"],
+                       threshold_revise=s["threshold_revise"], threshold_remask=remask)  # fmt: skip
     kw = build_sampler(cfg).generate_kwargs()
     kw.pop("filter")  # temperature 1, no top-k / top-p (generate_many's default setting)
     return kw

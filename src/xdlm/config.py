@@ -144,7 +144,7 @@ class SampleConfig:
     pc_eta: float = 0.5  # pc: corrector re-noising level as a share of the step, in (0, 1]
     threshold: float = 0.9  # threshold: reveal every masked token with p_θ(x̃) >= this
     threshold_revise: float = 0.5  # threshold (k > 0): revise with margin >= this
-    threshold_remask: float = 0.02  # threshold (k > 0): re-mask visible tokens below this
+    threshold_remask: float = 0.0  # threshold (k > 0): re-mask visible tokens below (0 = off)
     xdm_remasking: Literal["low_confidence", "random"] = "low_confidence"  # xdm reveal order
     xdm_protect_prompt: bool = False  # xdm: never edit the prompt / fixed tokens
     # xdm ranking: "logits" = the authors' (softmax in the logits' dtype, torch.topk ties),
