@@ -153,7 +153,8 @@ and k = 0.1 (XDLM), seeds {sorted({r["seed"] for r in results["rows"]})}. Method
 {spec["samplers"]["pc_eta"]}), `threshold` (τ = {spec["samplers"]["threshold"]}, revise margin
 {spec["samplers"]["threshold_revise"]}, no re-masking), `threshold-remask` (the same, re-masking
 visible tokens below {spec["samplers"]["threshold_remask"]}), `distilled` (students of
-`xdlm distill`, rounds {spec["distill"]["rounds"]} × {spec["distill"]["steps_per_round"]} steps, ancestral sampler).
+`xdlm distill`, rounds {spec["distill"]["rounds"]} × {spec["distill"]["steps_per_round"]} steps,
+ancestral sampler).
 Each cell: {spec["eval"]["num_samples"]} samples per model, scored with the exact −log p(x)/L
 under the law (the law's own samples: {ref["samples"]["law_nll"]["mean"]:.3f}, unigram entropy
 {law_ent:.3f}; entropy rate H = {ref["entropy"]["mean"]:.4f}); 95 % t-intervals over seeds; Δ is
