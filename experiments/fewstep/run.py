@@ -88,6 +88,8 @@ def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple
         for k, seed, run_dir in mine:
             train_model(model_config(settings, budget, k, seed, data_dir), run_dir)
             print(f"trained {run_dir.name}", flush=True)
+    else:  # the later stages may run beside a training job: only on finished teachers
+        mine = [m for m in mine if (m[2] / "train_info.json").is_file()]
     if "eval" in stages:
         for _, _, run_dir in mine:
             evaluate(run_dir, run_dir, data_dir, spec, tuple(spec["methods"]))
