@@ -73,7 +73,7 @@ def test_smoke_budget_end_to_end(tmp_path, fewstep):
     raw = json.loads((tmp_path / "pub" / "experiments/fewstep/results/smoke.json").read_text())
     methods = {(r["method"], r["k"], r["steps"]) for r in raw["rows"]}
     assert ("distilled", 0.1, 1) in methods and ("pc", 0.0, 1) in methods
-    assert len(raw["rows"]) == 6 * 7  # 6 models × (2 ancestral + 1 pc + 2 threshold + 2 students)
+    assert len(raw["rows"]) == 6 * 8  # 6 models × (2 ancestral, 1 pc, 2 + 1 threshold, 2 students)
     assert all(r["nll_per_token"] > 0 and r["unigram_entropy"] > 0 for r in raw["rows"])
     text = (tmp_path / "pub" / "docs" / "results.md").read_text()
     assert fewstep["report"].SECTION in text and "Goal (k = 0.1, T = 4" in text  # no T = 4
