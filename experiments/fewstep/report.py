@@ -21,6 +21,7 @@ HERE = Path(__file__).resolve().parent
 SECTION = "## Few-step frontier on the known law: samplers and distilled students"
 METHODS = ("ancestral", "pc", "threshold", "threshold-remask", "distilled")
 GOAL = {"k": 0.1, "steps": 4, "nll": 2.91, "entropy_tol": 0.05}
+MIN_SEEDS = 3  # cells with fewer seeds stay in the raw JSON, not in the tables / plot
 
 
 def cells(rows: list[dict]) -> dict[tuple[str, float, int], dict[int, dict]]:
@@ -132,6 +133,7 @@ def plot(summary: list[dict], reference: dict, path: Path) -> None:
 def report(results: dict, settings: dict, budget: str, command: str, root: Path) -> None:
     """Raw JSON (results/<budget>.json), the plot and the docs/results.md section under `root`."""
     summary = summarize(results["rows"])
+    shown = [r for r in summary if len(r["seeds"]) >= MIN_SEEDS]
     spec = settings["budgets"][budget]
     keys = ("distill", "eval", "methods", "samplers")
     results.update(summary=summary, settings={key: spec[key] for key in keys})
@@ -139,7 +141,7 @@ def report(results: dict, settings: dict, budget: str, command: str, root: Path)
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps(results, indent=1))
     image = root / "docs" / "img" / f"fewstep_{budget}.png"
-    plot(summary, results["reference"], image)
+    plot(shown, results["reference"], image)
     notes = HERE / "results" / f"{budget}.notes.md"
     note = notes.read_text() if notes.is_file() else "(no analysis written yet)"
     ref = results["reference"]
@@ -158,18 +160,18 @@ ancestral sampler).
 Each cell: {spec["eval"]["num_samples"]} samples per model, scored with the exact −log p(x)/L
 under the law (the law's own samples: {ref["samples"]["law_nll"]["mean"]:.3f}, unigram entropy
 {law_ent:.3f}; entropy rate H = {ref["entropy"]["mean"]:.4f}); 95 % t-intervals over seeds; Δ is
-the paired difference to the ancestral sampler of the same model at the same T. Raw rows:
-`experiments/fewstep/results/{budget}.json`.
+the paired difference to the ancestral sampler of the same model at the same T. Only cells with
+{MIN_SEEDS} seeds are shown; raw rows (all cells): `experiments/fewstep/results/{budget}.json`.
 
     {command}
 
 Machine: {results.get("machine", "?")}; {results.get("cpu", {}).get("cpu", "CPU not recorded")}.
 
-{frontier_table(summary)}
+{frontier_table(shown)}
 
 ![few-step frontier](img/{image.name})
 
-{goal_lines(summary, law_ent)}
+{goal_lines(shown, law_ent)}
 """
     write_results_section(root / "docs" / "results.md", SECTION, text + "\n" + note)
     print(f"wrote {raw}, {image} and docs/results.md", flush=True)
