@@ -33,7 +33,8 @@ INFERENCE_SECTIONS = ("sample", "eval", "images")
 # infill, class label, guidance) and the seed.
 RUN_SAMPLING_KEYS = (
     "sampler", "final", "grid", "t_end", "temperature", "top_k", "top_p", "remdm_eta",
-    "remdm_strategy", "xdm_remasking", "xdm_protect_prompt", "xdm_rank_dtype", "use_ema",
+    "remdm_strategy", "xdm_remasking", "xdm_protect_prompt", "xdm_rank_dtype", "pc_eta",
+    "threshold", "threshold_revise", "threshold_remask", "use_ema",
 )  # fmt: skip
 
 
