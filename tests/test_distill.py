@@ -5,6 +5,8 @@ resumes exactly; bad rounds / teachers are one-line user errors."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -82,14 +84,14 @@ def test_stopped_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch):
     assert straight.last.step == 3
     real_step = distill_mod.Distiller.train_step
 
-    def stop_in_round_two(self):
+    def ctrl_c_in_round_two(self):  # a real SIGINT in step 2: that step ends, then it stops
         if self.meta["distill"]["steps"] == 2 and self.state.step == 1:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step(self)
 
-    monkeypatch.setattr(distill_mod.Distiller, "train_step", stop_in_round_two)
+    monkeypatch.setattr(distill_mod.Distiller, "train_step", ctrl_c_in_round_two)
     stopped = distill(teacher, tmp_path / "b", [4, 2], 3)
-    assert stopped.last.interrupted and stopped.last.step == 1
+    assert stopped.last.interrupted and stopped.last.step == 2
     monkeypatch.setattr(distill_mod.Distiller, "train_step", real_step)
     resumed = distill(teacher, tmp_path / "b", [4, 2], 3, resume=True)
     assert resumed.last.step == 3

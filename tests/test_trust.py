@@ -143,7 +143,9 @@ COMMANDS = {
     "images": lambda run, out: ["images", "sample", "--ckpt", str(run), "--out", str(out / "g")],
     "reproduce": lambda run, out: ["reproduce", "zero-shot", "--ckpt", str(run), "--max-rows", "1"],
     "train-resume": lambda run, out: ["train", "--resume", "--out", str(run)],
-}
+    "distill": lambda run, out: ["distill", "--teacher", str(run), "--out", str(out / "d"),
+                                 "--rounds", "2", "--steps", "1"],
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

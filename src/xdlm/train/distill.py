@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from xdlm.builders import grant_remote_code
 from xdlm.config import XDLMConfig, apply_overrides
 from xdlm.models.ema import EMA
 from xdlm.runs import find_checkpoint, latest_config, load_run, read_meta
@@ -33,11 +34,13 @@ class Distiller(Trainer):
 
     def __init__(
         self, cfg: XDLMConfig, run_dir: str | Path, teacher_dir: str | Path, steps: int,
-        resume: bool = False,
+        resume: bool = False, trust_remote_code: bool = False,
     ):  # fmt: skip
         super().__init__(cfg, run_dir, resume)
         try:
-            teacher = load_run(teacher_dir, device=self.ctx.device)
+            teacher = load_run(
+                teacher_dir, device=self.ctx.device, trust_remote_code=trust_remote_code
+            )
             if teacher.kernel.spec() != self.kernel.spec():
                 raise ValueError(
                     f"teacher {teacher_dir} has kernel {teacher.kernel.spec()} but the student "
@@ -87,13 +90,17 @@ def distill(
     steps_per_round: int,
     overrides: list[str] | None = None,
     resume: bool = False,
+    trust_remote_code: bool = False,
 ) -> DistillResult:
-    """Run (or, with `resume`, continue) the rounds; see the module docstring."""
+    """Run (or, with `resume`, continue) the rounds; see the module docstring.
+    `trust_remote_code` is the user's `--trust-remote-code` of this invocation: a teacher whose
+    model runs its own code is refused without it, whatever its saved config says."""
     check_rounds(rounds, steps_per_round)
     if not has_checkpoint(teacher):
         raise FileNotFoundError(f"--teacher {teacher} holds no checkpoint; train it first")
     sets = [*(overrides or []), f"train.steps={steps_per_round}"]
-    base = apply_overrides(latest_config(teacher), sets)
+    base = latest_config(teacher, trust_remote_code)
+    base = grant_remote_code(apply_overrides(base, sets), trust_remote_code, "--set")
     students, last, source = {}, None, Path(teacher)
     for steps in rounds:
         run_dir = round_dir(out, steps)
@@ -103,7 +110,7 @@ def distill(
             raise ValueError(f"{run_dir} already holds a distillation round; pass --resume "
                              "to continue it or choose a new --out")  # fmt: skip
         if not (has_checkpoint(run_dir) and _finished(run_dir, steps_per_round)):
-            trainer = Distiller(base, run_dir, source, steps, resume=started)
+            trainer = Distiller(base, run_dir, source, steps, started, trust_remote_code)
             try:
                 last = trainer.run()
             finally:
