@@ -82,7 +82,12 @@ LM1B: list[Rule] = [
 def apply_rules(text: str, rules: Sequence[Rule]) -> str:
     """`text` with every rule applied once, in order."""
     for kind, old, new in rules:
-        text = text.replace(old, new) if kind == "lit" else re.sub(old, new, text)
+        if kind == "lit":
+            text = text.replace(old, new)
+        elif kind == "re":
+            text = re.sub(old, new, text)
+        else:
+            raise ValueError(f"detokenizer rule {(kind, old, new)!r}: kind must be 'lit' or 're'")
     return text
 
 
