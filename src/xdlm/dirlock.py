@@ -79,6 +79,11 @@ def _alive_here(owner: dict) -> bool:
     return True
 
 
+def _is_us(owner: dict) -> bool:
+    """Whether `owner` names this process: the same pid on the same host."""
+    return owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+
+
 def _describe(owner: dict | None) -> str:
     if not owner:
         return "another process"
@@ -105,11 +110,11 @@ def acquire_lock(path: Path, guards: Path, holder: str, harm: str, wait: bool = 
             raise
         else:  # no flock here: fall back to the pid in the file
             previous = _read_owner(path)
-            if previous and _alive_here(previous) and previous.get("pid") != os.getpid():
+            if previous and _alive_here(previous) and not _is_us(previous):
                 os.close(fd)
                 raise _locked_error(path, guards, previous, holder, harm) from None
     previous = _read_owner(path)
-    if previous and previous.get("pid") not in (None, os.getpid()):
+    if previous and previous.get("pid") is not None and not _is_us(previous):
         print(
             f"taking over the stale lock {path} of pid {previous.get('pid')} on "
             f"{previous.get('host')!r} (no longer running)"
