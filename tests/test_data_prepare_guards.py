@@ -37,13 +37,13 @@ def prepare_lock_holder(tmp_path):
     """A second process holding the prepare lock of `tmp_path / "data"`; released on a line."""
     out = tmp_path / "data"
     args = [sys.executable, "-c", _HOLD, dirlock.__file__, str(tmp_path / ".data.lock"), str(out)]
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "locked"
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        try:  # (leaving the `with` closes the pipes)
+            assert proc.stdout.readline().strip() == "locked"
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def _argv(corpus, out, *extra):
@@ -109,7 +109,10 @@ main(sys.argv[1:])
 
 def _children(pid: int) -> list[int]:
     path = f"/proc/{pid}/task/{pid}/children"
-    return [int(x) for x in open(path).read().split()] if os.path.exists(path) else []
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [int(x) for x in fh.read().split()]
 
 
 def _running(pid: int) -> bool:

@@ -191,8 +191,12 @@ class _Job:
         is_valid = valid_mask(n_docs, self.valid_fraction, self.valid_docs, self.seed)
         tok = self._tokenizer(is_valid)
         writers = self._writers(tok, has_valid=bool(is_valid.any()))
-        self._encode_all(tok, writers, is_valid)
-        splits = {name: w.finish() for name, w in writers.items()}
+        try:
+            self._encode_all(tok, writers, is_valid)
+            splits = {name: w.finish() for name, w in writers.items()}
+        finally:  # a failed split (e.g. 0 rows) leaves no other split's file open
+            for w in writers.values():
+                w.close()
         manifest = Manifest(
             tokenizer=tok.spec, vocab_size=tok.vocab_size, mask_id=tok.mask_id,
             pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id, seq_len=self.seq_len,

@@ -127,12 +127,16 @@ class SplitWriter:
         self.state.tail = self._tail.tolist()
         return dataclasses.replace(self.state)
 
+    def close(self) -> None:
+        """Close the files (idempotent; what was written stays)."""
+        for f in (self._bin, self._lengths):
+            if f is not None:
+                f.close()
+
     def finish(self) -> SplitInfo:
         """Close the files and describe the split; ValueError when it holds no row."""
         self.checkpoint()
-        self._bin.close()
-        if self._lengths is not None:
-            self._lengths.close()
+        self.close()
         if self.state.rows == 0:
             raise ValueError(
                 f"split {self.name!r} yields 0 rows of seq_len={self.fmt.seq_len}: its "
