@@ -138,13 +138,13 @@ def lock_holder(tmp_path):
     from xdlm import dirlock
 
     args = [sys.executable, "-c", _HOLD, str(tmp_path / "run"), dirlock.__file__]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "locked"
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
+    with subprocess.Popen(args, stdout=subprocess.PIPE, text=True) as proc:  # closes the pipe
+        try:
+            assert proc.stdout.readline().strip() == "locked"
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def test_second_trainer_on_one_out_is_refused(tiny_corpus, tiny_run, tmp_path, lock_holder):
