@@ -2,7 +2,8 @@
 
     gen = load_generate()    # MzeroMiko/LLaDA-XDLM generate.py
     gen.generate_xdm(AuthorsModel(fake), prompt, steps=32, gen_length=256, ..., k1=0.1)
-    xdlm = load_xdlm_step()  # MzeroMiko/XDLM: XDMHelper (xdm_utils.py), sample_categorical
+    xdlm = load_xdlm_step()  # MzeroMiko/XDLM: XDMHelper (xdm_utils.py), sample_categorical,
+                             # and the MDLM model's `_ancestral_update_remdm` (algo.py)
 
 Nothing of the authors' code is copied into this repository: the files are read from the
 mirrors' HEAD with `git show` and executed. Its top-level `from transformers import
@@ -36,20 +37,24 @@ def _show(git_dir: str | Path, path: str) -> str | None:
 
 
 def load_xdlm_step(git_dir: str | Path = XDLM_MIRROR) -> SimpleNamespace | None:
-    """The XDLM repository's ancestral step: `XDMHelper` (xdm_utils.py, imports torch only) and
-    algo.py's `sample_categorical` (only that function is executed: algo.py's imports need the
-    authors' Lightning training stack)."""
+    """The XDLM repository's ancestral step: `XDMHelper` (xdm_utils.py, imports torch only),
+    algo.py's `sample_categorical` and its MDLM model's `_ancestral_update_remdm` method as a
+    plain function of (self, x, t, dt) (only those definitions are executed: algo.py's imports
+    need the authors' Lightning training stack)."""
     helper, algo = _show(git_dir, "xdm_utils.py"), _show(git_dir, "algo.py")
     if helper is None or algo is None:
         return None
-    scope: dict = {}
+    scope: dict = {"torch": torch}
     exec(compile(helper, f"{git_dir}:HEAD:xdm_utils.py", "exec"), scope)  # noqa: S102
     tree = ast.parse(algo)
     body = [n for n in tree.body if getattr(n, "name", None) == "sample_categorical"]
+    methods = [m for c in tree.body if isinstance(c, ast.ClassDef) for m in c.body]
+    body += [m for m in methods if getattr(m, "name", None) == "_ancestral_update_remdm"][:1]
     exec(compile(ast.Module(body=body, type_ignores=[]), "algo.py", "exec"), scope)  # noqa: S102
     return SimpleNamespace(
-        XDMHelper=scope["XDMHelper"], sample_categorical=scope["sample_categorical"]
-    )
+        XDMHelper=scope["XDMHelper"], sample_categorical=scope["sample_categorical"],
+        remdm_update=scope.get("_ancestral_update_remdm"),
+    )  # fmt: skip
 
 
 def load_generate(git_dir: str | Path = MIRROR) -> types.ModuleType | None:

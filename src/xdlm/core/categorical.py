@@ -17,7 +17,7 @@ def sample_categorical(
     Rows need not be normalised. With float64 the cumulative sum is exact enough for V ~ 10^5
     (float32 Gumbel-max is measurably biased there); a zero-probability index is never drawn.
     """
-    cdf = probs.to(dtype).cumsum(-1)
+    cdf = probs.to(dtype, copy=True).cumsum_(-1)  # one (…, V) array in `dtype`, probs untouched
     u = torch.rand(cdf.shape[:-1], generator=generator, dtype=dtype, device=probs.device)
     target = (u * cdf[..., -1]).unsqueeze(-1)
     idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)

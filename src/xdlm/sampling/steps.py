@@ -230,10 +230,10 @@ class ReMDM:
         sigma = self.sigma(at, as_)
         masked = z_t == kernel.mask_id
         reveal = (as_ - (1.0 - sigma) * at) / (1.0 - at)
-        probs = torch.where(masked.unsqueeze(-1), reveal.unsqueeze(-1) * p_x0, 0.0)
+        probs = p_x0 * torch.where(masked, reveal, 0.0).unsqueeze(-1)  # the one (B, L, V) array
         keep = torch.where(masked, 0.0, 1.0 - sigma)
         to_mask = torch.where(masked, (1.0 - as_ - sigma * at) / (1.0 - at), sigma)
-        probs = probs.scatter_add(-1, z_t.unsqueeze(-1), keep.unsqueeze(-1))
+        probs.scatter_add_(-1, z_t.unsqueeze(-1), keep.unsqueeze(-1))
         probs[..., kernel.mask_id] += to_mask
         return StepOutput(fixed.pin(sample_categorical(probs, generator)), probs)
 
