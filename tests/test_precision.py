@@ -1,7 +1,9 @@
 """Precision: `auto` decides from the measured step once per machine and records it; explicit
 choices are obeyed everywhere."""
 
+import contextlib
 import json
+import re
 
 import pytest
 import torch
@@ -145,3 +147,239 @@ def test_model_width_is_the_hidden_size():
     assert P.model_width(model) == 48
     with pytest.raises(ValueError, match="no 2-D weights"):
         P.model_width(torch.nn.LayerNorm(4))
+
+
+# ---------------------------------------------------------------- measure's limits, on a clock
+class _Clock:
+    """A perf_counter that moves only when the fake step runs: fp32 and bf16 steps cost fixed,
+    binary-exact seconds, so every limit is hit exactly."""
+
+    def __init__(self, fp32: float, bf16: float):
+        self.now, self.cost, self.seen = 0.0, {"fp32": fp32, "bf16": bf16}, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self) -> None:
+        kind = "bf16" if torch.is_autocast_enabled("cpu") else "fp32"
+        self.seen.append(kind)
+        self.now += self.cost[kind]
+
+
+@pytest.mark.parametrize(
+    ("fp32", "bf16", "rounds"),
+    [
+        (2.0**-10, 2.0**-10, 15),  # fast: MAX_ROUNDS
+        (2.0, 2.0, 5),  # MIN_SECONDS passed in the first round: MIN_ROUNDS
+        (0.125, 0.125, 8),  # exactly MIN_SECONDS after 8 rounds: stops there
+        (3.75, 3.75, 4),  # exactly MAX_SECONDS after 4 rounds: stops below MIN_ROUNDS
+        (4.0, 2.0, 5),  # bf16 twice as fast
+    ],
+)
+def test_measure_stops_at_its_round_and_time_limits(monkeypatch, fp32, bf16, rounds):
+    clock = _Clock(fp32, bf16)
+    monkeypatch.setattr(probe_mod.time, "perf_counter", clock)
+    ratios = probe_mod.measure(clock.step)
+    assert ratios == [fp32 / bf16] * rounds
+    order = [("fp32", "bf16"), ("bf16", "fp32")]  # warm-up, then alternating rounds
+    assert clock.seen == ["fp32", "bf16", *(k for r in range(rounds) for k in order[r % 2])]
+
+
+# ---------------------------------------------------------------- the cache: where, what, when
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDLM_CACHE_DIR", str(tmp_path / "x"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert probe_mod.cache_dir() == tmp_path / "x"
+    monkeypatch.setenv("XDLM_CACHE_DIR", "")  # set but empty: as unset
+    assert probe_mod.cache_dir() == tmp_path / "xdg" / "xdlm"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")
+    assert probe_mod.cache_dir() == tmp_path / "home" / ".cache" / "xdlm"
+
+
+def test_cpu_model_reads_the_model_name_else_platform(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Fake CPU: v2 @ 3GHz \n")
+    monkeypatch.setattr(probe_mod, "Path", lambda _: info)
+    assert probe_mod.cpu_model() == "Fake CPU: v2 @ 3GHz"
+    info.unlink()
+    monkeypatch.setattr(probe_mod.platform, "processor", lambda: "")
+    assert probe_mod.cpu_model() == probe_mod.platform.machine()
+
+
+def _reason(speedup: str, side: str, rounds: str) -> str:
+    return (
+        f"bf16 ran the {_probe().shape} at {speedup}x fp32's speed{rounds}, {side} the 1.2x "
+        f"bf16 needs on {torch.backends.cpu.get_cpu_capability()}"
+    )
+
+
+def test_the_record_its_reasons_and_its_file(measured, monkeypatch, tmp_path, capsys):
+    """The measured choice is recorded as name / speedup (3 decimals) / rounds / date, in
+    precision.json beside its lock file and nothing else; both reasons name the file."""
+    measured([1.23456] * 5)
+    cache = tmp_path / "cache" / "a" / "b"  # nested, created
+    monkeypatch.setenv("XDLM_CACHE_DIR", str(cache))
+    path = cache / "precision.json"
+    first = P.resolve_precision("auto", "cpu", _probe())
+    assert capsys.readouterr().err == (
+        f"precision=auto: timing the {_probe().shape} in fp32 and bf16 (once for this machine, "
+        f"recorded in {path})\n"
+    )
+    assert first == P.Precision(
+        "bf16", f"{_reason('1.24', 'at least', ' (median of 5 rounds)')}; measured now, "
+        f"recorded in {path}"
+    )  # fmt: skip
+    (entry,) = json.loads(path.read_text()).values()
+    assert sorted(entry) == ["date", "name", "rounds", "speedup"]
+    assert (entry["name"], entry["speedup"], entry["rounds"]) == ("bf16", 1.235, 5)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", entry["date"])
+    assert sorted(p.name for p in cache.iterdir()) == ["precision.json", "precision.lock"]
+    again = P.resolve_precision("auto", "cpu", _probe())
+    assert again.reason == (
+        f"cached from {entry['date']} in {path}: "
+        f"{_reason('1.24', 'at least', ' (median of 5 rounds)')}"
+    )
+
+
+def test_a_record_without_rounds_is_read(measured, tmp_path):
+    """Records written before `rounds` existed: the reason names no rounds."""
+    calls = measured([2.0] * 5)
+    P.resolve_precision("auto", "cpu", _probe())
+    path = tmp_path / "cache" / "precision.json"
+    record = json.loads(path.read_text())
+    (key,) = record
+    del record[key]["rounds"]
+    path.write_text(json.dumps(record))
+    chosen = P.resolve_precision("auto", "cpu", _probe())
+    assert chosen.reason.endswith(f": {_reason('2.00', 'at least', '')}") and len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"name": "fp16", "speedup": 2.0, "date": "d"},
+        {"name": "bf16", "speedup": "2.0", "date": "d"},
+        {"name": "bf16", "speedup": 2.0, "date": 5},
+        {"speedup": 2.0, "date": "d"},
+        ["bf16", 2.0, "d"],
+    ],
+)
+def test_an_invalid_record_is_measured_again(measured, tmp_path, entry):
+    calls = measured([0.5] * 5)
+    P.resolve_precision("auto", "cpu", _probe())
+    path = tmp_path / "cache" / "precision.json"
+    (key,) = json.loads(path.read_text())
+    path.write_text(json.dumps({key: entry}))
+    assert P.resolve_precision("auto", "cpu", _probe()).name == "fp32" and len(calls) == 2
+    assert json.loads(path.read_text())[key]["name"] == "fp32"  # rewritten
+
+
+def test_a_record_file_that_is_not_an_object_is_measured_again(measured, tmp_path):
+    calls = measured([0.5] * 5)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "precision.json").write_text("[1, 2]")
+    assert P.resolve_precision("auto", "cpu", _probe()).name == "fp32" and len(calls) == 1
+
+
+def test_a_record_that_cannot_be_written_leaves_no_temporary(measured, tmp_path, capsys):
+    """precision.json is a directory: the lock works, the write fails; the choice holds for
+    this process and no temporary file is left in the cache."""
+    measured([0.5] * 5)
+    (tmp_path / "cache" / "precision.json").mkdir(parents=True)
+    chosen = P.resolve_precision("auto", "cpu", _probe())
+    assert chosen.reason == (
+        f"{_reason('0.50', 'below', ' (median of 5 rounds)')}; measured now, not recorded: "
+        "cache not writable"
+    )
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        "precision.json", "precision.lock",
+    ]  # fmt: skip
+
+
+def test_an_unwritable_cache_directory_says_so_before_measuring(measured, tmp_path, capsys):
+    (tmp_path / "cache").write_text("a file where the directory should be")
+    measured([0.5] * 5)
+    P.resolve_precision("auto", "cpu", _probe())
+    assert capsys.readouterr().err == (
+        f"precision=auto: timing the {_probe().shape} in fp32 and bf16 (cache not writable)\n"
+    )
+
+
+def test_recorded_choices_are_this_machines_only(measured, tmp_path):
+    measured([0.5] * 5)
+    P.resolve_precision("auto", "cpu", _probe("B=1 L=1"))
+    path = tmp_path / "cache" / "precision.json"
+    record = json.loads(path.read_text())
+    (entry,) = record.values()
+    record["Other CPU | AVX2 | 2 threads | torch 0 | B=1 L=1"] = entry
+    path.write_text(json.dumps(record))
+    assert probe_mod.recorded_choices() == {"B=1 L=1": entry}
+
+
+# ---------------------------------------------------------------- Precision, devices, probes
+def test_precision_dtypes_and_their_autocast():
+    assert [P.Precision(n, "").dtype for n in ("fp32", "bf16", "fp16")] == [
+        torch.float32, torch.bfloat16, torch.float16,
+    ]  # fmt: skip
+    layer, x = torch.nn.Linear(8, 8), torch.randn(2, 8)
+    with P.Precision("fp16", "t").autocast("cpu"):
+        assert layer(x).dtype == torch.float16
+    assert isinstance(P.Precision("bf16", "t").autocast("meta"), contextlib.nullcontext)
+    assert P.Precision("bf16", "why").describe() == "precision bf16 (why)"
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_auto_on_cuda_asks_the_device_and_elsewhere_uses_fp32(monkeypatch, bf16):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "GPU X")
+    want = ("bf16", "GPU X supports bf16") if bf16 else ("fp32", "GPU X lacks fast bf16")
+    chosen = P.resolve_precision("auto", "cuda", _probe())
+    assert (chosen.name, chosen.reason) == want
+    assert P.resolve_precision("auto", "meta", _probe()) == P.Precision(
+        "fp32", "auto uses fp32 on meta"
+    )
+
+
+def test_explicit_choices_and_the_default_key():
+    assert P.resolve_precision("bf16", "cpu", _probe()) == P.Precision("bf16", "set explicitly")
+    assert P.resolve_precision("fp16", "cuda", _probe()).name == "fp16"
+    with pytest.raises(ValueError) as err:
+        P.resolve_precision("half", "cpu", _probe())
+    assert str(err.value) == "unknown precision 'half'; choose one of auto, fp32, bf16, fp16"
+
+
+def test_model_width_reads_two_dimensional_weights_only():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8))  # (8, 4), 1-D 8s
+    assert P.model_width(model) == 4
+
+
+class _Recorder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.calls = torch.nn.Parameter(torch.ones(1, 1)), []
+
+    def forward(self, z, t):
+        self.calls.append((z, t, torch.is_grad_enabled()))
+        return self.w * z.float()
+
+
+def test_forward_probe_feeds_tokens_below_the_vocabulary_at_half_time(capsys):
+    model = _Recorder()
+    probe = P.forward_probe(model, 3, 5, 4)
+    probe.run()
+    ((z, t, grad),) = model.calls
+    assert z.shape == (3, 5) and z.dtype == torch.int64 and 0 <= z.min() and z.max() < 4
+    assert torch.equal(t, torch.full((3,), 0.5)) and not grad
+    assert P.inference_precision("fp32", "cpu", model, 3, 5, 4).name == "fp32"
+    assert capsys.readouterr().err == "precision fp32 (set explicitly)\n"
+    with pytest.raises(ValueError, match="^unknown --precision 'x'"):
+        P.inference_precision("x", "cpu", model, 3, 5, 4)
+
+
+def test_cpu_description_names_model_capability_and_threads():
+    assert P.cpu_description() == {
+        "cpu": probe_mod.cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }

@@ -170,3 +170,98 @@ def test_plain_reads_recorded_container_state():
     config.__setstate__({"_content": {"a": node, "b": [node, (1, "s")]}})
     assert plain({"c": config, "n": Inert()}) == {"c": {"a": 3, "b": [3, [1, "s"]]}, "n": None}
     assert repr(config) == "Inert(...)"
+
+
+class _Container:
+    """Pickles as an allowed omegaconf class rebuilt with `state` and list items (the BUILD and
+    APPEND / APPENDS opcodes)."""
+
+    def __init__(self, state, items=None):
+        self.state, self.items = state, items
+
+    def __reduce__(self):
+        cls = G("omegaconf.listconfig", "ListConfig")
+        return (cls, (), self.state, None if self.items is None else iter(self.items))
+
+
+def test_inert_records_its_state_and_items_on_it_are_refused(tmp_path):
+    """omegaconf containers pickle their content as state (BUILD): recorded. torch's restricted
+    unpickler appends only to real lists: items on a placeholder make the file unreadable."""
+    _write(tmp_path / "meta.ckpt", _Container({"_content": [1, 2]}))
+    meta = safe_load(tmp_path / "meta.ckpt")["hyper_parameters"]["x"]
+    assert (meta.state, meta.args, meta.kwargs) == ({"_content": [1, 2]}, (), {})
+    assert plain(meta) == [1, 2]
+    for items in ([7], [1, 2, 3]):
+        _write(tmp_path / "items.ckpt", _Container(None, items))
+        with pytest.raises(ValueError, match="could not read .*items.ckpt as a tensor checkpoint"):
+            safe_load(tmp_path / "items.ckpt")
+
+
+def test_a_missing_file_and_a_file_that_is_no_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        safe_load(tmp_path / "none.ckpt")
+    assert str(err.value) == f"no checkpoint file at {tmp_path / 'none.ckpt'}"
+    (tmp_path / "text.ckpt").write_text("not a checkpoint")
+    with pytest.raises(ValueError) as err:
+        safe_load(tmp_path / "text.ckpt")
+    text = str(err.value)
+    assert text.startswith(f"{tmp_path / 'text.ckpt'} is not a zip-format PyTorch checkpoint (")
+    assert text.endswith(
+        "); files written by torch.save since PyTorch 1.6 are (Lightning .ckpt included); "
+        "legacy ones are not read"
+    )
+
+
+def test_the_refusal_is_one_message_naming_file_and_globals(tmp_path):
+    _write(tmp_path / "evil.ckpt", Call(G("os", "system"), "true"))
+    with pytest.raises(ValueError) as err:
+        safe_load(tmp_path / "evil.ckpt")
+    assert str(err.value) == (
+        f"refusing to load {tmp_path / 'evil.ckpt'}: it references ['os.system'], which a model "
+        "checkpoint never needs and which could run code when unpickled. Only tensors, plain "
+        "containers and the metadata of Lightning / omegaconf / transformers are accepted."
+    )
+
+
+def test_a_pickle_that_fails_to_rebuild_and_a_non_dict_are_refused(tmp_path):
+    _write(tmp_path / "bad.ckpt", Call(G("torch._utils", "_rebuild_tensor_v2"), "bad"))
+    with pytest.raises(ValueError, match="could not read .*bad.ckpt as a tensor checkpoint"):
+        safe_load(tmp_path / "bad.ckpt")
+    torch.save([torch.zeros(1)], tmp_path / "list.ckpt")
+    with pytest.raises(ValueError) as err:
+        safe_load(tmp_path / "list.ckpt")
+    assert str(err.value) == f"{tmp_path / 'list.ckpt'} holds a list, not a checkpoint dict"
+
+
+def test_a_gpu_checkpoint_loads_on_the_cpu_mapped_from_the_file(tmp_path, monkeypatch):
+    """Official checkpoints were saved on GPUs: their storages say "cuda:0". They load onto
+    the CPU, and the tensors are memory-mapped from the file (a multi-GB .ckpt does not need
+    its size in RAM)."""
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"state_dict": {"w": torch.arange(3.0)}}, tmp_path / "gpu.ckpt")
+    w = safe_load(tmp_path / "gpu.ckpt")["state_dict"]["w"]
+    assert w.device.type == "cpu" and torch.equal(w, torch.arange(3.0))
+    assert _mapped_from(w, tmp_path / "gpu.ckpt")
+
+
+def _mapped_from(tensor, path) -> bool:
+    """Whether `tensor`'s memory lies in a mapping of the file `path` (/proc/self/maps)."""
+    ptr = tensor.untyped_storage().data_ptr()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith(str(path)):
+                low, high = (int(x, 16) for x in line.split()[0].split("-"))
+                if low <= ptr < high:
+                    return True
+    return False
+
+
+def test_the_environment_cannot_turn_off_the_restricted_unpickler(tmp_path, monkeypatch):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD changes torch.load's default, never an explicit
+    `weights_only=True`: an allowed name still loads as Inert and never runs."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "PWNED"
+    _write(tmp_path / "meta.ckpt", Call(G("numpy", "savetxt"), str(marker), [1.0]))
+    meta = safe_load(tmp_path / "meta.ckpt")["hyper_parameters"]["x"]
+    assert isinstance(meta, Inert) and not marker.exists()

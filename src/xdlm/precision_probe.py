@@ -175,7 +175,8 @@ def _recorded_or_measured(probe: StepProbe, path: Path, key: str) -> CpuChoice:
     try:
         tmp.write_text(json.dumps(entries, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, path)
-    except OSError:
+    except OSError:  # a full disk, or `path` is not a file: no temporary is left behind
+        tmp.unlink(missing_ok=True)
         return replace(choice, path="")
     return choice
 

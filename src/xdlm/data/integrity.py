@@ -31,8 +31,16 @@ SAMPLE_ROWS = 4096
 _CHUNK_ROWS = 1 << 16
 
 
-def check_ids(tokens: np.ndarray, vocab_size: int, where: str, first_row: int = 0) -> None:
-    """ValueError naming `where` and the first row holding an id outside [0, vocab_size)."""
+def check_ids(
+    tokens: np.ndarray,
+    vocab_size: int,
+    where: str,
+    first_row: int = 0,
+    row_ids: np.ndarray | None = None,
+) -> None:
+    """ValueError naming `where` and the first row of `tokens` (n, L) holding an id outside
+    [0, vocab_size), by its row in the file: `first_row` + its index (a slice of the file), or
+    `row_ids[index]` (n,) for gathered rows (a batch, a sample)."""
     if tokens.size == 0:
         return
     bad = (
@@ -41,8 +49,9 @@ def check_ids(tokens: np.ndarray, vocab_size: int, where: str, first_row: int = 
     if bad.any():
         row = int(np.flatnonzero(bad.any(axis=1))[0])
         value = int(tokens[row][bad[row]][0])
+        number = first_row + row if row_ids is None else int(row_ids[row])
         raise ValueError(
-            f"{where}: row {first_row + row} holds id {value}, outside [0, vocab_size="
+            f"{where}: row {number} holds id {value}, outside [0, vocab_size="
             f"{vocab_size}); the file was edited or written for another tokenizer. Prepare the "
             "data again (xdlm prepare) and check it with `xdlm verify DIR`"
         )
@@ -95,7 +104,7 @@ def check_split(
     lengths = labels = None
     if info.lengths_file is not None:
         lengths = _load_rowwise(directory / info.lengths_file, info.rows, "row lengths")
-        if info.rows and (lengths.min() < 1 or lengths.max() > manifest.seq_len):
+        if lengths.min() < 1 or lengths.max() > manifest.seq_len:
             raise ValueError(
                 f"{directory / info.lengths_file}: lengths must be in [1, {manifest.seq_len}], "
                 f"got {lengths.min()}..{lengths.max()}; prepare the data again"
@@ -108,7 +117,7 @@ def check_split(
             check_ids(tokens[start : start + _CHUNK_ROWS], manifest.vocab_size, str(path), start)
     else:
         rows = np.unique(np.linspace(0, info.rows - 1, SAMPLE_ROWS).astype(np.int64))
-        check_ids(tokens[rows], manifest.vocab_size, f"{path} (sampled rows)")
+        check_ids(tokens[rows], manifest.vocab_size, f"{path} (sampled rows)", row_ids=rows)
     if full and sha256_file(path) != info.sha256:
         raise ValueError(
             f"split {split!r}: {path} fails its sha256 check; the file changed after "

@@ -95,7 +95,8 @@ class TokenShards:
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"row index out of range [0, {len(self)}): {idx.min()}..{idx.max()}")
         raw = self._tokens[idx]
-        check_ids(raw, self.vocab_size, str(self.directory / self.manifest.splits[self.split].file))
+        path = self.directory / self.manifest.splits[self.split].file
+        check_ids(raw, self.vocab_size, str(path), row_ids=idx)
         tokens = torch.from_numpy(raw.astype(np.int64))
         labels = None
         if self._labels is not None:

@@ -94,7 +94,8 @@ def load_manifest(directory: str | Path) -> Manifest:
 def check_values(m: Manifest, path: Path) -> None:
     """The fields the readers trust, against each other: V >= 2, special ids in [0, V), the
     shard dtype the writers use for V (a float16 or int16 dtype of the same item size would
-    read other ids from the same bytes), the mode and its lengths files, positive sizes."""
+    read other ids from the same bytes), the mode and its lengths files, positive sizes (an
+    empty split included: no writer makes one)."""
 
     def bad(field: str, why: str) -> ValueError:
         return ValueError(f"{path}: {field} {why}; the file was edited, prepare the data again")
@@ -110,10 +111,11 @@ def check_values(m: Manifest, path: Path) -> None:
                   f"as {storage_dtype(m.vocab_size)!r}")  # fmt: skip
     if m.mode not in ("wrap", "pad"):
         raise bad("mode", f"= {m.mode!r} is not 'wrap' or 'pad'")
-    for name, info in m.splits.items():
-        if info.rows < 0 or (info.lengths_file is None) != (m.mode == "wrap"):
+    for name, info in m.splits.items():  # the writers never write an empty split
+        if info.rows < 1 or (info.lengths_file is None) != (m.mode == "wrap"):
             raise bad(f"splits.{name}", f"(rows {info.rows}, lengths_file "
-                      f"{info.lengths_file!r}) does not fit mode={m.mode!r}")  # fmt: skip
+                      f"{info.lengths_file!r}) does not fit mode={m.mode!r} (rows >= 1, a "
+                      "lengths file in pad mode only)")  # fmt: skip
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -59,7 +59,7 @@ class Inert:
     def __new__(cls, *args, **kwargs):
         # pickle's NEWOBJ calls only __new__ (then BUILD -> __setstate__); REDUCE calls the class
         obj = super().__new__(cls)
-        obj.args, obj.kwargs, obj.state, obj.items = args, kwargs, None, []
+        obj.args, obj.kwargs, obj.state = args, kwargs, None
         return obj
 
     def __init__(self, *args, **kwargs) -> None:
@@ -67,15 +67,6 @@ class Inert:
 
     def __setstate__(self, state) -> None:
         self.state = state
-
-    def __setitem__(self, key, value) -> None:
-        self.items.append((key, value))
-
-    def append(self, value) -> None:
-        self.items.append(value)
-
-    def extend(self, values) -> None:
-        self.items.extend(values)
 
     def __repr__(self) -> str:
         return "Inert(...)"
