@@ -192,6 +192,35 @@ def test_remove_partial_saves_returns_what_it_removed(tmp_path):
     assert remove_partial_saves(tmp_path) == []
 
 
+def test_an_old_or_partial_save_that_cannot_be_deleted_does_not_fail_the_save(
+    tmp_path, monkeypatch
+):
+    """Pruning is best effort: a file that cannot be removed (EBUSY on a network mount) leaves
+    its directory for the next save, after the new checkpoint was published."""
+    run = tmp_path / "run"
+    _save(run, 2, _model(0), keep_last=1)
+    partial = run / "checkpoints" / "step_0000009.tmp-12"
+    partial.mkdir()
+    (partial / "junk").write_text("x")
+    real = os.unlink
+
+    def busy(path, *args, **kwargs):
+        if Path(path).name in ("model.safetensors", "junk"):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", busy)
+    newer = _model(1)
+    assert _save(run, 4, newer, keep_last=1) == run / "checkpoints" / "step_0000004"
+    assert _latest(run) == "step_0000004\n"
+    assert _listing(run) == [
+        "latest", "step_0000002.tmp-pruned", "step_0000004", "step_0000009.tmp-12",
+    ]  # fmt: skip
+    monkeypatch.setattr(os, "unlink", real)
+    _save(run, 6, newer, keep_last=1)  # the next save removes what was left
+    assert _listing(run) == ["latest", "step_0000006"]
+
+
 # ------------------------------------------------------------------------ what --resume sees
 def test_has_checkpoint_and_newest_name(tmp_path):
     run = tmp_path / "run"

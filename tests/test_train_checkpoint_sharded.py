@@ -43,10 +43,11 @@ def _trained(seed: int, steps: int) -> tuple[nn.Module, torch.optim.Optimizer, E
     return model, opt, ema
 
 
-def _save(run, step, model, opt, ema, keep_last=2):
+def _save(run, step, model, opt, ema, keep_last=None):
+    kwargs = {} if keep_last is None else {"keep_last": keep_last}
     return save_sharded_checkpoint(
         run, step, model=model, optimizer=opt, ema_state=ema.state_dict() if ema else None,
-        train_state={"step": step, "ranks": []}, meta=META, keep_last=keep_last,
+        train_state={"step": step, "ranks": []}, meta=META, **kwargs,
     )  # fmt: skip
 
 
@@ -122,3 +123,26 @@ def test_a_failed_sharded_save_leaves_no_partial_directory(tmp_path, one_process
     with pytest.raises(OSError, match="No space left on device"):
         _save(run, 4, model, opt, ema)
     assert _listing(run) == ["latest", "step_0000002"]
+
+
+def test_sharded_saves_keep_two_by_default(tmp_path, one_process):
+    model, opt, _ = _trained(0, 1)
+    for step in (2, 4, 6):
+        _save(tmp_path / "run", step, model, opt, None)
+    assert _listing(tmp_path / "run") == ["latest", "step_0000004", "step_0000006"]
+
+
+def test_a_sharded_state_without_ema_meta_is_refused_naming_it(tmp_path, one_process):
+    """state.pt edited (or written by hand) without the EMA's decay / warmup / count."""
+    model, opt, ema = _trained(0, 1)
+    ckpt = _save(tmp_path / "run", 2, model, opt, ema)
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    del state["ema_meta"]
+    torch.save(state, ckpt / "state.pt")
+    model2, opt2, ema2 = _trained(1, 0)
+    with pytest.raises(ValueError) as err:
+        load_sharded_state(ckpt, model2, opt2, ema2)
+    assert str(err.value) == (
+        f"{ckpt / 'state.pt'}: the key 'ema_meta' is missing; the file was edited or is "
+        "foreign, restore it"
+    )

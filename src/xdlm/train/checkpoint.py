@@ -161,15 +161,19 @@ def _write_latest(ckpt_root: Path, name: str) -> None:
 
 
 def _prune(ckpt_root: Path, keep_last: int) -> None:
+    """Keep the newest `keep_last` (at least 1) checkpoints. Each older one is first renamed to
+    `step_N.tmp-pruned` (at once no longer a checkpoint), then deleted with the other
+    temporaries, best effort: what cannot be deleted now (a busy file on a network mount) is
+    retried by the next save or start."""
     done = complete_checkpoints(ckpt_root)
     for old in done[: max(0, len(done) - max(keep_last, 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        os.rename(old, old.with_name(f"{old.name}.tmp-pruned"))
     remove_partial_saves(ckpt_root.parent)
 
 
 def remove_partial_saves(run_dir: str | Path) -> list[Path]:
-    """Delete what interrupted saves left (`*.tmp-*` under checkpoints/); call only while
-    holding the run's lock (no other writer). Returns what was removed."""
+    """Delete what interrupted saves and prunes left (`*.tmp-*` under checkpoints/); call only
+    while holding the run's lock (no other writer). Returns what was removed."""
     stale = list((Path(run_dir) / "checkpoints").glob("*.tmp-*"))
     for p in stale:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -253,5 +257,6 @@ def load_sharded_state(
         )
     train_state = load_state_file(ckpt / "state.pt")
     if ema is not None:
-        ema.load_state_dict({"shadow": ema.shadow, **train_state.get("ema_meta", {})})
+        require(train_state, str(ckpt / "state.pt"), ema_meta=dict)
+        ema.load_state_dict({"shadow": ema.shadow, **train_state["ema_meta"]})
     return train_state
