@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import os
 import re
@@ -129,17 +130,29 @@ def _check_held(run, lock):
     assert str(err.value) == _message(run, "another process")
 
 
-def test_wait_blocks_until_the_holder_releases(tmp_path, monkeypatch, capsys):
-    """`wait`: a message naming the holder, then a blocking flock that returns once the holder
-    (here released by another thread when the blocking call starts) lets go."""
+class _Stdout(io.StringIO):
+    """sys.stdout that remembers what had been flushed (what a reading process has seen)."""
+
+    flushed = ""
+
+    def flush(self) -> None:
+        self.flushed = self.getvalue()
+
+
+def test_wait_blocks_until_the_holder_releases(tmp_path, monkeypatch):
+    """`wait`: a message naming the holder, flushed before the blocking flock, which returns
+    once the holder (here released by another thread when the blocking call starts) lets go."""
     from xdlm.dirlock import acquire_lock
 
     path = tmp_path / "x.lock"
     first = acquire_lock(path, guards=tmp_path, holder="writer", harm="h")
-    blocking, real = threading.Event(), fcntl.flock
+    blocking, real, seen = threading.Event(), fcntl.flock, []
+    out = _Stdout()
+    monkeypatch.setattr(sys, "stdout", out)
 
     def flock(fd, op):
         if op == fcntl.LOCK_EX:
+            seen.append(out.flushed)
             blocking.set()
         return real(fd, op)
 
@@ -151,9 +164,9 @@ def test_wait_blocks_until_the_holder_releases(tmp_path, monkeypatch, capsys):
     finally:
         blocking.set()
         releaser.join()
-    out = capsys.readouterr().out
-    assert out.startswith(f"waiting for pid {os.getpid()} on host ")
-    assert out.endswith(f"which holds {path}\n")
+    (flushed,) = seen
+    assert flushed.startswith(f"waiting for pid {os.getpid()} on host ")
+    assert flushed.endswith(f"which holds {path}\n") and out.getvalue() == flushed
     assert json.loads(path.read_text()) == second.owner
     second.release()
 
@@ -188,10 +201,16 @@ def test_without_flock_a_fresh_directory_is_taken(tmp_path, no_flock, capsys):
 
 
 def test_without_flock_a_live_holder_here_is_refused_and_left_alone(tmp_path, no_flock):
-    """Probing the holder (signal 0) must not disturb it: it still exits normally after."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                              stdin=subprocess.PIPE)  # fmt: skip
+    """Probing the holder (signal 0) must not disturb it: it still exits normally after (it
+    restores the default action of SIGHUP, which `nohup` would have it inherit as ignored)."""
+    code = (
+        "import signal, sys; signal.signal(signal.SIGHUP, signal.SIG_DFL); print('ready', "
+        "flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
+        assert holder.stdout.readline() == "ready\n"
         _lock_file(tmp_path / "run", holder.pid, socket.gethostname())
         with pytest.raises(RunLockedError, match=f"pid {holder.pid} on host"):
             acquire_run_lock(tmp_path / "run")
