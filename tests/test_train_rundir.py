@@ -212,8 +212,10 @@ def test_without_flock_a_live_holder_here_is_refused_and_left_alone(tmp_path, no
     try:
         assert holder.stdout.readline() == "ready\n"
         _lock_file(tmp_path / "run", holder.pid, socket.gethostname())
-        with pytest.raises(RunLockedError, match=f"pid {holder.pid} on host"):
+        with pytest.raises(RunLockedError) as err:
             acquire_run_lock(tmp_path / "run")
+        owner = f"pid {holder.pid} on host {socket.gethostname()!r} (since then)"
+        assert str(err.value) == _message(tmp_path / "run", owner)
     finally:
         holder.communicate(timeout=30)
     assert holder.returncode == 0
