@@ -146,6 +146,14 @@ def test_the_sampled_check_reads_the_first_and_last_rows(wrap, monkeypatch, row)
         integrity.check_split(wrap, m, "train")
 
 
+def test_the_sample_is_every_row_when_sample_rows_reaches_the_row_count(wrap, monkeypatch):
+    m = _set_token(wrap, 1, 500)
+    monkeypatch.setattr(integrity, "CHEAP_BYTES", 0)
+    monkeypatch.setattr(integrity, "SAMPLE_ROWS", m.splits["train"].rows)
+    with pytest.raises(ValueError, match=r"train.bin \(sampled rows\): row 1 holds id 500"):
+        integrity.check_split(wrap, m, "train")
+
+
 def test_a_bad_row_outside_the_sample_is_caught_in_its_batch(wrap, monkeypatch):
     m = _set_token(wrap, 1, 500)
     monkeypatch.setattr(integrity, "CHEAP_BYTES", 0)

@@ -146,3 +146,24 @@ def test_each_split_fits_the_mode(tmp_path, mode, rows, lengths_file, ok):
             f"splits.valid (rows {rows}, lengths_file {lengths_file!r}) does not fit mode={mode!r} "
             "(rows >= 1, a lengths file in pad mode only)"
         )
+
+
+def test_a_manifest_that_is_not_json_or_has_foreign_keys_is_named(tmp_path):
+    (tmp_path / "d").mkdir()
+    path = tmp_path / "d" / MANIFEST_FILE
+    path.write_text("{not json")
+    with pytest.raises(ValueError) as err:
+        load_manifest(tmp_path / "d")
+    assert str(err.value).startswith(
+        f"{path} (the manifest of a prepared dataset) is not valid JSON ("
+    )
+    _write(tmp_path / "d", _manifest(), extra=1)
+    with pytest.raises(ValueError) as err:
+        load_manifest(tmp_path / "d")
+    assert str(err.value).startswith(f"{path}: unknown key(s) ['extra']")
+    _write(tmp_path / "d", _manifest(), seq_len="32")
+    with pytest.raises(ValueError) as err:
+        load_manifest(tmp_path / "d")
+    assert str(err.value) == f"{path}: seq_len must be int, got '32'"
+    with pytest.raises(ValueError, match=r"^manifest.json: unknown key\(s\) \['extra'\]"):
+        Manifest.from_dict({**dataclasses.asdict(_manifest()), "extra": 1})
