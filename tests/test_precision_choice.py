@@ -36,6 +36,7 @@ def test_the_training_probe_runs_a_step_without_the_mask_and_leaves_no_trace(mas
 
     def loss(model, x0, gen):
         seen.append(x0)
+        assert isinstance(gen, torch.Generator)  # the probe's own seeded noise
         torch.rand(3)  # dropout draws from the global RNG
         return types.SimpleNamespace(nats=model(x0.float()).sum())
 
@@ -84,3 +85,5 @@ def test_auto_keeps_the_run_and_explicit_settings_win(tmp_path, monkeypatch):
     assert explicit == Precision("fp32", "set explicitly")
     with pytest.raises(ValueError, match="^unknown train.precision 'x'"):
         training_precision("x", torch.device("cpu"), probe, run, resume=True)
+    (run / "checkpoints" / "step_0000006" / "meta.json").write_text("{")  # not even read
+    assert training_precision("bf16", torch.device("cpu"), probe, run, resume=True).name == "bf16"
