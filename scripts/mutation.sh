@@ -6,10 +6,11 @@
 #   scripts/mutation.sh 'xdlm.train.*' 40    # a seeded random sample of 40 of its mutants
 #   scripts/mutation.sh --score              # score per package from the cached results
 #
-# [tool.mutmut] in pyproject.toml lists the mutated files (core/, sampling/, train/loop.py,
-# train/checkpoint.py, eval/likelihood.py) and the fast test files; each mutant runs only the
-# selected tests that execute the mutated function. Results are cached in mutants/ (git-ignored):
-# rerunning only runs mutants whose code or tests changed. Scores: docs/testing.md.
+# [tool.mutmut] in pyproject.toml lists the mutated files (core/, sampling/, train/, data/,
+# the lock, precision, likelihood, detokenizers, safe_pickle: see there) and the fast test files;
+# each mutant runs only the selected tests that execute the mutated function, fastest first.
+# Results are cached in mutants/ (git-ignored); naming a pattern reruns every mutant it matches,
+# changing the test selection forgets every verdict. Scores: docs/testing.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unset PYTHONPATH  # mutmut puts mutants/src first; the original src must not shadow it
