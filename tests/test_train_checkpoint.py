@@ -308,6 +308,65 @@ def test_a_train_state_without_its_keys_is_refused_naming_state_pt(tmp_path, key
     assert str(err.value).startswith(f"{ckpt / 'state.pt'}: {message}")
 
 
+# ------------------------------------------------------------------------ state.pt refused
+class _Foreign:
+    """An object only a code-running unpickler could rebuild (here: a class of this module)."""
+
+
+def _state_refusal(ckpt, error=ValueError) -> str:
+    with pytest.raises(error) as err:
+        load_train_state(ckpt, _model(1))
+    assert type(err.value) is error
+    return str(err.value)
+
+
+def test_a_missing_empty_or_truncated_state_pt_is_named(tmp_path):
+    ckpt = _save(tmp_path / "run", 3, _model(0))
+    path, data = ckpt / "state.pt", (ckpt / "state.pt").read_bytes()
+    fix = "; use another checkpoint of the run (checkpoints/step_N)"
+    path.write_bytes(data[: len(data) // 2])
+    text = _state_refusal(ckpt)
+    assert text.startswith(f"{path} is truncated or corrupt (PytorchStreamReader failed reading")
+    assert text.endswith(fix) and "\n" not in text
+    path.write_bytes(b"")
+    assert _state_refusal(ckpt) == f"{path} is truncated or corrupt (empty){fix}"
+    path.unlink()
+    text = _state_refusal(ckpt, FileNotFoundError)
+    assert text == f"{path} is missing; the checkpoint is incomplete"
+
+
+def test_a_state_pt_with_foreign_objects_is_refused_whatever_the_environment(tmp_path, monkeypatch):
+    """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD changes torch.load's default, never xdlm's explicit
+    weights_only=True; a list where a dict belongs is refused too."""
+    from xdlm.train.safe_load import UnsafeCheckpointError
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    ckpt = _save(tmp_path / "run", 3, _model(0), state={**_state(3), "x": _Foreign()})
+    text = _state_refusal(ckpt, UnsafeCheckpointError)
+    assert text.startswith(
+        f"refusing to load {ckpt / 'state.pt'}: it holds objects other than tensors and plain "
+        "containers (UnpicklingError: "
+    )
+    assert text.endswith(
+        "). xdlm never writes such a file; it may be corrupt or crafted to run code. Do not "
+        "load it; use a checkpoint you or xdlm wrote"
+    )
+    torch.save([1, 2], ckpt / "state.pt")
+    assert (
+        _state_refusal(ckpt, UnsafeCheckpointError)
+        == f"{ckpt / 'state.pt'} holds a list, not a dict"
+    )
+
+
+def test_a_state_pt_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
+    ckpt = _save(tmp_path / "run", 3, _model(0), state={**_state(3), "t": torch.ones(2)})
+    with monkeypatch.context() as m:  # storages tagged "cuda:0", as a GPU run writes them
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({**_state(3), "t": torch.ones(2)}, ckpt / "state.pt")
+    state, _ = load_train_state(ckpt, _model(1))
+    assert state["t"].device.type == "cpu" and torch.equal(state["t"], torch.ones(2))
+
+
 # ------------------------------------------------------------------------ optimizer state
 def _adam(model: nn.Module, steps: int) -> torch.optim.Optimizer:
     opt = torch.optim.Adam(model.parameters(), lr=0.1)

@@ -146,3 +146,72 @@ def test_a_sharded_state_without_ema_meta_is_refused_naming_it(tmp_path, one_pro
         f"{ckpt / 'state.pt'}: the key 'ema_meta' is missing; the file was edited or is "
         "foreign, restore it"
     )
+
+
+class _Foreign:
+    """An object only a code-running unpickler could rebuild (here: a class of this module)."""
+
+
+def _refused(ckpt, model, opt, ema):
+    from xdlm.train.safe_load import UnsafeCheckpointError
+
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_sharded_state(ckpt, model, opt, ema)
+    assert type(err.value) is UnsafeCheckpointError
+    return str(err.value)
+
+
+def test_dcp_metadata_naming_other_globals_is_refused(tmp_path, one_process):
+    """.metadata is unpickled with an allowlist: os.system, and a torch dtype's name under
+    another module, are refused; a pickle of something else is not DCP metadata."""
+    import os
+    import pickle
+
+    model, opt, ema = _trained(0, 1)
+    ckpt = _save(tmp_path / "run", 2, model, opt, ema)
+    meta = ckpt / "dcp" / ".metadata"
+    for payload, name in (
+        (pickle.dumps(os.system), "posix.system"),
+        (b"cnumpy\nfloat32\n.", "numpy.float32"),
+    ):
+        meta.write_bytes(payload)
+        assert _refused(ckpt, *_trained(1, 0)) == (
+            f"refusing to load {meta}: it holds objects other than tensors and plain containers "
+            f"(UnpicklingError: global {name} is not allowed). xdlm never writes such a file; "
+            "it may be corrupt or crafted to run code. Do not load it; use a checkpoint you or "
+            "xdlm wrote"
+        )
+    meta.write_bytes(pickle.dumps({"state_dict_metadata": {}}))
+    assert _refused(ckpt, *_trained(1, 0)) == f"{meta} is not DCP metadata; it is not a checkpoint"
+
+
+def test_dcp_metadata_of_an_older_torch_without_storage_meta_loads(tmp_path, one_process):
+    import pickle
+
+    model, opt, ema = _trained(0, 1)
+    ckpt = _save(tmp_path / "run", 2, model, opt, ema)
+    meta = ckpt / "dcp" / ".metadata"
+    metadata = pickle.loads(meta.read_bytes())  # our own file, written just now
+    metadata.storage_meta = None
+    meta.write_bytes(pickle.dumps(metadata))
+    model2, opt2, ema2 = _trained(1, 0)
+    load_sharded_state(ckpt, model2, opt2, ema2)
+    assert torch.equal(model2.weight, model.weight)
+
+
+def test_a_dcp_entry_holding_a_foreign_object_is_refused(tmp_path, one_process, monkeypatch):
+    """Non-tensor entries are unpickled with weights_only=True, whatever the environment."""
+    import torch.distributed.checkpoint as dcp
+
+    from xdlm.train.safe_load import UnsafeCheckpointError, load_dcp
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    dcp.save({"plain": "kept", "x": _Foreign()}, checkpoint_id=tmp_path / "d")
+    state = {"plain": None}
+    load_dcp(state, tmp_path / "d")
+    assert state == {"plain": "kept"}
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_dcp({"x": None}, tmp_path / "d")
+    assert str(err.value).startswith(
+        f"refusing to load {tmp_path / 'd' / 'x'}: it holds objects other than tensors"
+    )

@@ -107,6 +107,7 @@ def load_dcp(state: dict, path: str | Path) -> None:
     unpickling (module docstring); fills `state` in place."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -134,4 +135,10 @@ def load_dcp(state: dict, path: str | Path) -> None:
             else:
                 self.state_dict[fqn] = obj
 
-    dcp.load(state, storage_reader=Reader(path), planner=Planner())
+    try:
+        dcp.load(state, storage_reader=Reader(path), planner=Planner())
+    except CheckpointException as err:  # DCP wraps what a reader raises (per rank)
+        refused = [e for e, _ in err.failures.values() if isinstance(e, UnsafeCheckpointError)]
+        if refused:
+            raise refused[0] from None
+        raise
