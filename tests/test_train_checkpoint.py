@@ -328,6 +328,7 @@ def test_a_missing_empty_or_truncated_state_pt_is_named(tmp_path):
     text = _state_refusal(ckpt)
     assert text.startswith(f"{path} is truncated or corrupt (PytorchStreamReader failed reading")
     assert text.endswith(fix) and "\n" not in text
+    assert len(text[len(f"{path} is truncated or corrupt (") : -len(f"){fix}")]) == 200
     path.write_bytes(b"")
     assert _state_refusal(ckpt) == f"{path} is truncated or corrupt (empty){fix}"
     path.unlink()
@@ -351,6 +352,8 @@ def test_a_state_pt_with_foreign_objects_is_refused_whatever_the_environment(tmp
         "). xdlm never writes such a file; it may be corrupt or crafted to run code. Do not "
         "load it; use a checkpoint you or xdlm wrote"
     )
+    reason = text.split(" (UnpicklingError: ", 1)[1].split("). xdlm never", 1)[0]
+    assert reason.startswith("Weights only load failed.") and "\n" not in reason
     torch.save([1, 2], ckpt / "state.pt")
     assert (
         _state_refusal(ckpt, UnsafeCheckpointError)

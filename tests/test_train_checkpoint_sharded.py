@@ -181,6 +181,10 @@ def test_dcp_metadata_naming_other_globals_is_refused(tmp_path, one_process):
             "it may be corrupt or crafted to run code. Do not load it; use a checkpoint you or "
             "xdlm wrote"
         )
+    meta.write_bytes(b"c" + b"a" * 250 + b"\nb\n.")  # a long reason: its first 200 characters
+    text = _refused(ckpt, *_trained(1, 0))
+    reason = text.split("(UnpicklingError: ", 1)[1].split("). xdlm never", 1)[0]
+    assert reason == ("global " + "a" * 250 + ".b is not allowed")[:200]
     meta.write_bytes(pickle.dumps({"state_dict_metadata": {}}))
     assert _refused(ckpt, *_trained(1, 0)) == f"{meta} is not DCP metadata; it is not a checkpoint"
 
@@ -212,6 +216,9 @@ def test_a_dcp_entry_holding_a_foreign_object_is_refused(tmp_path, one_process, 
     assert state == {"plain": "kept"}
     with pytest.raises(UnsafeCheckpointError) as err:
         load_dcp({"x": None}, tmp_path / "d")
-    assert str(err.value).startswith(
-        f"refusing to load {tmp_path / 'd' / 'x'}: it holds objects other than tensors"
+    text = str(err.value)
+    assert text.startswith(
+        f"refusing to load {tmp_path / 'd' / 'x'}: it holds objects other than tensors and "
+        "plain containers (UnpicklingError: Weights only load failed."
     )
+    assert len(text.split(" (UnpicklingError: ")[1].split("). xdlm never")[0]) <= 200

@@ -129,11 +129,8 @@ def load_dcp(state: dict, path: str | Path) -> None:
                 obj = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as err:
                 raise _refusal(path / read_item.dest_index.fqn, err) from None
-            fqn = read_item.dest_index.fqn
-            if self.flatten_state_dict:  # as DefaultLoadPlanner.load_bytes places it
-                set_element(self.original_state_dict, self.mappings[fqn], obj)
-            else:
-                self.state_dict[fqn] = obj
+            # as DefaultLoadPlanner.load_bytes places it (Planner() flattens the state dict)
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
 
     try:
         dcp.load(state, storage_reader=Reader(path), planner=Planner())
