@@ -196,3 +196,62 @@ def test_full_disk_during_a_save_prints_the_documented_line_and_resumes_exactly(
         a = load_run(run, use_ema=use_ema).model.state_dict()
         b = load_run(tiny_run / "run", use_ema=use_ema).model.state_dict()
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- the lines themselves
+@pytest.mark.parametrize(
+    ("max_nan", "kept", "precision", "count", "lower"),
+    [
+        (0, None, "fp32", "step 7 had non-finite values (loss)", "Lower train.lr"),
+        (2, "step_0000006", "bf16",
+         "3 steps had a non-finite loss or gradient, more than train.max_nan_steps=2 (last at "
+         "step 7: loss)", "Lower train.lr or use train.precision=fp32"),
+    ],
+)  # fmt: skip
+def test_the_non_finite_line_names_the_kept_checkpoint_and_the_fixes(
+    tmp_path, max_nan, kept, precision, count, lower
+):
+    from xdlm.train.failures import non_finite_error
+
+    err = non_finite_error(tmp_path, 7, "loss", 3, max_nan, kept, precision)
+    assert type(err) is NonFiniteLossError
+    assert str(err) == (
+        f"{tmp_path}: {count}; stopped without saving it, the newest checkpoint "
+        f"{kept or '(none yet)'} is kept. {lower} and continue with --resume, or set "
+        "train.max_nan_steps=N to skip up to N such steps"
+    )
+
+
+def test_the_failed_save_line_keeps_the_errno(tmp_path):
+    import errno
+
+    from xdlm.diskfull import describe
+    from xdlm.train.failures import save_failed
+
+    cause = OSError(errno.ENOSPC, "No space left on device")
+    err = save_failed(cause, 4, tmp_path, None)
+    assert type(err) is OSError and err.errno == errno.ENOSPC
+    assert err.strerror == (
+        f"saving step 4 into {tmp_path} failed: {describe(cause)}; the partial checkpoint was "
+        "removed, the newest complete one is none. Free disk space (or lower train.keep_last) "
+        "and continue with --resume"
+    )
+    assert save_failed(PermissionError(errno.EACCES, "denied"), 4, tmp_path, "s").errno == (
+        errno.EACCES
+    )
+
+
+def test_a_sharded_weight_is_checked_through_its_local_shard():
+    """FSDP's DTensor parameters: `to_local()` is the shard this rank holds."""
+    from xdlm.collectives import DistContext
+    from xdlm.train.failures import weights_finite
+
+    class Sharded(torch.nn.Parameter):
+        def to_local(self):
+            return torch.full((2,), float("nan"))
+
+    model = torch.nn.Linear(2, 2)
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    assert weights_finite(model, ctx)
+    model.weight = Sharded(model.weight.detach())
+    assert not weights_finite(model, ctx)

@@ -162,3 +162,22 @@ def test_cli_ctrl_c_exits_130_with_the_resume_hint(tiny_run, tmp_path, monkeypat
     assert "interrupt: finishing the current step, then saving" in captured.err
     assert "interrupted at step 3; saved" in captured.out and "--resume" in captured.out
     assert find_checkpoint(tmp_path / "run").name == "step_0000003"
+
+
+def test_stop_request_finishes_the_step_then_a_second_ctrl_c_stops_at_once(capfd):
+    """In-process: the first SIGINT sets `requested` and says so on fd 2, the second raises;
+    leaving the block restores the previous handler."""
+    from xdlm.train.interrupts import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        assert not stop.requested
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert capfd.readouterr().err == (
+        "\ninterrupt: finishing the current step, then saving a checkpoint (Ctrl-C again "
+        "stops at once; the previous checkpoint stays)\n"
+    )

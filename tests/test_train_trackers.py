@@ -85,3 +85,68 @@ def test_plot_writes_curves(tb_run, tmp_path, capsys):
 def test_unknown_wandb_mode():
     with pytest.raises(ValueError, match="'train.wandb_mode' must be one of.*'sometimes'"):
         load_config(None, ["train.wandb=true", "train.wandb_mode=sometimes"])
+
+
+class _Recorder:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, scalars, step):
+        self.logged.append((step, scalars))
+
+
+def _track_cfg(**flags):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{"tensorboard": False, "wandb": False, "wandb_project": "p",
+                              "wandb_mode": "offline", **flags})  # fmt: skip
+
+
+def test_only_finite_numbers_are_tracked_under_train_or_valid(tmp_path, monkeypatch):
+    from xdlm.train import trackers
+
+    recorder = _Recorder()
+    monkeypatch.setattr(trackers, "_wandb", lambda cfg, run_dir, config: recorder)
+    t = trackers.Trackers(_track_cfg(wandb=True), tmp_path, {})
+    t.log({"step": 3, "loss": 1.5, "valid_nll": 2, "lr": float("nan"), "note": "x"})
+    assert recorder.logged == [(3, {"train/loss": 1.5, "valid/nll": 2})]
+
+
+def test_wandb_continues_the_run_of_its_directory(tmp_path, monkeypatch):
+    """The W&B run id is derived from the run directory, so a resumed run continues it."""
+    import hashlib
+    import sys
+    import types
+
+    from xdlm.train import trackers
+
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = tmp_path / "runs" / "r1"
+    for _ in range(2):
+        trackers._wandb(_track_cfg(wandb=True), run, {"a": 1})
+    want = dict(
+        project="p", name="r1", dir=str(run), config={"a": 1}, mode="offline", resume="allow",
+        id=hashlib.sha1(str(run.resolve()).encode()).hexdigest()[:16],
+    )  # fmt: skip
+    assert calls == [want, want]
+
+
+@pytest.mark.parametrize(
+    ("flag", "module", "message"),
+    [
+        ("tensorboard", "torch.utils.tensorboard",
+         "train.tensorboard=true needs the tensorboard package: pip install 'xdlm[track]'"),
+        ("wandb", "wandb", "train.wandb=true needs wandb: pip install 'xdlm[track]'"),
+    ],
+)  # fmt: skip
+def test_a_missing_tracker_package_is_one_line(tmp_path, monkeypatch, flag, module, message):
+    import sys
+
+    from xdlm.train import trackers
+
+    monkeypatch.setitem(sys.modules, module, None)  # import fails: not installed
+    with pytest.raises(ValueError) as err:
+        trackers.Trackers(_track_cfg(**{flag: True}), tmp_path, {})
+    assert str(err.value) == message
