@@ -181,3 +181,21 @@ def test_stop_request_finishes_the_step_then_a_second_ctrl_c_stops_at_once(capfd
         "\ninterrupt: finishing the current step, then saving a checkpoint (Ctrl-C again "
         "stops at once; the previous checkpoint stays)\n"
     )
+
+
+def test_stop_request_outside_the_main_thread_leaves_ctrl_c_alone():
+    import threading
+
+    from xdlm.train.interrupts import StopRequest
+
+    before, seen = signal.getsignal(signal.SIGINT), []
+
+    def body():
+        with StopRequest() as stop:
+            seen.append(signal.getsignal(signal.SIGINT))
+        seen.append(stop.requested)
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert seen == [before, False] and signal.getsignal(signal.SIGINT) is before

@@ -105,11 +105,19 @@ def _track_cfg(**flags):
 def test_only_finite_numbers_are_tracked_under_train_or_valid(tmp_path, monkeypatch):
     from xdlm.train import trackers
 
-    recorder = _Recorder()
-    monkeypatch.setattr(trackers, "_wandb", lambda cfg, run_dir, config: recorder)
-    t = trackers.Trackers(_track_cfg(wandb=True), tmp_path, {})
+    recorder, configs = _Recorder(), []
+
+    def wandb(cfg, run_dir, config):
+        configs.append(config)
+        return recorder
+
+    monkeypatch.setattr(trackers, "_wandb", wandb)
+    t = trackers.Trackers(_track_cfg(wandb=True), tmp_path, {"a": 1})
     t.log({"step": 3, "loss": 1.5, "valid_nll": 2, "lr": float("nan"), "note": "x"})
     assert recorder.logged == [(3, {"train/loss": 1.5, "valid/nll": 2})]
+    assert configs == [{"a": 1}] and list(tmp_path.iterdir()) == []  # no TensorBoard asked
+    trackers.Trackers(_track_cfg(), tmp_path, {}).log({"step": 1, "loss": 1.0})  # none asked
+    assert len(configs) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_wandb_continues_the_run_of_its_directory(tmp_path, monkeypatch):
