@@ -92,12 +92,13 @@ def spawn_workers(script: str, args, n: int) -> None:
 
 def run_stages(
     script: str, args: Namespace, settings: dict, prepare: Callable[[], object],
-    work: Callable, collect: Callable[[], dict],
+    work: Callable, collect: Callable[[], dict], report_module: str = "report",
 ) -> int:  # fmt: skip
-    """The main of experiments/<name>/run.py once its arguments are parsed. A worker
-    (`--worker i/n`) trains and evaluates its share single-threaded; otherwise `prepare()`, the
-    train and eval stages (`work` here, or in args.jobs worker processes), then the report:
-    `collect()` with the budget, machine and CPU, passed to `report.report` beside the script."""
+    """The main of an experiment's script (experiments/<name>/run.py or a sibling) once its
+    arguments are parsed. A worker (`--worker i/n`) trains and evaluates its share
+    single-threaded; otherwise `prepare()`, the train and eval stages (`work` here, or in
+    args.jobs worker processes of `script`), then the report: `collect()` with the budget,
+    machine and CPU, passed to `<report_module>.report` beside the script."""
     stages = args.stage_list
     if args.worker is not None:
         torch.set_num_threads(1)
@@ -113,11 +114,12 @@ def run_stages(
         else:
             work(settings, args.budget, args.out, stages, (0, 1))
     if "report" in stages:
-        command = f"python experiments/{Path(script).parent.name}/run.py --budget {args.budget}"
+        where = Path(script)
+        command = f"python experiments/{where.parent.name}/{where.name} --budget {args.budget}"
         command += f" --jobs {args.jobs}" if args.jobs > 1 else ""
         results = collect()
         results.update(budget=args.budget, machine=args.machine, cpu=cpu_description())
-        report = importlib.import_module("report").report  # matplotlib only when reporting
+        report = importlib.import_module(report_module).report  # matplotlib only then
         report(results, settings, args.budget, command, Path(args.publish))
     return 0
 

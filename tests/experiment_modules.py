@@ -11,13 +11,14 @@ from pathlib import Path
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
-def experiment_modules(name: str) -> Iterator[dict]:
-    """{"run": module, "report": module} of experiments/<name>, with that folder on sys.path
-    while the generator is open (use as a pytest fixture body: `yield from`)."""
+def experiment_modules(name: str, parts: tuple[str, ...] = ("run", "report")) -> Iterator[dict]:
+    """{part: module} of experiments/<name>/<part>.py (run.py and report.py unless `parts` says
+    otherwise), with that folder on sys.path while the generator is open (use as a pytest
+    fixture body: `yield from`)."""
     folder = EXPERIMENTS / name
     sys.path.insert(0, str(folder))
     modules = {}
-    for part in ("run", "report"):
+    for part in parts:
         spec = importlib.util.spec_from_file_location(f"{name}_{part}", folder / f"{part}.py")
         modules[part] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(modules[part])

@@ -33,9 +33,14 @@ import yaml
 from xdlm.builders import build_sampler
 from xdlm.commands.images import reference_classifier, save_grid
 from xdlm.config import SampleConfig
-from xdlm.data.images import image_info, prepare_images
+from xdlm.data.images import ImageInfo, image_info, prepare_images
 from xdlm.data.loader import TokenShards
-from xdlm.eval.images import classifier_accuracy, image_metrics, sample_classes
+from xdlm.eval.images import (
+    ClassSamples,
+    classifier_accuracy,
+    image_metrics,
+    sample_classes,
+)
 from xdlm.eval.likelihood import sequence_nelbo, shard_batches, summarize
 from xdlm.runs import load_run
 
@@ -129,21 +134,27 @@ def conditional_nelbo(loaded, data_dir: Path, ev: dict) -> dict:
     return summarize(torch.cat(nats), torch.cat(tokens) * pixels_per_token).to_dict()
 
 
-def sample_rows(loaded, data_dir: Path, ev: dict, clf, real, grid_path: Path) -> list[dict]:
-    """Per (T, w): `per_class` samples of every class scored by the classifier. A sample holding
+def score_samples(s: ClassSamples, info: ImageInfo, clf, real) -> dict:
+    """NFE, invalid count and the classifier's metrics of class samples `s`. A sample holding
     an id outside the grey levels (k = 1 models have the unused mask id as a token) is counted
     invalid and left out of the metrics (none when fewer than two samples are valid)."""
+    ok = (s.tokens < info.levels).all(-1).numpy()
+    row = {"nfe": s.nfe, "invalid": int((~ok).sum())}
+    if ok.sum() >= 2:  # FID needs two samples
+        labels = s.labels.numpy()[ok]
+        row |= asdict(image_metrics(clf, real.images, real.labels, s.images[ok], labels))
+    return row
+
+
+def sample_rows(loaded, data_dir: Path, ev: dict, clf, real, grid_path: Path) -> list[dict]:
+    """Per (T, w): `per_class` samples of every class scored by the classifier
+    (`score_samples`)."""
     info, rows = image_info(data_dir), []
     for steps in ev["steps"]:
         for w in ev["guidance"]:
             s = sample_classes(loaded, info, steps=steps, per_class=ev["per_class"], guidance=w,
                                seed=ev["seed"], **SAMPLER)  # fmt: skip
-            ok = (s.tokens < info.levels).all(-1).numpy()
-            row = {"steps": steps, "guidance": w, "nfe": s.nfe, "invalid": int((~ok).sum())}
-            if ok.sum() >= 2:  # FID needs two samples
-                labels = s.labels.numpy()[ok]
-                row |= asdict(image_metrics(clf, real.images, real.labels, s.images[ok], labels))
-            rows.append(row)
+            rows.append({"steps": steps, "guidance": w, **score_samples(s, info, clf, real)})
             if steps == ev["grid_steps"] and w == max(ev["guidance"]):
                 save_grid(s.images, ev["per_class"], grid_path, f"T={steps}, w={w:g}")
     return rows

@@ -32,25 +32,28 @@ def cells(rows: list[dict]) -> dict[tuple[str, float, int], dict[int, dict]]:
     return out
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per (method, k, T): seeds, mean NFE, t-intervals of nll / entropy (None under two seeds),
-    and the paired difference in nll against the ancestral sampler (same k, T, seed)."""
+def summarize(rows: list[dict], fields: dict[str, str] | None = None,
+              paired: tuple[str, ...] = ("nll",)) -> list[dict]:  # fmt: skip
+    """Per (method, k, T): seeds, mean NFE, t-intervals of every measurement `fields` = {name:
+    row key} (default nll / entropy; None under two seeds) and, for each name in `paired`, the
+    paired difference against the ancestral sampler (same k, T, seed) as `<name>_vs_ancestral`."""
+    fields = fields or {"nll": "nll_per_token", "entropy": "unigram_entropy"}
     table, out = cells(rows), []
     for (method, k, steps), by_seed in sorted(table.items()):
         seeds = sorted(by_seed)
-        nll = [by_seed[s]["nll_per_token"] for s in seeds]
-        ent = [by_seed[s]["unigram_entropy"] for s in seeds]
         row = {"method": method, "k": k, "steps": steps, "seeds": seeds,
-               "nfe": sum(by_seed[s]["nfe"] for s in seeds) / len(seeds),
-               "nll": t_interval(nll).to_dict() if len(seeds) > 1 else None,
-               "entropy": t_interval(ent).to_dict() if len(seeds) > 1 else None}  # fmt: skip
+               "nfe": sum(by_seed[s]["nfe"] for s in seeds) / len(seeds)}  # fmt: skip
+        for name, key in fields.items():
+            values = [by_seed[s][key] for s in seeds]
+            row[name] = t_interval(values).to_dict() if len(seeds) > 1 else None
         base = table.get(("ancestral", k, steps), {})
         shared = [s for s in seeds if s in base]
         if method != "ancestral" and len(shared) > 1:
-            row["nll_vs_ancestral"] = paired_difference(
-                [by_seed[s]["nll_per_token"] for s in shared],
-                [base[s]["nll_per_token"] for s in shared],
-            ).to_dict()
+            for name in paired:
+                row[f"{name}_vs_ancestral"] = paired_difference(
+                    [by_seed[s][fields[name]] for s in shared],
+                    [base[s][fields[name]] for s in shared],
+                ).to_dict()
         out.append(row)
     return out
 

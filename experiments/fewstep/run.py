@@ -65,22 +65,38 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def load_settings(budget: str, path: Path = HERE / "fewstep.yaml") -> dict:
-    """The known-law settings with this experiment's grid (ks, seeds) and, as the budget's
-    block, the known-law budget's block with the teacher overrides merged into its config plus
-    this budget's distill / eval / samplers sections."""
+    """The known-law settings with this experiment's grid and budget (`teacher_settings`)."""
     own = yaml.safe_load(path.read_text())
+    return teacher_settings(own, budget, knownlaw.load_settings(), "knownlaw_budget")
+
+
+def teacher_settings(own: dict, budget: str, parent: dict, parent_key: str) -> dict:
+    """The parent experiment's settings with this experiment's grid (ks, seeds) and, as the
+    budget's block, the parent budget named by `parent_key` (the budget's, else the file's) with
+    the `teacher` overrides merged into its config, its eval updated by the budget's, plus the
+    budget's distill / methods / samplers sections."""
     spec = budget_spec(own, budget)
-    law = knownlaw.load_settings()
-    base = budget_spec(law, spec.get("knownlaw_budget", own["knownlaw_budget"]))
+    base = budget_spec(parent, spec.get(parent_key, own[parent_key]))
     merged = {**_deep_merge(base, {"config": spec.get("teacher", {})}),
               **{key: spec[key] for key in ("distill", "eval", "samplers", "methods")}}  # fmt: skip
     merged["eval"] = {**base["eval"], **spec["eval"]}
-    return {**law, "ks": own["ks"], "seeds": own["seeds"], "budgets": {budget: merged}}
+    return {**parent, "ks": own["ks"], "seeds": own["seeds"], "budgets": {budget: merged}}
 
 
-def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple[int, int]):
+def law_scorer(settings: dict, out: Path, spec: dict):
+    """score(model dir, T, sampler keywords) -> a row's measurements: `sample_row` under the
+    known law of `out`."""
+    law = load_law(out / "data")
+    return lambda src, steps, kwargs: sample_row(load_run(src), law, spec["eval"], steps, kwargs)
+
+
+def work(
+    settings: dict, budget: str, out: Path, stages: list[str], share: tuple[int, int],
+    scorer=law_scorer,
+):  # fmt: skip
     """Worker `share` = (i, n) over its models, in phases so that every seed of a phase is done
-    before the next starts: teachers; their samplers; students; the students' samples."""
+    before the next starts: teachers; their samplers; students; the students' samples. Samples
+    are measured by `scorer(settings, out, spec)` (the known law's here; digits.py's)."""
     spec, data_dir = budget_spec(settings, budget), out / "data"
     grid = [(k, s, out / "runs" / run_name(k, s)) for k, s in models(settings)]
     mine = grid[share[0] :: share[1]]
@@ -90,19 +106,20 @@ def work(settings: dict, budget: str, out: Path, stages: list[str], share: tuple
             print(f"trained {run_dir.name}", flush=True)
     else:  # the later stages may run beside a training job: only on finished teachers
         mine = [m for m in mine if (m[2] / "train_info.json").is_file()]
-    if "eval" in stages:
+    score = scorer(settings, out, spec) if "eval" in stages else None
+    if score is not None:
         for _, _, run_dir in mine:
-            evaluate(run_dir, run_dir, data_dir, spec, tuple(spec["methods"]))
+            evaluate(run_dir, run_dir, spec, tuple(spec["methods"]), score)
     d = spec["distill"]
     if "distill" in stages:
         for _, _, run_dir in mine:
             distill(run_dir, student_dir(run_dir), d["rounds"], d["steps_per_round"], d["set"],
                     resume=True)  # fmt: skip
             print(f"distilled {run_dir.name}", flush=True)
-    if "eval" in stages:
+    if score is not None:
         for _, _, run_dir in mine:
             if (student_dir(run_dir) / f"T{d['rounds'][-1]}").is_dir():
-                evaluate(run_dir, student_dir(run_dir), data_dir, spec, ("distilled",))
+                evaluate(run_dir, student_dir(run_dir), spec, ("distilled",), score)
 
 
 def student_dir(run_dir: Path) -> Path:
@@ -128,10 +145,10 @@ def method_steps(spec: dict, method: str) -> list[int]:
     return spec["distill"]["rounds"] if method == "distilled" else spec["methods"][method]
 
 
-def evaluate(run_dir: Path, model_dir: Path, data_dir: Path, spec: dict, methods) -> None:
-    """Rows (method, T) of one teacher: samples scored by the exact law, appended to
+def evaluate(run_dir: Path, model_dir: Path, spec: dict, methods, score) -> None:
+    """Rows (method, T) of one teacher: `score(model dir, T, sampler keywords)`, appended to
     <run_dir>/fewstep_eval.json as they are done (a stopped evaluation resumes)."""
-    path, law, ev = run_dir / "fewstep_eval.json", load_law(data_dir), spec["eval"]
+    path = run_dir / "fewstep_eval.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
     done = {(r["method"], r["steps"]) for r in rows}
     info = json.loads((run_dir / "train_info.json").read_text())
@@ -140,7 +157,7 @@ def evaluate(run_dir: Path, model_dir: Path, data_dir: Path, spec: dict, methods
             if (method, steps) in done:
                 continue
             src = model_dir / f"T{steps}" if method == "distilled" else model_dir
-            row = sample_row(load_run(src), law, ev, steps, plan(method, spec))
+            row = score(src, steps, plan(method, spec))
             rows.append({"method": method, "k": info["k"], "seed": info["seed"], **row})
             path.write_text(json.dumps(rows, indent=1))
         print(f"evaluated {run_dir.name} {method}", flush=True)
