@@ -101,6 +101,8 @@ def test_digits_teachers_are_the_digits_models_with_a_shorter_budget(fewdigits):
     assert cfgs[-1] == dataclasses.replace(ref, train=dataclasses.replace(ref.train, steps=1500))
     assert cfgs[-1] == run.frontier.model_config(digits, "cpu-1500", 0.1, 2, Path("d"))
     assert settings["budgets"]["digits-cpu-1500"]["eval"]["guidance"] == 1.0  # the headline w
+    short = grid_configs(run.frontier, run.load_settings("digits-cpu-1000"), "digits-cpu-1000")
+    assert short[-1] == dataclasses.replace(ref, train=dataclasses.replace(ref.train, steps=1000))
     grid_configs(run.frontier, run.load_settings("digits-smoke"), "digits-smoke")
 
 

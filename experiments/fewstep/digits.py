@@ -3,7 +3,7 @@ reference classifier) vs NFE for MDLM (k = 0) and XDLM (k = 0.1) × {ancestral,
 predictor-corrector, threshold decoding, distilled students} at T ∈ {1, ..., 32}, three seeds
 (issue 31; the known-law half is run.py).
 
-    python experiments/fewstep/digits.py --budget digits-cpu-1500 --jobs 2
+    python experiments/fewstep/digits.py --budget digits-cpu-1000 --jobs 2
     python experiments/fewstep/digits.py --budget digits-smoke --out /tmp/fd --publish /tmp/fd
 
 Stages (each skips work already done in `--out`, so a stopped run resumes where it was):
@@ -87,7 +87,7 @@ def collect(settings: dict, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv, __doc__, "fewstep-digits", "digits-cpu-1500", frontier.STAGES)
+    args = parse_args(argv, __doc__, "fewstep-digits", "digits-cpu-1000", frontier.STAGES)
     settings = load_settings(args.budget)
     return run_stages(
         __file__, args, settings, lambda: digits.prepare_data(settings, args.out),
