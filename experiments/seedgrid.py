@@ -7,6 +7,7 @@ Imported by `experiments/<name>/run.py` after it puts this folder on `sys.path`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -25,6 +26,16 @@ from xdlm.precision import cpu_description
 from xdlm.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_module(name: str, path: Path):
+    """The Python file `path` executed as a module called `name`, not put in sys.modules: an
+    experiment's run.py / report.py loaded by another experiment never shadows the `run` or
+    `report` module a third one imports by name."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def budget_grid(settings: dict, budget: str) -> dict:

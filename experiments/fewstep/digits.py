@@ -25,7 +25,6 @@ file's scorer); every setting lives in digits.yaml (fixed before any result).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import sys
 import time
@@ -34,19 +33,17 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # run.py (the known-law frontier) and digits_report.py
+sys.path.insert(0, str(HERE))  # digits_report.py
 sys.path.insert(0, str(HERE.parent))  # experiments/seedgrid.py
-import run as frontier  # noqa: E402
-from seedgrid import models, parse_args, run_name, run_stages  # noqa: E402
+from seedgrid import load_module, models, parse_args, run_name, run_stages  # noqa: E402
 
 from xdlm.commands.images import reference_classifier  # noqa: E402
 from xdlm.data.images import image_info  # noqa: E402
 from xdlm.eval.images import sample_classes  # noqa: E402
 from xdlm.runs import load_run  # noqa: E402
 
-_SPEC = importlib.util.spec_from_file_location("digits_run", HERE.parent / "digits" / "run.py")
-digits = importlib.util.module_from_spec(_SPEC)  # the digits experiment's stages
-_SPEC.loader.exec_module(digits)
+frontier = load_module("fewstep_run", HERE / "run.py")  # the known-law frontier's stages
+digits = load_module("digits_run", HERE.parent / "digits" / "run.py")  # the digits experiment's
 
 
 def load_settings(budget: str, path: Path = HERE / "digits.yaml") -> dict:

@@ -17,12 +17,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # experiments/seedgrid.py
-sys.path.insert(0, str(HERE))  # report.py (the known-law frontier's)
-from report import METHODS, MIN_SEEDS, cells, summarize  # noqa: E402
-from seedgrid import fmt_ci, within_bound, write_results_section  # noqa: E402
+from seedgrid import fmt_ci, load_module, within_bound, write_results_section  # noqa: E402
 
 from xdlm.eval.seeds import t_interval  # noqa: E402
 
+frontier = load_module("fewstep_report", HERE / "report.py")  # the known-law frontier's report
+METHODS, MIN_SEEDS, cells, summarize = (frontier.METHODS, frontier.MIN_SEEDS, frontier.cells,
+                                        frontier.summarize)  # fmt: skip
 SECTION = "## Few-step frontier on digits"
 FIELDS = {"accuracy": "accuracy", "fid": "fid", "diversity": "diversity"}
 GOAL = {"steps": 4, "reference_steps": 32, "accuracy": 0.9, "fid_ratio": 1.2}
