@@ -158,3 +158,46 @@ def test_a_missing_tracker_package_is_one_line(tmp_path, monkeypatch, flag, modu
     with pytest.raises(ValueError) as err:
         trackers.Trackers(_track_cfg(**{flag: True}), tmp_path, {})
     assert str(err.value) == message
+
+
+def _metrics(run, *records):
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def test_read_curves_keeps_zero_losses_and_skips_missing_ones(tmp_path, monkeypatch):
+    from xdlm.train.curves import Curves
+
+    run = _metrics(tmp_path / "r", {"step": 1, "loss": None}, {"step": 2, "loss": 0.0},
+                   {"step": 2, "valid_nats_per_token": 1.5}, {"step": 3, "event": "x"})  # fmt: skip
+    assert read_curves(run) == Curves("r", [2], [0.0], [2], [1.5])
+    monkeypatch.chdir(run)
+    assert read_curves(".").name == "."
+    with pytest.raises(FileNotFoundError) as err:
+        read_curves(tmp_path / "none")
+    assert str(err.value) == (
+        f"{tmp_path / 'none' / 'metrics.jsonl'} does not exist; pass a run directory of "
+        "`xdlm train`"
+    )
+
+
+def test_plot_refuses_a_directory_a_non_image_name_and_empty_runs(tmp_path):
+    from xdlm.train.curves import plot_runs
+
+    run = _metrics(tmp_path / "r", {"step": 1, "loss": 2.0})
+    for out, what, example in (
+        (tmp_path, "a directory", tmp_path / "curves.png"),
+        (tmp_path / "c.txt", "not an image file name", tmp_path / "c.png"),
+    ):
+        with pytest.raises(ValueError) as err:
+            plot_runs([run], out)
+        text = str(err.value)
+        assert text.startswith(f"--out {out} is {what}; pass a file ending in one of ")
+        assert text.endswith(f", e.g. {example}") and ".png, " in text and ".svg" in text
+    empty = _metrics(tmp_path / "e", {"step": 1, "event": "start"})
+    with pytest.raises(ValueError) as err:
+        plot_runs([empty], tmp_path / "c.png")
+    assert str(err.value) == f"no loss or validation record in {[str(empty)]}"
+    out = plot_runs([run], tmp_path / "new" / "dir" / "c.PNG")  # parents made, any case
+    assert out.read_bytes()[:4] == b"\x89PNG"
