@@ -201,3 +201,38 @@ def test_plot_refuses_a_directory_a_non_image_name_and_empty_runs(tmp_path):
     assert str(err.value) == f"no loss or validation record in {[str(empty)]}"
     out = plot_runs([run], tmp_path / "new" / "dir" / "c.PNG")  # parents made, any case
     assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_figure_draws_each_run_against_its_steps(tmp_path):
+    """What the PNG shows: per run, the training loss at its logged steps (not their indices)
+    on the left and the validation NELBO with markers on the right, titled and labelled, one
+    legend entry per run; a run that logged no validation adds an empty series."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xdlm.train.curves import curves_figure, read_curves
+
+    a = _metrics(tmp_path / "mdlm", {"step": 10, "loss": 3.0}, {"step": 20, "loss": 2.5},
+                 {"step": 20, "valid_nats_per_token": 2.75}, {"step": 30, "loss": None},
+                 {"step": 40, "valid_nats_per_token": 2.5})  # fmt: skip
+    b = _metrics(tmp_path / "xdlm", {"step": 5, "loss": 4.0})
+    fig = curves_figure([read_curves(a), read_curves(b)])
+    try:
+        left, right = fig.axes
+        assert [ax.get_title() for ax in (left, right)] == [
+            "training loss", "validation NELBO (EMA)"]  # fmt: skip
+        for ax in (left, right):
+            assert (ax.get_xlabel(), ax.get_ylabel()) == ("step", "nats / token")
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mdlm", "xdlm"]
+            assert all(line.get_visible() for line in ax.get_xgridlines())
+        (la, lb), (va, vb) = left.get_lines(), right.get_lines()
+        assert (list(la.get_xdata()), list(la.get_ydata())) == ([10, 20], [3.0, 2.5])
+        assert (list(lb.get_xdata()), list(lb.get_ydata())) == ([5], [4.0])
+        assert (list(va.get_xdata()), list(va.get_ydata())) == ([20, 40], [2.75, 2.5])
+        assert list(vb.get_xdata()) == [] and va.get_marker() == "o"
+        assert la.get_marker() in ("None", None, "")
+        assert tuple(fig.get_size_inches()) == (11.0, 4.0)
+    finally:
+        plt.close(fig)

@@ -65,6 +65,19 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
     curves = [read_curves(r) for r in runs]
     if not any(c.train_steps or c.valid_steps for c in curves):
         raise ValueError(f"no loss or validation record in {[str(r) for r in runs]}")
+    fig = curves_figure(curves)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def curves_figure(curves: list[Curves]):
+    """The matplotlib figure of `plot_runs`: left, each run's training loss against its step;
+    right, its validation NELBO (EMA weights) against its step, with markers; one legend entry
+    per run in each panel."""
+    import matplotlib.pyplot as plt
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for c in curves:
         left.plot(c.train_steps, c.train_loss, label=c.name)
@@ -74,10 +87,7 @@ def plot_runs(runs: list[str | Path], out: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return fig
 
 
 def data_signature(run: str | Path) -> dict[str, str | None]:
