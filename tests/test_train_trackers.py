@@ -200,7 +200,10 @@ def test_plot_refuses_a_directory_a_non_image_name_and_empty_runs(tmp_path):
         plot_runs([empty], tmp_path / "c.png")
     assert str(err.value) == f"no loss or validation record in {[str(empty)]}"
     out = plot_runs([run], tmp_path / "new" / "dir" / "c.PNG")  # parents made, any case
-    assert out.read_bytes()[:4] == b"\x89PNG"
+    png = out.read_bytes()
+    assert png[:4] == b"\x89PNG"
+    size = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert size == (11 * 120, 4 * 120)  # 11 x 4 inches at 120 dpi
 
 
 def test_the_figure_draws_each_run_against_its_steps(tmp_path):
@@ -234,5 +237,6 @@ def test_the_figure_draws_each_run_against_its_steps(tmp_path):
         assert list(vb.get_xdata()) == [] and va.get_marker() == "o"
         assert la.get_marker() in ("None", None, "")
         assert tuple(fig.get_size_inches()) == (11.0, 4.0)
+        assert left.get_position().x1 < right.get_position().x0  # side by side, loss left
     finally:
         plt.close(fig)
