@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/seedgrid.py
-from seedgrid import fmt_ci, write_results_section  # noqa: E402
+from seedgrid import fmt_ci, within_bound, write_results_section  # noqa: E402
 
 from xdlm.eval.seeds import paired_difference, t_interval  # noqa: E402
 
@@ -81,8 +81,7 @@ def goal_lines(summary: list[dict], law_entropy: float) -> str:
         if (r["k"], r["steps"]) != (GOAL["k"], GOAL["steps"]) or r["nll"] is None:
             continue
         nll, ent = r["nll"], r["entropy"]
-        quality = "yes" if nll["hi"] <= GOAL["nll"] else ("no" if nll["lo"] > GOAL["nll"] else
-                                                          "undecided")  # fmt: skip
+        quality = within_bound(nll, GOAL["nll"])
         lo, hi = law_entropy - GOAL["entropy_tol"], law_entropy + GOAL["entropy_tol"]
         inside = "yes" if lo <= ent["lo"] and ent["hi"] <= hi else (
             "no" if ent["hi"] < lo or ent["lo"] > hi else "undecided")  # fmt: skip

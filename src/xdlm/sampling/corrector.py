@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from xdlm.core.kernel import MixedKernel
-from xdlm.sampling.steps import Ancestral, Fixed, StepOutput, StepTimes
+from xdlm.sampling.steps import Ancestral, Fixed, StepTimes
 
 # p_θ (B, L, V) of the (filtered) denoiser at state z (B, L) and level α (B,).
 Denoise = Callable[[Tensor, Tensor], Tensor]
@@ -50,22 +50,11 @@ class PredictorCorrector:
     eta: float = 0.5
     uses_final_step: bool = True
     prior = Ancestral.prior  # z_1 ~ r
+    step = Ancestral.step  # the predictor: the exact ancestral step t -> s
 
     def __post_init__(self) -> None:
         if not 0.0 < self.eta <= 1.0:
             raise ValueError(f"predictor-corrector eta must be in (0, 1], got {self.eta}")
-
-    def step(
-        self,
-        kernel: MixedKernel,
-        p_x0: Tensor,
-        z_t: Tensor,
-        times: StepTimes,
-        generator: torch.Generator | None,
-        fixed: Fixed,
-    ) -> StepOutput:
-        """The predictor: the exact ancestral step t -> s."""
-        return Ancestral().step(kernel, p_x0, z_t, times, generator, fixed)
 
     def corrector_alpha(self, times: StepTimes) -> Tensor:
         """α_c = α_s − η·(α_s − α_t), (B,)."""
