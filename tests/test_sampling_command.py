@@ -88,6 +88,7 @@ def test_sample_writes_jsonl_and_trace(fake_run, tmp_path, capsys):
         ["xdm", "--xdm-protect-prompt"],
         ["pc", "--pc-eta", "0.7"],
         ["threshold", "--threshold", "0.5"],
+        ["dilated", "--grid", "doubling"],
     ],
 )
 def test_prompt_and_infill_stay_fixed(fake_run, tmp_path, sampler):

@@ -37,6 +37,8 @@ from xdlm.sampling import (
     Ancestral,
     AncestralFinal,
     Confidence,
+    Dilated,
+    Doubling,
     FinalStep,
     GreedyFinal,
     LogitFilter,
@@ -264,9 +266,10 @@ SAMPLERS = {
     "xdm": XDM,
     "pc": PredictorCorrector,
     "threshold": Threshold,
+    "dilated": Dilated,
 }
 FINAL_STEPS = {"ancestral": AncestralFinal, "greedy": GreedyFinal, "none": None}
-GRIDS = {"t": UniformT, "alpha": UniformAlpha}
+GRIDS = {"t": UniformT, "alpha": UniformAlpha, "doubling": Doubling}
 REMDM_STRATEGIES = {"cap": False, "rescale": True}  # ReMDM(rescale=...)
 
 
@@ -333,6 +336,8 @@ def build_sampler(cfg: SampleConfig) -> SamplingPlan:
         sampler = PredictorCorrector(eta=cfg.pc_eta)
     elif kind is Threshold:
         sampler = Threshold(cfg.threshold, cfg.threshold_revise, cfg.threshold_remask)
+    elif kind is Dilated:
+        sampler = Dilated(uniform_reveal=cfg.dilated_uniform_reveal)
     else:
         sampler = kind()
     final = _pick(FINAL_STEPS, cfg.final, "sample.final")

@@ -132,9 +132,11 @@ class SampleConfig:
     steps: int = 32  # T reverse steps (per semi-AR block)
     seq_len: int | None = None  # default: data.seq_len of the run
     # None: xdm for HF (LLaDA-style) runs, ancestral otherwise (`builders.resolve_sampling`)
-    sampler: Literal["ancestral", "remdm", "confidence", "xdm", "pc", "threshold"] | None = None
+    sampler: (
+        Literal["ancestral", "remdm", "confidence", "xdm", "pc", "threshold", "dilated"] | None
+    ) = None
     final: Literal["ancestral", "greedy", "none"] = "ancestral"  # the noise-removal step
-    grid: Literal["t", "alpha"] = "t"  # uniform in t (the paper) or in α_t
+    grid: Literal["t", "alpha", "doubling"] = "t"  # uniform in t (the paper), in α_t, α doubling
     t_end: float = 1e-5  # the last grid time before the final step
     temperature: float | None = None  # None: 0 (greedy) for xdm, 1 otherwise
     top_k: int | None = None
@@ -145,6 +147,7 @@ class SampleConfig:
     threshold: float = 0.9  # threshold: reveal every masked token with p_θ(x̃) >= this
     threshold_revise: float = 0.5  # threshold (k > 0): revise with margin >= this
     threshold_remask: float = 0.0  # threshold (k > 0): re-mask visible tokens below (0 = off)
+    dilated_uniform_reveal: bool = False  # dilated: reveals may take the uniform route too
     xdm_remasking: Literal["low_confidence", "random"] = "low_confidence"  # xdm reveal order
     xdm_protect_prompt: bool = False  # xdm: never edit the prompt / fixed tokens
     # xdm ranking: "logits" = the authors' (softmax in the logits' dtype, torch.topk ties),

@@ -34,7 +34,7 @@ INFERENCE_SECTIONS = ("sample", "eval", "images")
 RUN_SAMPLING_KEYS = (
     "sampler", "final", "grid", "t_end", "temperature", "top_k", "top_p", "remdm_eta",
     "remdm_strategy", "xdm_remasking", "xdm_protect_prompt", "xdm_rank_dtype", "pc_eta",
-    "threshold", "threshold_revise", "threshold_remask", "use_ema",
+    "threshold", "threshold_revise", "threshold_remask", "dilated_uniform_reveal", "use_ema",
 )  # fmt: skip
 
 

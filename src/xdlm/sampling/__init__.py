@@ -11,10 +11,12 @@ from xdlm.sampling.conditioning import (
 )
 from xdlm.sampling.confidence import Confidence, edit_budget
 from xdlm.sampling.corrector import PredictorCorrector
+from xdlm.sampling.dilated import Dilated, van_der_corput_rank
 from xdlm.sampling.loop import generate
 from xdlm.sampling.steps import (
     Ancestral,
     AncestralFinal,
+    Doubling,
     FinalStep,
     Fixed,
     GreedyFinal,
@@ -38,6 +40,8 @@ __all__ = [
     "Ancestral",
     "AncestralFinal",
     "Confidence",
+    "Dilated",
+    "Doubling",
     "FinalStep",
     "Fixed",
     "GreedyFinal",
@@ -65,5 +69,6 @@ __all__ = [
     "parse_infill",
     "sample_posterior",
     "transfer_counts",
+    "van_der_corput_rank",
     "write_trace_html",
 ]

@@ -18,9 +18,12 @@ Samplers (frozen dataclasses with a `step` method):
 - `Confidence` (in `xdlm.sampling.confidence`): LLaDA-style greedy unmasking + edit budget.
 - `PredictorCorrector` (in `xdlm.sampling.corrector`): ancestral + forward–backward corrector.
 - `Threshold` (in `xdlm.sampling.threshold`): confidence-threshold reveal / revise / re-mask.
+- `Dilated` (in `xdlm.sampling.dilated`): the posterior with reveals planned in van der Corput
+  order.
 
 `AncestralFinal` / `GreedyFinal` are the noise-removal step α_s = 1; `UniformT` / `UniformAlpha`
-build the step grid. Strings from the config pick these classes once, in `xdlm.builders`.
+/ `Doubling` build the step grid. Strings from the config pick these classes once, in
+`xdlm.builders`.
 """
 
 from __future__ import annotations
@@ -139,11 +142,34 @@ def sample_posterior(
     stay and are never read. α_t, α_s (B,) with α_s ≥ α_t; α_s = 1 is the final step.
     """
     kernel.check_posterior_args(probs, z_t, alpha_t, alpha_s)
+    masses = route_masses(kernel, probs, z_t, alpha_t, alpha_s)
+    return emit_routes(kernel, probs, z_t, draw_routes(masses, generator), generator)
+
+
+def route_masses(
+    kernel: MixedKernel, probs: Tensor, z_t: Tensor, alpha_t: Tensor, alpha_s: Tensor
+) -> Tensor:
+    """(B, L, 4) float64 masses of the routes (p_θ, uniform, stay, re-mask) of one posterior
+    step: (scale, V·shift, stay, remask) of `MixedKernel.posterior_coefficients`."""
     p_z = probs.gather(-1, z_t.unsqueeze(-1)).squeeze(-1).to(torch.float64)
     c = kernel.posterior_coefficients(p_z, z_t, alpha_t.double(), alpha_s.double())
-    cum = torch.stack([c.scale, kernel.vocab_size * c.shift, c.stay, c.remask], -1).cumsum(-1)
-    u = torch.rand(z_t.shape, generator=generator, dtype=torch.float64, device=z_t.device)
-    route = (u.unsqueeze(-1) * cum[..., -1:] >= cum).sum(-1)  # 0 p_θ, 1 uniform, 2 stay, 3 mask
+    return torch.stack([c.scale, kernel.vocab_size * c.shift, c.stay, c.remask], -1)
+
+
+def draw_routes(masses: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Route per position (B, L) long, 0 p_θ, 1 uniform, 2 stay, 3 re-mask, ∝ masses (B, L, 4)."""
+    cum = masses.cumsum(-1)
+    u = torch.rand(masses.shape[:-1], generator=generator, dtype=torch.float64,
+                   device=masses.device)  # fmt: skip
+    return (u.unsqueeze(-1) * cum[..., -1:] >= cum).sum(-1)
+
+
+def emit_routes(
+    kernel: MixedKernel, probs: Tensor, z_t: Tensor, route: Tensor,
+    generator: torch.Generator | None,
+) -> Tensor:  # fmt: skip
+    """z_s (B, L): a draw from p_θ (route 0, float64 inverse CDF on those rows only), a uniform
+    id in [0, V) (1), z_t (2) or m (3)."""
     uniform = torch.randint(kernel.vocab_size, z_t.shape, generator=generator, device=z_t.device)
     z_s = torch.where(route == 1, uniform, z_t)
     if kernel.mask_id is not None:
@@ -307,4 +333,22 @@ class UniformAlpha:
     def times(self, schedule: Schedule, steps: int) -> Tensor:
         ends = schedule.alpha(torch.tensor([1.0, self.t_end], dtype=torch.float64))
         alphas = _linspace(float(ends[0]), float(ends[1]), steps, self.t_end)
+        return schedule.t_of_alpha(alphas)
+
+
+@dataclass(frozen=True)
+class Doubling:
+    """α doubles every step: α_{t_j} = 2^{j−T} for j = 1..T (α_{t_T} = α_{t_end}), α_{t_0} = α_1,
+    mapped back with `schedule.t_of_alpha`. Each step reveals about as many tokens as all
+    earlier steps together (the first ≈ L/2^{T−1}): few first, when they are drawn without
+    context; with `Dilated` this is the dyadic refinement of the sequence. For T > log2 L + 1
+    the first steps reveal nothing."""
+
+    t_end: float = 1e-5
+
+    def times(self, schedule: Schedule, steps: int) -> Tensor:
+        _linspace(1.0, self.t_end, steps, self.t_end)  # checks steps and t_end
+        ends = schedule.alpha(torch.tensor([1.0, self.t_end], dtype=torch.float64))
+        alphas = torch.pow(2.0, torch.arange(1 - steps, 1, dtype=torch.float64))  # 2^{j−T}
+        alphas = torch.cat([ends[:1], alphas[:-1], ends[1:]]).clamp(float(ends[0]), float(ends[1]))
         return schedule.t_of_alpha(alphas)
