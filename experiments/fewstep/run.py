@@ -1,6 +1,6 @@
 """Few-step frontier on the known law: quality (exact −log p under the law) vs NFE for MDLM
-(k = 0) and XDLM (k = 0.1) × {ancestral, predictor-corrector, threshold decoding, distilled
-students} at T ∈ {1, ..., 32}, three seeds (issue 31).
+(k = 0) and XDLM (k = 0.1) × {ancestral, predictor-corrector, threshold decoding, dilated
+(planned) reveals, distilled students} at T ∈ {1, ..., 32}, three seeds (issue 31).
 
     python experiments/fewstep/run.py --budget cpu-800 --jobs 2     # data, teachers, students,
                                                                     # eval, report
@@ -71,7 +71,8 @@ def load_settings(budget: str, path: Path = HERE / "fewstep.yaml") -> dict:
 
 
 def teacher_settings(own: dict, budget: str, parent: dict, parent_key: str) -> dict:
-    """The parent experiment's settings with this experiment's grid (ks, seeds) and, as the
+    """The parent experiment's settings with this experiment's grid (ks, and the seeds of the
+    budget if it lists them, else of the file) and, as the
     budget's block, the parent budget named by `parent_key` (the budget's, else the file's) with
     the `teacher` overrides merged into its config, its eval updated by the budget's, plus the
     budget's distill / methods / samplers sections."""
@@ -80,7 +81,8 @@ def teacher_settings(own: dict, budget: str, parent: dict, parent_key: str) -> d
     merged = {**_deep_merge(base, {"config": spec.get("teacher", {})}),
               **{key: spec[key] for key in ("distill", "eval", "samplers", "methods")}}  # fmt: skip
     merged["eval"] = {**base["eval"], **spec["eval"]}
-    return {**parent, "ks": own["ks"], "seeds": own["seeds"], "budgets": {budget: merged}}
+    seeds = spec.get("seeds", own["seeds"])  # a budget may list its own seeds
+    return {**parent, "ks": own["ks"], "seeds": seeds, "budgets": {budget: merged}}
 
 
 def law_scorer(settings: dict, out: Path, spec: dict):
@@ -127,15 +129,27 @@ def student_dir(run_dir: Path) -> Path:
     return run_dir.parent.parent / "students" / run_dir.name
 
 
+# method -> (sample.sampler, other SampleConfig settings); every other method is its sampler
+VARIANTS = {
+    "distilled": ("ancestral", {}),
+    "threshold-remask": ("threshold", {}),
+    "dilated": ("dilated", {"grid": "doubling"}),
+    "dilated-uniform": ("dilated", {"grid": "doubling", "dilated_uniform_reveal": True}),
+    "dilated-t": ("dilated", {}),
+}
+
+
 def plan(method: str, spec: dict):
-    """The sampler keywords of `generate` for a method (ancestral for the distilled students;
-    `threshold` without and `threshold-remask` with re-masking)."""
+    """The sampler keywords of `generate` for a method (`VARIANTS`: ancestral for the distilled
+    students; `threshold` without and `threshold-remask` with re-masking; `dilated` on the
+    doubling grid, its ablations with the uniform route kept or on the uniform-t grid)."""
     s = spec["samplers"]
-    name = {"distilled": "ancestral", "threshold-remask": "threshold"}.get(method, method)
+    name, extra = VARIANTS.get(method, (method, {}))
     remask = s["threshold_remask"] if method == "threshold-remask" else 0.0
-    cfg = SampleConfig(sampler=name, final="ancestral", grid="t", t_end=1e-5,
+    cfg = SampleConfig(sampler=name, final="ancestral", t_end=1e-5,
                        pc_eta=s["pc_eta"], threshold=s["threshold"],
-                       threshold_revise=s["threshold_revise"], threshold_remask=remask)  # fmt: skip
+                       threshold_revise=s["threshold_revise"], threshold_remask=remask,
+                       **{"grid": "t", **extra})  # fmt: skip
     kw = build_sampler(cfg).generate_kwargs()
     kw.pop("filter")  # temperature 1, no top-k / top-p (generate_many's default setting)
     return kw
