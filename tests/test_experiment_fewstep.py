@@ -37,6 +37,25 @@ def test_teachers_are_the_known_law_models_with_a_shorter_budget(fewstep):
     grid_configs(run, run.load_settings("smoke"), "smoke")
 
 
+def test_each_method_builds_its_sampler_and_a_budget_may_list_its_seeds(fewstep):
+    from xdlm.sampling import Dilated, Doubling, UniformT
+
+    run = fewstep["run"]
+    settings = run.load_settings("cpu-3000")
+    spec = settings["budgets"]["cpu-3000"]
+    assert settings["seeds"] == [0, 1, 2, 3, 4]  # the budget's own list
+    assert run.load_settings("cpu-800")["seeds"] == [0, 1, 2]  # the file's
+    plans = {m: run.plan(m, spec) for m in ("dilated", "dilated-uniform", "dilated-t")}
+    assert plans["dilated"]["sampler"] == Dilated() and isinstance(
+        plans["dilated"]["grid"], Doubling
+    )
+    assert plans["dilated-uniform"]["sampler"] == Dilated(uniform_reveal=True)
+    assert isinstance(plans["dilated-uniform"]["grid"], Doubling)
+    assert plans["dilated-t"]["sampler"] == Dilated()
+    assert isinstance(plans["dilated-t"]["grid"], UniformT)
+    assert run.plan("distilled", spec)["sampler"] == run.plan("ancestral", spec)["sampler"]
+
+
 def _row(method: str, k: float, seed: int, nll: float, ent: float = 2.4) -> dict:
     return {"method": method, "k": k, "seed": seed, "steps": 4, "nfe": 5.0,
             "nll_per_token": nll, "unigram_entropy": ent}  # fmt: skip
