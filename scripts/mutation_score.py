@@ -34,9 +34,10 @@ def results(root: Path = ROOT) -> dict[str, int | None]:
 
 
 def package(name: str) -> str:
-    """xdlm.core.kernel.x_f__mutmut_3 -> xdlm.core (train, eval, data, models: per file)."""
+    """xdlm.core.kernel.x_f__mutmut_3 -> xdlm.core (train, eval, data, models, sampling:
+    per file)."""
     parts = name.split(".")
-    per_file = parts[1] in ("train", "eval", "data", "models")
+    per_file = parts[1] in ("train", "eval", "data", "models", "sampling")
     return ".".join(parts[:3]) if per_file else ".".join(parts[:2])
 
 
