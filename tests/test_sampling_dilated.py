@@ -40,6 +40,13 @@ def test_van_der_corput_order_spreads_every_prefix():
     assert sorted(_order(64)[:16]) == list(range(0, 64, 4))  # the first quarter: every 4th
 
 
+def test_the_rank_of_an_empty_row_is_empty_and_lives_on_the_callers_device():
+    assert van_der_corput_rank(0).tolist() == []  # L = 0: no log2(0)
+    assert van_der_corput_rank(1).tolist() == [0]
+    rank = van_der_corput_rank(8, device="meta")  # built where the caller's rows live
+    assert rank.device.type == "meta" and rank.shape == (8,) and rank.dtype == torch.long
+
+
 def _step(sampler, kernel, p_x0, z_t, a_t, a_s, seed=0, fixed=None):
     b = z_t.shape[0]
     times = StepTimes(torch.full((b,), a_t, dtype=torch.float64),
