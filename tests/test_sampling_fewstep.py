@@ -136,6 +136,23 @@ def test_threshold_revises_at_the_margin_and_remasks_below_rho():
     assert mdlm.tolist() == [[0, 0, 0, 2]]  # k = 0: visible tokens never change
 
 
+def test_threshold_keeps_a_token_exactly_at_rho_and_remasks_with_two_steps_left():
+    """ρ = 0.25: p_θ(j) = 0.25 is kept, 0.125 re-masked while two steps remain; of two masked
+    positions (M = 2, steps_left = 2: n = 1) the uncertain one (0.5 < τ) stays masked, although
+    its best token beats [MASK] by the margin δ: revision is for visible tokens only."""
+    kernel = MixedKernel(V, MASK, 0.1)
+    p = torch.tensor([[
+        [0.25, 0.5, 0.25, 0.0, 0.0],    # z = 0: p(0) = ρ exactly, margin 0.25 < δ -> kept
+        [0.125, 0.5, 0.375, 0.0, 0.0],  # z = 0: p(0) < ρ, margin 0.375 < δ -> re-masked
+        [0.5, 0.5, 0.0, 0.0, 0.0],      # masked, certainty 0.5 < τ, not in the top n -> stays
+        [0.0, 0.0, 1.0, 0.0, 0.0],      # masked, certainty 1 -> revealed as 2
+    ]])  # fmt: skip
+    z = torch.tensor([[0, 0, MASK, MASK]])
+    sampler = Threshold(threshold=0.9, revise_margin=0.5, remask_below=0.25)
+    out = sampler.step(kernel, p, z, _times(2), torch.Generator().manual_seed(0), Fixed.none(z))
+    assert out.z_s.tolist() == [[0, MASK, MASK, 2]]
+
+
 def test_threshold_reveals_at_least_the_schedule_and_terminates():
     kernel, steps, length = MixedKernel(V, MASK, 0.0), 4, 8
     flat = torch.zeros(length, V)  # p_θ uniform over the 4 data ids: confidence 0.25 < τ
