@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -32,11 +33,20 @@ from xdlm.core.kernel import MixedKernel
 from xdlm.sampling.steps import Fixed, StepOutput, StepTimes
 
 
+def uniform_to_mask_ratio(k: float) -> Fraction:
+    """k/(1−k) exactly, from k's decimal value (0.1 -> 1/9): integer budgets without a float
+    floor at integers."""
+    share = Fraction(str(k))
+    return share / (1 - share)
+
+
 def edit_budget(k: float, n_revealed: Tensor) -> Tensor:
-    """⌊k/(1−k)·N⌋ per sequence, N = tokens revealed this step, (B,) -> (B,) long."""
+    """⌊k/(1−k)·N⌋ per sequence, N = tokens revealed this step, (B,) -> (B,) long; exact
+    (`uniform_to_mask_ratio`)."""
     if not 0.0 <= k < 1.0:
         raise ValueError(f"the edit budget needs k in [0, 1) (a mask state), got k={k}")
-    return torch.floor(n_revealed.double() * (k / (1.0 - k)) + 1e-9).long()
+    ratio = uniform_to_mask_ratio(k)
+    return n_revealed.long() * ratio.numerator // ratio.denominator
 
 
 def top_n(score: Tensor, n: Tensor) -> Tensor:

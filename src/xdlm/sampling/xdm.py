@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import ClassVar
 
 import torch
@@ -49,7 +48,7 @@ from torch import Tensor
 from xdlm.core.categorical import without_mask
 from xdlm.core.kernel import MixedKernel
 from xdlm.models.protocol import Denoiser
-from xdlm.sampling.confidence import top_n
+from xdlm.sampling.confidence import top_n, uniform_to_mask_ratio
 from xdlm.sampling.steps import Fixed
 from xdlm.sampling.trajectory import SampleOutput, Trajectory
 
@@ -76,8 +75,7 @@ def cumulative_edit_budget(k: float, n: Tensor) -> Tensor:
     """
     if not 0.0 <= k < 1.0:
         raise ValueError(f"the xdm edit budget needs k in [0, 1) (a mask state), got k={k}")
-    share = Fraction(str(k))
-    ratio = share / (1 - share)
+    ratio = uniform_to_mask_ratio(k)
     budget = n.cumsum(-1) * ratio.numerator // ratio.denominator
     budget[..., 0] = 0
     return budget

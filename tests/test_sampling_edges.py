@@ -1,0 +1,53 @@
+"""The samplers' shell at its edges (issue 29): the one-line errors, ties, empty rows and the
+caller's device, found by reading the surviving mutants of `sampling/` (docs/testing.md)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xdlm.core.kernel import MixedKernel
+from xdlm.sampling import Confidence, Fixed, StepTimes, edit_budget
+from xdlm.sampling.confidence import top_n
+
+V, M = 5, 4
+
+
+def test_top_n_breaks_ties_by_position_and_never_picks_a_non_finite_score():
+    ties = torch.zeros(2, 128)  # long rows: an unstable sort would shuffle the ties
+    assert top_n(ties, torch.tensor([3, 0])).nonzero().tolist() == [[0, 0], [0, 1], [0, 2]]
+    inf = float("inf")
+    score = torch.tensor([[-inf, 1.0, -inf, 1.0, inf]])  # +inf is not a score either
+    assert top_n(score, torch.tensor([5])).tolist() == [[False, True, False, True, False]]
+
+
+def test_confidence_edits_the_largest_margins_not_the_most_confident():
+    """k = 0.5, one reveal: budget ⌊1·1⌋ = 1 edit. Position 0: p(x̂) = 0.6 over p(z) = 0.3
+    (margin 0.3); position 1: p(x̂) = 0.6 over p(z) = 0 (margin 0.6) is the one edited."""
+    kernel = MixedKernel(V, M, 0.5)
+    p = torch.tensor([[
+        [0.3, 0.6, 0.1, 0.0, 0.0],
+        [0.0, 0.6, 0.4, 0.0, 0.0],
+        [0.0, 0.0, 1.0, 0.0, 0.0],
+    ]])  # fmt: skip
+    z = torch.tensor([[0, 0, M]])
+    times = StepTimes(torch.tensor([0.2]), torch.tensor([0.6]), 1)
+    out = Confidence().step(kernel, p, z, times, None, Fixed.none(z))
+    assert out.z_s.tolist() == [[0, 1, 2]]
+
+
+def test_confidence_needs_a_mask_state_and_starts_on_the_callers_device():
+    with pytest.raises(ValueError, match="^the confidence sampler needs a mask state; use "
+                       "'ancestral' for UDLM$"):  # fmt: skip
+        Confidence().prior(MixedKernel.udlm(V), (2, 3), None, "cpu")
+    z = Confidence().prior(MixedKernel(V, M, 0.1), (2, 3), None, "meta")
+    assert z.device.type == "meta" and z.shape == (2, 3) and z.dtype == torch.long
+
+
+def test_the_edit_budget_refuses_k_one_exactly_naming_it():
+    n = torch.tensor([1000, 10**6])
+    assert edit_budget(0.95, n).tolist() == [19000, 19 * 10**6]  # exact, no float floor
+    assert edit_budget(0.999, n).tolist() == [999000, 999 * 10**6]
+    with pytest.raises(ValueError, match=r"^the edit budget needs k in \[0, 1\) \(a mask state\), "
+                       r"got k=1.0$"):  # fmt: skip
+        edit_budget(1.0, n)
