@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xdlm.core.kernel import MixedKernel
-from xdlm.sampling import Confidence, Fixed, StepTimes, edit_budget
+from xdlm.sampling import Confidence, Fixed, StepTimes, Trajectory, classify, edit_budget
 from xdlm.sampling.confidence import top_n
 
 V, M = 5, 4
@@ -51,3 +51,20 @@ def test_the_edit_budget_refuses_k_one_exactly_naming_it():
     with pytest.raises(ValueError, match=r"^the edit budget needs k in \[0, 1\) \(a mask state\), "
                        r"got k=1.0$"):  # fmt: skip
         edit_budget(1.0, n)
+
+
+def test_classify_gives_int8_codes_on_the_states_device():
+    z, z_next = torch.tensor([[M, 1, 2, 3]]), torch.tensor([[0, 1, 0, M]])
+    codes = classify(z, z_next, M)
+    assert codes.dtype == torch.int8 and codes.tolist() == [[1, 0, 2, 3]]
+    on_meta = classify(z.to("meta"), z_next.to("meta"), M)
+    assert on_meta.device.type == "meta" and on_meta.dtype == torch.int8
+
+
+def test_a_trajectory_needs_s_plus_one_states_of_b_by_l_and_s_labels():
+    Trajectory(torch.zeros(3, 2, 4), ["a", "b"], M)  # S = 2: accepted
+    with pytest.raises(ValueError, match=r"^states must be \(S\+1, B, L\) with S labels; "
+                       r"got \(3, 2, 4\) and 3 labels$"):  # fmt: skip
+        Trajectory(torch.zeros(3, 2, 4), ["a", "b", "c"], M)  # one label too many
+    with pytest.raises(ValueError, match=r"got \(3, 8\) and 2 labels$"):
+        Trajectory(torch.zeros(3, 8), ["a", "b"], M)  # the label count fits, the shape not
