@@ -54,7 +54,6 @@ def student_steps(schedule: Schedule, steps: int, t: Tensor, t_end: float = 1e-5
     return StudentSteps(grid[2 * i], grid[2 * i + 1], grid[2 * i + 2])
 
 
-@torch.no_grad()
 def two_step_target(
     teacher: Denoiser,
     kernel: MixedKernel,
@@ -67,14 +66,15 @@ def two_step_target(
 ) -> Tensor:
     """The distillation target (B, L, V) for z_t (B, L) (module docstring): the teacher's
     half-step z_u ~ p_T(z_u | z_t), then p_T(· | z_u), one-hot at k = 0's visible z_u."""
-    p_t = denoiser_probs(teacher(z_t, times.t.float(), attention_mask, cond), kernel.mask_id)
-    a_t, a_u = schedule.alpha(times.t), schedule.alpha(times.u)
-    z_u = sample_posterior(kernel, p_t, z_t, a_t, a_u, generator)
-    target = denoiser_probs(teacher(z_u, times.u.float(), attention_mask, cond), kernel.mask_id)
-    if kernel.k == 0.0:
-        onehot = torch.nn.functional.one_hot(z_u, target.shape[-1]).to(target.dtype)
-        target = torch.where((z_u != kernel.mask_id).unsqueeze(-1), onehot, target)
-    return target
+    with torch.no_grad():  # inference only (inside, so mutmut mutates the body)
+        p_t = denoiser_probs(teacher(z_t, times.t.float(), attention_mask, cond), kernel.mask_id)
+        a_t, a_u = schedule.alpha(times.t), schedule.alpha(times.u)
+        z_u = sample_posterior(kernel, p_t, z_t, a_t, a_u, generator)
+        target = denoiser_probs(teacher(z_u, times.u.float(), attention_mask, cond), kernel.mask_id)
+        if kernel.k == 0.0:
+            onehot = torch.nn.functional.one_hot(z_u, target.shape[-1]).to(target.dtype)
+            target = torch.where((z_u != kernel.mask_id).unsqueeze(-1), onehot, target)
+        return target
 
 
 def distillation_loss(

@@ -69,7 +69,6 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
-@torch.no_grad()
 def generate(
     denoiser: Denoiser,
     kernel: MixedKernel,
@@ -112,50 +111,51 @@ def generate(
         class_labels: (B,) class ids for class-conditional models; `guidance` is the CFG scale w.
         record: keep every state in `SampleOutput.trajectory`.
     """
-    start = time.perf_counter()
-    if isinstance(sampler, XDM):
-        if filter != NO_FILTER or guidance != 0.0:
-            raise ValueError(
-                "the xdm sampler takes no LogitFilter or guidance; set XDM(temperature=..., "
-                f"cfg_scale=...) instead (got {filter}, guidance={guidance})"
-            )
-        return sampler.run(
-            denoiser, kernel, batch_size=batch_size, seq_len=seq_len, steps=steps,
-            generator=generator, fixed=fixed, block_size=block_size, class_labels=class_labels,
-            record=record, device=device,
-        )  # fmt: skip
-    evaluate = _Evaluator(denoiser, class_labels, guidance, cache)
-    z = sampler.prior(kernel, (batch_size, seq_len), generator, device)
-    fixed = fixed if fixed is not None else Fixed.none(z)
-    z = fixed.pin(z)
-    recorder = _Recorder(record, [z])
-    ts = grid.times(schedule, steps).to(device)
-    correct = getattr(sampler, "correct", None)  # a corrector move after every step (pc)
+    with torch.no_grad():  # inference only (inside, so mutmut mutates the body)
+        start = time.perf_counter()
+        if isinstance(sampler, XDM):
+            if filter != NO_FILTER or guidance != 0.0:
+                raise ValueError(
+                    "the xdm sampler takes no LogitFilter or guidance; set XDM(temperature=..., "
+                    f"cfg_scale=...) instead (got {filter}, guidance={guidance})"
+                )
+            return sampler.run(
+                denoiser, kernel, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                generator=generator, fixed=fixed, block_size=block_size, class_labels=class_labels,
+                record=record, device=device,
+            )  # fmt: skip
+        evaluate = _Evaluator(denoiser, class_labels, guidance, cache)
+        z = sampler.prior(kernel, (batch_size, seq_len), generator, device)
+        fixed = fixed if fixed is not None else Fixed.none(z)
+        z = fixed.pin(z)
+        recorder = _Recorder(record, [z])
+        ts = grid.times(schedule, steps).to(device)
+        correct = getattr(sampler, "correct", None)  # a corrector move after every step (pc)
 
-    def denoise(z_c: Tensor, alpha_c: Tensor) -> Tensor:
-        return filter.probs(evaluate(z_c, schedule.t_of_alpha(alpha_c)), kernel.mask_id)
+        def denoise(z_c: Tensor, alpha_c: Tensor) -> Tensor:
+            return filter.probs(evaluate(z_c, schedule.t_of_alpha(alpha_c)), kernel.mask_id)
 
-    for b, window in enumerate(block_windows(seq_len, block_size, context_len)):
-        win_fixed = _window_fixed(fixed, z, window)
-        if bool(win_fixed.mask.all()):
-            continue  # e.g. a block covered by the prompt
-        for i in range(steps + int(sampler.uses_final_step and final is not None)):
-            t = ts[min(i, steps)].expand(batch_size)
-            z_w = z[:, window.start : window.end]
-            p_x0 = filter.probs(evaluate(z_w, t), kernel.mask_id)
-            if i < steps:
-                s_next = ts[i + 1].expand(batch_size)
-                times = StepTimes(schedule.alpha(t), schedule.alpha(s_next), steps - i)
-                z_w = sampler.step(kernel, p_x0, z_w, times, generator, win_fixed).z_s
-                if correct is not None:
-                    z_w = correct(kernel, denoise, z_w, times, generator, win_fixed)
-            else:
-                alpha_t = schedule.alpha(t)
-                z_w = final.step(kernel, p_x0, z_w, alpha_t, generator, win_fixed).z_s
-            z = torch.cat([z[:, : window.start], z_w, z[:, window.end :]], dim=1)
-            recorder.add(z, f"block {b} " + (f"step {i + 1}" if i < steps else "final"), t)
-    trajectory = recorder.trajectory(kernel.mask_id)
-    return SampleOutput(z, evaluate.nfe, trajectory, time.perf_counter() - start)
+        for b, window in enumerate(block_windows(seq_len, block_size, context_len)):
+            win_fixed = _window_fixed(fixed, z, window)
+            if bool(win_fixed.mask.all()):
+                continue  # e.g. a block covered by the prompt
+            for i in range(steps + int(sampler.uses_final_step and final is not None)):
+                t = ts[min(i, steps)].expand(batch_size)
+                z_w = z[:, window.start : window.end]
+                p_x0 = filter.probs(evaluate(z_w, t), kernel.mask_id)
+                if i < steps:
+                    s_next = ts[i + 1].expand(batch_size)
+                    times = StepTimes(schedule.alpha(t), schedule.alpha(s_next), steps - i)
+                    z_w = sampler.step(kernel, p_x0, z_w, times, generator, win_fixed).z_s
+                    if correct is not None:
+                        z_w = correct(kernel, denoise, z_w, times, generator, win_fixed)
+                else:
+                    alpha_t = schedule.alpha(t)
+                    z_w = final.step(kernel, p_x0, z_w, alpha_t, generator, win_fixed).z_s
+                z = torch.cat([z[:, : window.start], z_w, z[:, window.end :]], dim=1)
+                recorder.add(z, f"block {b} " + (f"step {i + 1}" if i < steps else "final"), t)
+        trajectory = recorder.trajectory(kernel.mask_id)
+        return SampleOutput(z, evaluate.nfe, trajectory, time.perf_counter() - start)
 
 
 @dataclass

@@ -193,7 +193,6 @@ class XDM:
         perturbed[..., mask_id] = -math.inf
         return perturbed.argmax(-1)
 
-    @torch.no_grad()
     def run(
         self,
         denoiser: Denoiser,
@@ -213,32 +212,35 @@ class XDM:
 
         `fixed` (B, L) gives the prompt (its leading fixed columns, P) and any infilling tokens;
         every other position starts as [MASK]."""
-        start, m = time.perf_counter(), kernel.mask_id
-        if m is None:
-            raise ValueError("the xdm sampler needs a mask state (k < 1); use 'ancestral' for UDLM")
-        z = torch.full((batch_size, seq_len), m, dtype=torch.long, device=device)
-        fixed = fixed if fixed is not None else Fixed.none(z)
-        z = fixed.pin(z)
-        prompt = fixed.mask.to(device)
-        editable = ~prompt if self.protect_prompt else torch.ones_like(prompt)
-        states, labels, nfe, scratch = [z], [], 0, {}
-        for b, block in enumerate(blocks(prompt_length(fixed), seq_len, steps, block_size)):
-            n = transfer_counts(z[:, block.begin : block.end] == m, block.steps)
-            budget = cumulative_edit_budget(kernel.k, n)
-            edits = torch.zeros(batch_size, dtype=torch.long, device=device)
-            for i in range(block.steps):
-                logits = self.logits(denoiser, z, prompt, m, class_labels)
-                nfe += 1 if self.cfg_scale == 0.0 else 2
-                allowed = budget[:, i] - edits
-                out = self.step(
-                    logits, z, m, block.end, n[:, i], allowed, editable, generator, scratch
+        with torch.no_grad():  # inference only (inside, so mutmut mutates the body)
+            start, m = time.perf_counter(), kernel.mask_id
+            if m is None:
+                raise ValueError(
+                    "the xdm sampler needs a mask state (k < 1); use 'ancestral' for UDLM"
                 )
-                z, edits = out.z_s, edits + out.edited.sum(-1)
-                if record:
-                    states.append(z)
-                    labels.append(f"block {b} step {i + 1}")
-        trajectory = Trajectory(torch.stack(states), labels, m) if record else None
-        return SampleOutput(z, nfe, trajectory, time.perf_counter() - start)
+            z = torch.full((batch_size, seq_len), m, dtype=torch.long, device=device)
+            fixed = fixed if fixed is not None else Fixed.none(z)
+            z = fixed.pin(z)
+            prompt = fixed.mask.to(device)
+            editable = ~prompt if self.protect_prompt else torch.ones_like(prompt)
+            states, labels, nfe, scratch = [z], [], 0, {}
+            for b, block in enumerate(blocks(prompt_length(fixed), seq_len, steps, block_size)):
+                n = transfer_counts(z[:, block.begin : block.end] == m, block.steps)
+                budget = cumulative_edit_budget(kernel.k, n)
+                edits = torch.zeros(batch_size, dtype=torch.long, device=device)
+                for i in range(block.steps):
+                    logits = self.logits(denoiser, z, prompt, m, class_labels)
+                    nfe += 1 if self.cfg_scale == 0.0 else 2
+                    allowed = budget[:, i] - edits
+                    out = self.step(
+                        logits, z, m, block.end, n[:, i], allowed, editable, generator, scratch
+                    )
+                    z, edits = out.z_s, edits + out.edited.sum(-1)
+                    if record:
+                        states.append(z)
+                        labels.append(f"block {b} step {i + 1}")
+            trajectory = Trajectory(torch.stack(states), labels, m) if record else None
+            return SampleOutput(z, nfe, trajectory, time.perf_counter() - start)
 
 
 def _buffer(scratch: dict[str, Tensor], name: str, like: Tensor, shape, dtype) -> Tensor:
