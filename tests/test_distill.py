@@ -18,7 +18,7 @@ from xdlm.config import ModelConfig
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import LogLinear
 from xdlm.runs import load_run
-from xdlm.sampling.distill import student_steps, two_step_target
+from xdlm.sampling.distill import distillation_loss, student_steps, two_step_target
 from xdlm.sampling.steps import UniformT
 from xdlm.train.distill import distill
 
@@ -53,6 +53,51 @@ def test_student_steps_split_the_teacher_grid():
     assert st.s.tolist() == [grid[2], grid[2], grid[4], grid[8]]
     one = student_steps(schedule, 1, torch.tensor([0.5]))
     assert (one.t.item(), one.s.item()) == (1.0, UniformT().t_end)
+
+
+class _Constant:
+    """The same logits (L, V) at every call, whatever z_t and t: teacher and student at once."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def __call__(self, z, t, attention_mask=None, cond=None):
+        return self.logits.expand(z.shape[0], -1, -1)
+
+
+@pytest.mark.parametrize("k", [0.0, 0.5])
+def test_the_distillation_loss_is_the_cross_entropy_on_the_counted_positions(k):
+    """With teacher = student = one fixed p_θ per position, CE(target, p_S) is the entropy H(p_l)
+    where the target is p_T (every position at k > 0; where z_u is still masked at k = 0) and
+    −log p_l(z_u) where k = 0's visible z_u is its own one-hot target. Counted: every real
+    position at k > 0, the masked ones of z_t at k = 0; padding never."""
+    kernel, schedule, (b, length) = MixedKernel(V, MASK, k), LogLinear(), (6, 16)
+    logits = torch.randn(length, V, generator=torch.Generator().manual_seed(1))
+    log_p = kernel.log_probs(logits)  # (L, V), −inf at the mask
+    p = log_p.exp()
+    entropy = -(p * log_p.clamp_min(-1e30)).sum(-1)  # H(p_l), (L,)
+    model = _Constant(logits)
+    x0 = torch.randint(MASK, (b, length), generator=torch.Generator().manual_seed(2))
+    real = torch.ones(b, length, dtype=torch.bool)
+    real[0, -5:] = False  # a padded row
+    t = torch.tensor([0.999, 0.9, 0.7, 0.55, 0.4, 0.05])
+    out = distillation_loss(model, kernel, schedule, x0, teacher=model, steps=2, t=t,
+                            generator=torch.Generator().manual_seed(3),
+                            attention_mask=real)  # fmt: skip
+    assert torch.equal(out.t, student_steps(schedule, 2, t).t)
+    counted = real & ((out.z_t == MASK) if k == 0.0 else torch.ones_like(real))
+    assert int(out.tokens) == int(counted.sum()) and bool((out.per_token[~counted] == 0).all())
+    assert torch.isfinite(out.per_token).all()  # 0·log 0 at the mask column is 0, not NaN
+    torch.testing.assert_close(out.nats, out.per_token.sum())
+    got, h = out.per_token[counted], entropy.expand(b, -1)[counted]
+    if k > 0.0:
+        torch.testing.assert_close(got, h)
+        return
+    one_hot_ce = -log_p.expand(b, -1, -1)[counted]  # (N, V): −log p_l(v) for every v
+    is_entropy = (got - h).abs() < 1e-5
+    is_one_hot = ((got.unsqueeze(-1) - one_hot_ce).abs() < 1e-5).any(-1)
+    assert bool((is_entropy | is_one_hot).all())
+    assert bool(is_entropy.any()) and bool((~is_entropy).any())  # both kinds of target occur
 
 
 def _weights(run_dir):
