@@ -7,7 +7,18 @@ import pytest
 import torch
 
 from xdlm.core.kernel import MixedKernel
-from xdlm.sampling import Confidence, Fixed, StepTimes, Trajectory, classify, edit_budget
+from xdlm.core.schedules import Cosine
+from xdlm.sampling import (
+    Confidence,
+    Doubling,
+    Fixed,
+    ReMDM,
+    StepTimes,
+    Trajectory,
+    UniformAlpha,
+    classify,
+    edit_budget,
+)
 from xdlm.sampling.confidence import top_n
 
 V, M = 5, 4
@@ -68,3 +79,21 @@ def test_a_trajectory_needs_s_plus_one_states_of_b_by_l_and_s_labels():
         Trajectory(torch.zeros(3, 2, 4), ["a", "b", "c"], M)  # one label too many
     with pytest.raises(ValueError, match=r"got \(3, 8\) and 2 labels$"):
         Trajectory(torch.zeros(3, 8), ["a", "b"], M)  # the label count fits, the shape not
+
+
+def test_remdm_keeps_the_distribution_in_p_thetas_dtype_under_float64_times():
+    """The loop's α_t, α_s are float64 (the grid's); the one (B, L, V) array stays float32."""
+    kernel, z = MixedKernel.mdlm(V, M), torch.tensor([[M, 1, M]])
+    p = torch.full((1, 3, V), 0.25).index_fill_(-1, torch.tensor([M]), 0.0)
+    times = StepTimes(torch.tensor([0.3], dtype=torch.float64),
+                      torch.tensor([0.6], dtype=torch.float64), 2)  # fmt: skip
+    out = ReMDM(eta=0.2).step(kernel, p, z, times, torch.Generator(), Fixed.none(z))
+    assert out.probs.dtype == torch.float32 and out.probs.shape == (1, 3, V)
+
+
+@pytest.mark.parametrize("grid", [UniformAlpha(), Doubling()])
+def test_alpha_grids_end_at_t_end_where_alpha_is_flat(grid):
+    """Cosine's α(1e-5) is 1 − O(1e-10): only float64 keeps t_T = t_end (float32 gives 0)."""
+    ts = grid.times(Cosine(), 4)
+    assert ts.dtype == torch.float64 and float(ts[0]) == 1.0
+    assert abs(float(ts[-1]) - 1e-5) < 1e-9

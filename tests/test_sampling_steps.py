@@ -62,6 +62,8 @@ def test_remdm_sigma_cap_and_rescale():
     torch.testing.assert_close(ReMDM(eta=0.1).sigma(at, as_), torch.tensor([0.1]))
     torch.testing.assert_close(ReMDM(eta=0.9).sigma(at, as_), torch.tensor([0.4]))
     torch.testing.assert_close(ReMDM(0.5, rescale=True).sigma(at, as_), torch.tensor([0.2]))
+    far = torch.tensor([0.2]), torch.tensor([0.6])  # (1 − α_s)/α_t = 2: σ_max = 1
+    torch.testing.assert_close(ReMDM(0.5, rescale=True).sigma(*far), torch.tensor([0.5]))
     with pytest.raises(ValueError, match="k=0"):
         ReMDM().step(
             MixedKernel(V, M, 0.1),
@@ -278,8 +280,10 @@ def test_final_greedy_is_argmax_of_dense_posterior_for_k_positive(k):
     p = _probs(4, 16, seed=8)
     at = 0.05
     out = GreedyFinal().step(kern, p, z, torch.full((4,), at), None, Fixed.none(z))
-    expect = _dense_bayes_posterior(p, z, k, at, 1.0).argmax(-1)
+    dense = _dense_bayes_posterior(p, z, k, at, 1.0)
+    expect = dense.argmax(-1)
     assert torch.equal(out.z_s, expect)
+    torch.testing.assert_close(out.probs, dense, check_dtype=False)  # the distribution argmaxed
     visible = z != M
     assert bool((out.z_s[visible] != z[visible]).any()), "the case must revise a visible token"
     assert bool((out.z_s != M).all())
