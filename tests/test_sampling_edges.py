@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from xdlm.core.kernel import MixedKernel
-from xdlm.core.schedules import Cosine
+from xdlm.core.schedules import Cosine, LogLinear
 from xdlm.sampling import (
     Confidence,
     Doubling,
@@ -97,3 +97,14 @@ def test_alpha_grids_end_at_t_end_where_alpha_is_flat(grid):
     ts = grid.times(Cosine(), 4)
     assert ts.dtype == torch.float64 and float(ts[0]) == 1.0
     assert abs(float(ts[-1]) - 1e-5) < 1e-9
+
+
+@pytest.mark.parametrize(
+    "schedule,steps,t_end",
+    [(Cosine(), 12, 1e-5), (LogLinear(), 3, 0.75)],  # 2^{1−T} < α_1; 2^{−1} > α_{t_end}
+)
+def test_the_doubling_grid_stays_between_one_and_t_end_without_turning_back(schedule, steps, t_end):
+    ts = Doubling(t_end).times(schedule, steps)
+    assert ts.shape == (steps + 1,) and float(ts[0]) == 1.0
+    assert bool((ts[1:] <= ts[:-1]).all()) and bool((ts >= t_end - 1e-12).all())
+    assert abs(float(ts[-1]) - t_end) < 1e-9
