@@ -101,7 +101,7 @@ def test_alpha_grids_end_at_t_end_where_alpha_is_flat(grid):
 
 @pytest.mark.parametrize(
     "schedule,steps,t_end",
-    [(Cosine(), 12, 1e-5), (LogLinear(), 3, 0.75)],  # 2^{1−T} < α_1; 2^{−1} > α_{t_end}
+    [(LogLinear(), 12, 1e-5), (LogLinear(), 3, 0.75)],  # 2^{1−T} < α_1; 2^{−1} > α_{t_end}
 )
 def test_the_doubling_grid_stays_between_one_and_t_end_without_turning_back(schedule, steps, t_end):
     ts = Doubling(t_end).times(schedule, steps)
