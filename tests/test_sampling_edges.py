@@ -9,9 +9,11 @@ import torch
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Cosine, LogLinear
 from xdlm.sampling import (
+    Ancestral,
     Confidence,
     Doubling,
     Fixed,
+    LogitFilter,
     ReMDM,
     StepTimes,
     Trajectory,
@@ -108,3 +110,27 @@ def test_the_doubling_grid_stays_between_one_and_t_end_without_turning_back(sche
     assert ts.shape == (steps + 1,) and float(ts[0]) == 1.0
     assert bool((ts[1:] <= ts[:-1]).all()) and bool((ts >= t_end - 1e-12).all())
     assert abs(float(ts[-1]) - t_end) < 1e-9
+
+
+def test_fixed_needs_a_bool_mask_and_tokens_of_one_shape_each_alone():
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"^Fixed needs a bool mask and tokens of one shape "
+                       r"\(B, L\); got torch.bool \(2, 4\) and \(2, 3\)$"):  # fmt: skip
+        Fixed(torch.zeros(2, 4, dtype=torch.bool), tokens)
+    with pytest.raises(ValueError, match=r"got torch.int64 \(2, 3\) and \(2, 3\)$"):
+        Fixed(torch.zeros(2, 3, dtype=torch.long), tokens)
+
+
+def test_the_logit_filter_applies_top_k_and_top_p():
+    logits = torch.tensor([[[3.0, 2.0, 1.0, 0.0, 9.0]]])  # the mask's logit is dropped
+    full = LogitFilter().probs(logits, M)[0, 0]
+    assert full[M] == 0 and bool((full[:M] > 0).all())
+    top2 = LogitFilter(top_k=2).probs(logits, M)[0, 0]
+    assert top2.tolist()[2:] == [0.0, 0.0, 0.0] and float(top2[0]) > float(top2[1]) > 0
+    nucleus = LogitFilter(top_p=0.5).probs(logits, M)[0, 0]  # p(0) = 0.64 ≥ 0.5 alone
+    assert nucleus.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_the_ancestral_prior_is_drawn_on_the_callers_device():
+    z = Ancestral().prior(MixedKernel(V, M, 0.5), (2, 3), torch.Generator(), "meta")
+    assert z.device.type == "meta" and z.shape == (2, 3) and z.dtype == torch.long
