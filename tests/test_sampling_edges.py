@@ -9,6 +9,7 @@ import torch
 from xdlm.core.kernel import MixedKernel
 from xdlm.core.schedules import Cosine, LogLinear
 from xdlm.sampling import (
+    XDM,
     Ancestral,
     Confidence,
     Doubling,
@@ -134,3 +135,89 @@ def test_the_logit_filter_applies_top_k_and_top_p():
 def test_the_ancestral_prior_is_drawn_on_the_callers_device():
     z = Ancestral().prior(MixedKernel(V, M, 0.5), (2, 3), torch.Generator(), "meta")
     assert z.device.type == "meta" and z.shape == (2, 3) and z.dtype == torch.long
+
+
+def _xdm_step(sampler, logits, z, n_reveal, scratch=None):
+    """One `XDM.step` over the whole row, no edits."""
+    b = z.shape[0]
+    zero, every = torch.zeros(b, dtype=torch.long), torch.ones_like(z, dtype=torch.bool)
+    return sampler.step(logits, z, M, z.shape[1], torch.full((b,), n_reveal), zero, every,
+                        None, scratch)  # fmt: skip
+
+
+@pytest.mark.parametrize("rank_dtype", ["logits", "float64"])
+def test_xdm_reuses_its_work_buffer_until_the_shape_or_dtype_changes(rank_dtype):
+    sampler, z = XDM(rank_dtype=rank_dtype), torch.full((2, 6), M)
+    logits = torch.randn(2, 6, V, generator=torch.Generator().manual_seed(0))
+    first = _xdm_step(sampler, logits, z, 1)  # no scratch given: a fresh one per call
+    scratch: dict[str, torch.Tensor] = {}
+    again = _xdm_step(sampler, logits, z, 1, scratch)
+    assert torch.equal(first.z_s, again.z_s) and torch.equal(again.revealed, again.z_s != M)
+    (buf,) = scratch.values()
+    _xdm_step(sampler, logits, z, 1, scratch)
+    assert next(iter(scratch.values())) is buf  # the same step: the buffer is reused
+    in_logits = rank_dtype == "logits"  # (B, L, V) in the logits' dtype, else (L, V) float64
+    for other in (logits.double(), torch.randn(2, 7, V, dtype=torch.float64)):  # dtype; length
+        _xdm_step(sampler, other, torch.full(other.shape[:2], M), 1, scratch)
+        (new,) = scratch.values()
+        assert new.shape == (other.shape if in_logits else other.shape[1:])
+        assert new.dtype == torch.float64
+        changed = in_logits or other.shape[1] != 6
+        assert (new is not buf) == changed
+        buf = new
+
+
+def test_xdm_float64_ranking_tells_apart_what_float32_ties():
+    """p_θ(x̂) of 0.25 against 0.25 + 1.9e-10 (a logit 1e-9 higher): float64 reveals the second
+    position, a float32 p_θ would tie and take the first."""
+    logits = torch.zeros(1, 2, V)
+    logits[..., M] = -1e9
+    logits[0, 1, 0] = 1e-9
+    out = _xdm_step(XDM(rank_dtype="float64"), logits, torch.full((1, 2), M), 1, {})
+    assert out.revealed.tolist() == [[False, True]]
+
+
+def test_xdm_float64_ranking_normalises_each_position_on_its_own_scale():
+    """Position 1's logits are 1000 below position 0's (and more certain): a shift by anything
+    but its own maximum underflows to 0/0."""
+    logits = torch.zeros(1, 2, V)
+    logits[0, 1] = -1000.0
+    logits[0, 1, 2] = -998.0  # p_θ(2) = e²/(e² + V − 2) ≈ 0.36 > 1/(V − 1) = 0.25
+    logits[..., M] = -1e9
+    out = _xdm_step(XDM(rank_dtype="float64"), logits, torch.full((1, 2), M), 1, {})
+    assert out.revealed.tolist() == [[False, True]] and out.z_s.tolist() == [[M, 2]]
+
+
+def test_xdm_never_proposes_the_mask_even_where_its_logit_is_highest():
+    logits = torch.zeros(2, 3, V)
+    logits[..., 1] = 1.0
+    logits[0, 2, M] = 5.0  # the mask's logit wins here; the best real token is 1
+    out = _xdm_step(XDM(), logits, torch.full((2, 3), M), 3, {})
+    assert out.z_s.tolist() == [[1, 1, 1], [1, 1, 1]]
+
+
+class _Recording:
+    """Zero logits but for token 1; records every call's (batch, attention_mask, cond)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, z, t, attention_mask=None, cond=None):
+        self.calls.append((z.shape[0], attention_mask, cond))
+        logits = torch.zeros(*z.shape, V)
+        logits[..., 1] = 1.0
+        return logits
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.5])
+def test_xdm_passes_the_class_labels_as_cond_and_twice_under_guidance(cfg_scale):
+    model, labels = _Recording(), torch.tensor([2, 0])
+    out = XDM(cfg_scale=cfg_scale).run(model, MixedKernel(V, M, 0.1), batch_size=2, seq_len=4,
+                                       steps=2, generator=None, class_labels=labels)  # fmt: skip
+    assert out.tokens.tolist() == [[1] * 4] * 2 and out.nfe == 2 * (1 + (cfg_scale > 0))
+    want = labels if cfg_scale == 0.0 else torch.cat([labels, labels])
+    for batch, attention_mask, cond in model.calls:
+        assert batch == len(want) and attention_mask is None and torch.equal(cond, want)
+    XDM(cfg_scale=cfg_scale).run(model, MixedKernel(V, M, 0.1), batch_size=2, seq_len=4,
+                                 steps=2, generator=None)  # fmt: skip
+    assert model.calls[-1][2] is None  # unconditional: no labels, also not under guidance
