@@ -221,3 +221,17 @@ def test_xdm_passes_the_class_labels_as_cond_and_twice_under_guidance(cfg_scale)
     XDM(cfg_scale=cfg_scale).run(model, MixedKernel(V, M, 0.1), batch_size=2, seq_len=4,
                                  steps=2, generator=None)  # fmt: skip
     assert model.calls[-1][2] is None  # unconditional: no labels, also not under guidance
+
+
+def test_xdm_records_only_on_request_with_one_label_per_step():
+    kernel, model = MixedKernel(V, M, 0.1), _Recording()
+    plain = XDM().run(model, kernel, batch_size=1, seq_len=4, steps=4, generator=None)
+    assert plain.trajectory is None
+    out = XDM().run(model, kernel, batch_size=1, seq_len=4, steps=4, generator=None,
+                    block_size=2, record=True)  # fmt: skip
+    assert out.trajectory.labels == ["block 0 step 1", "block 0 step 2",
+                                     "block 1 step 1", "block 1 step 2"]  # fmt: skip
+    assert out.trajectory.states.shape == (5, 1, 4)
+    with pytest.raises(ValueError, match=r"^the xdm sampler needs a mask state \(k < 1\); use "
+                       r"'ancestral' for UDLM$"):  # fmt: skip
+        XDM().run(model, MixedKernel.udlm(V), batch_size=1, seq_len=4, steps=4, generator=None)
