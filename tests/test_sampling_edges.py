@@ -3,6 +3,8 @@ caller's device, found by reading the surviving mutants of `sampling/` (docs/tes
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -23,6 +25,7 @@ from xdlm.sampling import (
     edit_budget,
 )
 from xdlm.sampling.confidence import top_n
+from xdlm.sampling.xdm import Block, blocks
 
 V, M = 5, 4
 
@@ -235,3 +238,29 @@ def test_xdm_records_only_on_request_with_one_label_per_step():
     with pytest.raises(ValueError, match=r"^the xdm sampler needs a mask state \(k < 1\); use "
                        r"'ancestral' for UDLM$"):  # fmt: skip
         XDM().run(model, MixedKernel.udlm(V), batch_size=1, seq_len=4, steps=4, generator=None)
+
+
+def test_xdm_blocks_at_their_limits():
+    assert blocks(8, 8, 4, None) == []  # the prompt fills the canvas: nothing to generate
+    assert blocks(7, 8, 4, None) == [Block(7, 8, 4)]  # one generated position
+    assert blocks(2, 10, 4, 4) == [Block(2, 6, 2), Block(6, 10, 2)]
+    assert blocks(0, 3, 3, 1) == [Block(0, 1, 1), Block(1, 2, 1), Block(2, 3, 1)]  # T = #blocks
+    with pytest.raises(ValueError, match="pass a multiple of 3"):
+        blocks(0, 3, 2, 1)  # fewer steps than blocks
+    with pytest.raises(ValueError, match="pass a block size that divides 3"):
+        blocks(0, 3, 3, 2)
+
+
+@pytest.mark.parametrize("bad,got", [(dict(temperature=-0.5), "-0.5, 0.0"),
+                                     (dict(cfg_scale=-0.5), "0.0, -0.5")])  # fmt: skip
+def test_xdm_refuses_a_negative_temperature_or_guidance_each_alone(bad, got):
+    with pytest.raises(ValueError) as refused:
+        XDM(**bad)
+    assert str(refused.value) == f"xdm needs temperature >= 0 and cfg_scale >= 0, got {got}"
+
+
+def test_xdm_wall_time_is_the_time_it_ran():
+    before = time.perf_counter()
+    out = XDM().run(_Recording(), MixedKernel(V, M, 0.1), batch_size=1, seq_len=4, steps=2,
+                    generator=None)  # fmt: skip
+    assert 0.0 < out.wall_time <= time.perf_counter() - before
