@@ -21,9 +21,14 @@ from xdlm.sampling import (
     StepTimes,
     Trajectory,
     UniformAlpha,
+    block_windows,
     classify,
     edit_budget,
+    fixed_from_template,
+    guided_logits,
+    parse_infill,
 )
+from xdlm.sampling.conditioning import Window
 from xdlm.sampling.confidence import top_n
 from xdlm.sampling.xdm import Block, blocks
 
@@ -264,3 +269,51 @@ def test_xdm_wall_time_is_the_time_it_ran():
     out = XDM().run(_Recording(), MixedKernel(V, M, 0.1), batch_size=1, seq_len=4, steps=2,
                     generator=None)  # fmt: skip
     assert 0.0 < out.wall_time <= time.perf_counter() - before
+
+
+def test_block_windows_accept_one_and_the_context_length_and_refuse_past_it():
+    assert block_windows(3, 1, 2) == [Window(0, 0, 1), Window(0, 1, 2), Window(1, 2, 3)]
+    assert block_windows(4, 2, 2) == [Window(0, 0, 2), Window(2, 2, 4)]  # block = context
+    with pytest.raises(ValueError) as refused:
+        block_windows(4, 3, 2)
+    assert str(refused.value) == "block_size must be in [1, context_len=2], got 3"
+    with pytest.raises(ValueError) as too_long:
+        block_windows(5, None, 4)
+    assert str(too_long.value) == ("seq_len=5 exceeds the model's context 4; pass --block-size "
+                                   "for semi-autoregressive generation")  # fmt: skip
+
+
+def test_a_template_longer_than_seq_len_names_the_fix_and_one_fits_on_the_device():
+    with pytest.raises(ValueError) as refused:
+        fixed_from_template([1, None, 2], 1, 2)
+    assert str(refused.value) == ("the prompt/template has 3 tokens but seq_len=2; raise "
+                                  "--seq-len or shorten the text")  # fmt: skip
+    fixed = fixed_from_template([1, None, 2], 2, 3, device="meta")  # exactly seq_len
+    assert fixed.mask.device.type == fixed.tokens.device.type == "meta"
+
+
+def test_an_empty_piece_of_an_infill_text_is_never_encoded():
+    """A tokenizer may add special tokens even to "": blanks at the start, at the end and side
+    by side leave no empty piece to encode."""
+
+    def encode(piece: str) -> list[int]:
+        assert piece, "encoded an empty piece"
+        return [ord(c) for c in piece]
+
+    assert parse_infill("[BLANK]a[BLANK:1][BLANK:2]", encode, 2) == [None, None, 97, None,
+                                                                     None, None]  # fmt: skip
+
+
+def test_guidance_passes_t_to_both_calls_and_needs_labels():
+    seen = []
+
+    def model(z, t, attention_mask=None, cond=None):
+        seen.append((t, cond))
+        return torch.zeros(*z.shape, V)
+
+    z, t, labels = torch.full((2, 3), M), torch.tensor([0.5, 0.5]), torch.tensor([1, 0])
+    guided_logits(model, z, t, labels, 2.0)
+    assert [(s is t, c) for s, c in seen] == [(True, labels), (True, None)]
+    with pytest.raises(ValueError) as refused:
+        guided_logits(model, z, t, None, 2.0)
+    assert str(refused.value) == "guidance needs class labels; pass --class-label"
