@@ -24,6 +24,7 @@ from xdlm.sampling import (
     ReMDM,
     Threshold,
     UniformAlpha,
+    UniformT,
     edit_budget,
     fixed_from_template,
     generate,
@@ -320,3 +321,43 @@ def test_xdm_rank_dtype_reaches_the_sampler():
     assert plan.sampler.rank_dtype == "float64"
     with pytest.raises(ValueError, match="sample.xdm_rank_dtype"):
         load_config(None, ["sample.xdm_rank_dtype=bfloat16"])
+
+
+class MaskLoving:
+    """Logits whose largest entry is the mask's: only the loop's filter (p_θ(m) = 0) keeps a
+    sampler from drawing [MASK] on its p_θ route; records every call's cond."""
+
+    def __init__(self):
+        self.conds = []
+
+    def __call__(self, z, t, attention_mask=None, cond=None):
+        self.conds.append(cond)
+        logits = torch.zeros(*z.shape, V)
+        logits[..., M] = 10.0
+        return logits
+
+
+def test_the_corrector_denoises_through_the_filter_too():
+    """The last step ends at α = 1 (t_end = 0) and no final step runs: the predictor reveals
+    everything, the corrector (η = 1) re-masks about half and must reveal them again."""
+    out = generate(MaskLoving(), _kernel(0.0), SCHED, batch_size=4, seq_len=L, steps=2,
+                   generator=torch.Generator().manual_seed(0), sampler=PredictorCorrector(1.0),
+                   grid=UniformT(t_end=0.0), final=None, cache=False)  # fmt: skip
+    assert bool((out.tokens != M).all())
+
+
+def test_generate_records_on_request_and_passes_the_labels_to_xdm():
+    model, labels = MaskLoving(), torch.tensor([1, 2])
+    out = generate(model, _kernel(0.1), SCHED, batch_size=2, seq_len=4, steps=2,
+                   generator=None, sampler=XDM(), class_labels=labels)  # fmt: skip
+    assert out.trajectory is None and bool((out.tokens != M).all())
+    assert all(torch.equal(c, labels) for c in model.conds) and len(model.conds) == 2
+    plain = generate(Noisy(), _kernel(0.1), SCHED, batch_size=2, seq_len=4, steps=2,
+                     generator=torch.Generator())  # fmt: skip
+    assert plain.trajectory is None
+    with pytest.raises(ValueError) as refused:
+        generate(model, _kernel(0.1), SCHED, batch_size=2, seq_len=4, steps=2, generator=None,
+                 sampler=XDM(), guidance=1.0)  # fmt: skip
+    assert str(refused.value).startswith(
+        "the xdm sampler takes no LogitFilter or guidance; set XDM(temperature=..., cfg_scale=...)"
+        " instead (got LogitFilter(")
