@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -117,13 +118,13 @@ STOCHASTIC = [  # every random draw of each sampler, final step included, from `
 def test_one_seed_gives_one_sample_and_another_seed_another(sampler, k):
     """The global RNG is never drawn from: two runs with one seed agree although the global
     state moved in between (a draw without the generator would differ), and a second seed
-    changes the sample."""
+    changes the sample. The grid stops at t = 0.5, so the final step has masks to reveal."""
 
     def run(seed):
         torch.rand(5)  # moves the global RNG between runs
         return generate(Noisy(), _kernel(k), SCHED, batch_size=4, seq_len=12, steps=4,
                         generator=torch.Generator().manual_seed(seed), sampler=sampler,
-                        final=AncestralFinal()).tokens  # fmt: skip
+                        final=AncestralFinal(), grid=UniformT(0.5)).tokens  # fmt: skip
 
     first = run(0)
     assert torch.equal(first, run(0))
@@ -361,3 +362,20 @@ def test_generate_records_on_request_and_passes_the_labels_to_xdm():
     assert str(refused.value).startswith(
         "the xdm sampler takes no LogitFilter or guidance; set XDM(temperature=..., cfg_scale=...)"
         " instead (got LogitFilter(")
+
+
+def test_the_trajectory_labels_each_step_and_the_final_one_and_times_the_run():
+    seen = []
+
+    def model(z, t, attention_mask=None, cond=None):
+        seen.append(t)
+        return Noisy()(z, t)
+
+    before = time.perf_counter()
+    out = generate(model, _kernel(0.1), SCHED, batch_size=2, seq_len=4, steps=2,
+                   generator=torch.Generator(), sampler=PredictorCorrector(0.5),
+                   grid=UniformT(0.5), record=True, cache=False)  # fmt: skip
+    assert 0.0 < out.wall_time <= time.perf_counter() - before
+    assert out.trajectory.labels == ["block 0 step 1  t=1", "block 0 step 2  t=0.75",
+                                     "block 0 final  t=0.5"]  # fmt: skip
+    assert all(t is not None and t.shape == (2,) for t in seen) and len(seen) == 5  # 2 + 2 + 1
