@@ -73,6 +73,7 @@ def test_the_distillation_loss_is_the_cross_entropy_on_the_counted_positions(k):
     position at k > 0, the masked ones of z_t at k = 0; padding never."""
     kernel, schedule, (b, length) = MixedKernel(V, MASK, k), LogLinear(), (6, 16)
     logits = torch.randn(length, V, generator=torch.Generator().manual_seed(1))
+    logits[:, MASK] = 10.0  # never drawn: p_T and p_S drop the mask's logit
     log_p = kernel.log_probs(logits)  # (L, V), −inf at the mask
     p = log_p.exp()
     entropy = -(p * log_p.clamp_min(-1e30)).sum(-1)  # H(p_l), (L,)
@@ -98,6 +99,56 @@ def test_the_distillation_loss_is_the_cross_entropy_on_the_counted_positions(k):
     is_one_hot = ((got.unsqueeze(-1) - one_hot_ce).abs() < 1e-5).any(-1)
     assert bool((is_entropy | is_one_hot).all())
     assert bool(is_entropy.any()) and bool((~is_entropy).any())  # both kinds of target occur
+
+
+class _Recording(_Constant):
+    """`_Constant` that records each call's (t, attention_mask, cond)."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__(logits)
+        self.calls = []
+
+    def __call__(self, z, t, attention_mask=None, cond=None):
+        self.calls.append((t, attention_mask, cond))
+        return super().__call__(z, t)
+
+
+def test_the_loss_hands_times_masks_and_labels_to_both_models_and_draws_from_its_generator():
+    kernel, schedule = MixedKernel(V, MASK, 0.1), LogLinear()
+    logits = torch.randn(8, V, generator=torch.Generator().manual_seed(0))
+    x0 = torch.randint(MASK, (3, 8), generator=torch.Generator().manual_seed(1))
+    t, labels = torch.tensor([0.9, 0.6, 0.2]), torch.tensor([0, 2, 1])
+    real = torch.ones(3, 8, dtype=torch.bool)
+
+    def run(seed):
+        torch.rand(3)  # moves the global RNG between runs
+        teacher, student = _Recording(logits), _Recording(logits)
+        out = distillation_loss(student, kernel, schedule, x0, teacher=teacher, steps=2, t=t,
+                                generator=torch.Generator().manual_seed(seed),
+                                attention_mask=real, cond=labels)  # fmt: skip
+        return out, teacher.calls, student.calls
+
+    out, teacher_calls, student_calls = run(0)
+    times = student_steps(schedule, 2, t)
+    want = [times.t.float(), times.u.float()]
+    assert len(teacher_calls) == 2 and len(student_calls) == 1
+    for (got_t, mask, cond), t_want in zip(teacher_calls + student_calls, want + want[:1],
+                                          strict=True):  # fmt: skip
+        assert torch.equal(got_t, t_want) and mask is real and cond is labels
+    again, _, _ = run(0)
+    assert torch.equal(out.z_t, again.z_t) and torch.equal(out.per_token, again.per_token)
+    assert not torch.equal(out.z_t, run(1)[0].z_t)
+
+
+def test_a_fully_visible_row_at_k0_is_its_own_one_hot_target_and_t_zero_is_the_last_step():
+    kernel, schedule = MixedKernel(V, MASK, 0.0), LogLinear()
+    z_t = torch.tensor([[0, 3, 1, 2]])  # no mask; token V − 2 absent as well
+    times = student_steps(schedule, 4, torch.tensor([0.0]))  # t = 0 belongs to the last step
+    grid = UniformT().times(schedule, 8)
+    assert (times.t.item(), times.u.item(), times.s.item()) == (grid[6], grid[7], grid[8])
+    target = two_step_target(_Constant(torch.zeros(4, V)), kernel, schedule, z_t, times,
+                             torch.Generator())  # fmt: skip
+    assert torch.equal(target, torch.nn.functional.one_hot(z_t, V).float())
 
 
 def _weights(run_dir):
