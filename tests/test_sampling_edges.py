@@ -317,3 +317,17 @@ def test_guidance_passes_t_to_both_calls_and_needs_labels():
     with pytest.raises(ValueError) as refused:
         guided_logits(model, z, t, None, 2.0)
     assert str(refused.value) == "guidance needs class labels; pass --class-label"
+
+
+def test_xdm_run_hands_one_work_buffer_dict_to_every_step(monkeypatch):
+    """The (B, L, V) softmax buffer is allocated once per run, not once per step."""
+    seen, step = [], XDM.step
+
+    def spy(self, *args):
+        seen.append(args[-1])
+        return step(self, *args)
+
+    monkeypatch.setattr(XDM, "step", spy)
+    XDM().run(_Recording(), MixedKernel(V, M, 0.1), batch_size=1, seq_len=4, steps=4,
+              generator=None, block_size=2)  # fmt: skip
+    assert len(seen) == 4 and all(s is seen[0] for s in seen) and isinstance(seen[0], dict)
