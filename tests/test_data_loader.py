@@ -85,6 +85,7 @@ def test_epoch_covers_rows_once_then_reshuffles():
     assert len(set(rows0)) == 100 and set(rows0) <= set(range(103))
     epoch1 = list(loader)
     assert epoch1[0].epoch == 1 and [_ids(b) for b in epoch1] != [_ids(b) for b in epoch0]
+    assert [b.step for b in epoch1] == list(range(20))  # the whole next epoch, from its step 0
     assert loader.next_batch().epoch == 2  # next_batch rolls over on its own
 
 

@@ -54,13 +54,17 @@ class SplitWriter:
     def __init__(self, directory: Path, name: str, fmt: SplitFormat, state: WriterState | None):
         self.name, self.fmt = name, fmt
         self.directory = Path(directory)
-        self.state = state or WriterState()
+        self.state = dataclasses.replace(state) if state is not None else WriterState()
         self._tail = np.asarray(self.state.tail, dtype=np.int64)
         row_bytes = fmt.seq_len * np.dtype(fmt.dtype).itemsize
         self._bin = _open_at(self.bin_path, self.state.rows * row_bytes, state is not None)
         self._lengths = None
         if fmt.mode == "pad":
-            self._lengths = _open_at(self._lengths_raw, self.state.rows * 8, state is not None)
+            try:
+                self._lengths = _open_at(self._lengths_raw, self.state.rows * 8, state is not None)
+            except ValueError:  # a refused resume leaves no file open
+                self._bin.close()
+                raise
 
     @property
     def bin_path(self) -> Path:
