@@ -212,3 +212,70 @@ def test_bytelevel_decode_keeps_characters_split_across_tokens(corpus):
     assert tok.decode(window) == "文"
     invalid = [*tok.encode("a"), token_of[0xC3], *tok.encode("b")]
     assert tok.decode(invalid) == "a\ufffdb"  # only a truly invalid byte is replaced
+
+
+def _refused(error, message, call, *args, **kwargs):
+    """`call` raises `error` with exactly `message` (one line naming the value and the fix)."""
+    with pytest.raises(error) as info:
+        call(*args, **kwargs)
+    assert str(info.value) == message
+
+
+def test_every_tokenizer_refusal_is_one_line_naming_the_fix(tmp_path):
+    kinds = "gpt2, gpt2-mdlm, bert-base-uncased, wordpiece, char, bpe, hf"
+    unknown = f"unknown tokenizer kind 'spm'; choose one of {kinds}"
+    _refused(ValueError, unknown, load_tokenizer, "spm")
+    for kind in ("char", "bpe"):
+        need = f"tokenizer kind {kind!r} needs corpus_texts to build its vocabulary"
+        _refused(ValueError, need, load_tokenizer, kind, corpus_texts=[], vocab_size=300)
+    _refused(ValueError, "tokenizer kind 'char' needs corpus_texts holding some text",
+             load_tokenizer, "char", corpus_texts=iter([""]))  # fmt: skip
+    bpe = "tokenizer kind 'bpe' needs vocab_size >= 261 (256 bytes + specials), got 260"
+    _refused(ValueError, bpe, load_tokenizer, "bpe", corpus_texts=["abc"], vocab_size=260)
+    assert load_tokenizer("bpe", corpus_texts=["abc abd"], vocab_size=261).vocab_size == 261
+    _refused(ValueError, "kind 'wordpiece' needs source=<vocab.txt or its dir or hub name>",
+             load_tokenizer, "wordpiece")  # fmt: skip
+    _refused(ValueError, "tokenizer kind 'hf' needs source=<local dir or hub name>",
+             load_tokenizer, "hf")  # fmt: skip
+    _refused(FileNotFoundError, f"gpt2 tokenizer dir {tmp_path} needs encoder.json and vocab.bpe",
+             load_tokenizer, "gpt2", tmp_path)  # fmt: skip
+    missing = tmp_path / "vocab.txt"
+    _refused(FileNotFoundError, f"no WordPiece vocab at {missing}; pass a vocab.txt or its dir",
+             load_tokenizer, "wordpiece", missing)  # fmt: skip
+    saved = (f"{tmp_path} holds no saved tokenizer (tokenizer.json + xdlm_tokenizer.json); "
+             "write one with TextTokenizer.save(dir)")  # fmt: skip
+    _refused(FileNotFoundError, saved, load_tokenizer_dir, tmp_path)
+
+
+def _tiny_gpt2(directory):
+    """A GPT-2 layout (encoder.json + vocab.bpe) with 3 ids and no merges."""
+    directory.mkdir()
+    (directory / "encoder.json").write_text(json.dumps({"a": 0, "b": 1, "<|endoftext|>": 2}))
+    (directory / "vocab.bpe").write_text("#version: 0.2\n")
+    return directory
+
+
+def test_a_gpt2_directory_builds_gpt2_and_gpt2_mdlm_only_at_50257_ids(tmp_path):
+    gpt2 = _tiny_gpt2(tmp_path / "gpt2")
+    tok = load_tokenizer("gpt2", gpt2)
+    assert tok.special_ids == {"bos": 3, "eos": 2, "pad": 4, "mask": 5} and tok.vocab_size == 6
+    assert tok.encode("ab") == [0, 1] and tok.decode([3, 0, 5, 1, 2]) == "ab"
+    assert tok.spec == {"kind": "gpt2", "source": str(gpt2), "vocab_size": 6}
+    _refused(ValueError, f"gpt2-mdlm needs the 50,257-token GPT-2 vocabulary, got 3 ids from "
+             f"{gpt2}", load_tokenizer, "gpt2-mdlm", gpt2)  # fmt: skip
+
+
+def test_a_damaged_tokenizer_directory_is_named(tmp_path, corpus):
+    directory = load_tokenizer("char", corpus_texts=corpus[:5]).save(tmp_path / "tok")
+    meta = directory / "xdlm_tokenizer.json"
+    record = json.loads(meta.read_text())
+    record["special_tokens"]["mask"] = "[NOPE]"
+    meta.write_text(json.dumps(record))
+    _refused(ValueError, f"{meta}: special token '[NOPE]' (mask) is not in vocab; restore the "
+             "tokenizer directory", load_tokenizer_dir, directory)  # fmt: skip
+    (directory / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(ValueError) as info:
+        load_tokenizer_dir(directory)
+    message = str(info.value)
+    assert message.startswith(f"{directory / 'tokenizer.json'} is not a tokenizers JSON file (")
+    assert message.endswith("); the file is truncated, emptied or foreign: restore it")
