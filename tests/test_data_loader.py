@@ -139,3 +139,31 @@ def test_loader_errors(prepared):
     loader = ShardedLoader(shards, 1, seed=0)
     with pytest.raises(ValueError, match="seed 5"):
         loader.load_state_dict({"epoch": 0, "position": 0, "seed": 5})
+
+
+def test_one_global_batch_is_the_least_a_split_may_hold():
+    loader = ShardedLoader(IndexShards(8), 4, world_size=2, rank=1)  # exactly one: accepted
+    assert len(loader) == 1 and loader.state_dict() == {"epoch": 0, "position": 0, "seed": 0}
+    with pytest.raises(ValueError) as info:
+        ShardedLoader(IndexShards(7), 4, world_size=2)
+    assert str(info.value) == (
+        "split 'train' has 7 rows, fewer than one global batch (batch_size 4 x world_size 2); "
+        "lower batch_size or prepare more data / a shorter seq_len"
+    )
+    for kwargs in ({"batch_size": 0}, {"batch_size": 1, "world_size": 0}, {"batch_size": 1,
+                                                                          "rank": -1}):
+        with pytest.raises(ValueError) as info:
+            ShardedLoader(IndexShards(8), **kwargs)
+        assert str(info.value).startswith("need batch_size >= 1 and 0 <= rank < world_size, got ")
+
+
+def test_next_batch_rolls_into_the_next_epoch_at_its_step_0():
+    loader = ShardedLoader(IndexShards(10), 3)  # the default seed is 0
+    assert [_ids(b) for b in loader] == [_ids(b) for b in ShardedLoader(IndexShards(10), 3, seed=0)]
+    later = ShardedLoader(IndexShards(10), 3)
+    later.load_state_dict({"epoch": 1, "position": 0})  # a state without a seed: this loader's
+    first = ShardedLoader(IndexShards(10), 3)
+    batches = [first.next_batch() for _ in range(len(first) + 1)]
+    assert (batches[-1].epoch, batches[-1].step) == (1, 0)
+    assert _ids(batches[-1]) == _ids(later.next_batch())
+    assert first.state_dict() == {"epoch": 1, "position": 1, "seed": 0}
