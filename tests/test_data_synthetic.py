@@ -111,3 +111,82 @@ def test_seed_intervals_match_scipy():
         t_interval([1.0])
     with pytest.raises(ValueError, match="same seeds"):
         paired_difference([1.0, 2.0], [1.0])
+
+
+def test_a_law_is_refused_at_each_broken_shape_or_sign():
+    law = _tiny_law()
+    shapes = "need initial (H,), transition (H, H), emission (H, D); got "
+    with pytest.raises(ValueError) as info:
+        HiddenMarkovLaw(law.initial, law.transition, law.emission[:2])
+    assert str(info.value) == shapes + "(3,), (3, 3), (2, 3)"
+    with pytest.raises(ValueError, match=r"^need initial .*\(3,\), \(3, 3\), \(9,\)$"):
+        HiddenMarkovLaw(law.initial, law.transition, law.emission.reshape(-1))
+    signed = torch.tensor([[1.5, -0.5, 0.0]] * 3, dtype=torch.float64)  # rows sum to 1
+    with pytest.raises(ValueError) as info:
+        HiddenMarkovLaw(law.initial, law.transition, signed)
+    assert str(info.value) == "emission must be non-negative with rows summing to 1"
+    with pytest.raises(ValueError, match="^initial must be non-negative"):
+        HiddenMarkovLaw(law.initial * 2, law.transition, law.emission)
+
+
+def test_log_prob_takes_ids_up_to_d_minus_1_in_a_2d_batch():
+    law = _tiny_law()
+    assert torch.isfinite(law.log_prob(torch.tensor([[0, 2, 1]]))).all()
+    for bad in (torch.tensor([[0, -1]]), torch.tensor([[3, 0]]), torch.tensor([0, 1])):
+        with pytest.raises(ValueError) as info:
+            law.log_prob(bad)
+        assert str(info.value) == "x must be (B, L) ids in 0..2"
+
+
+def test_entropy_is_the_mean_nll_per_token_over_batches_with_its_standard_error():
+    law = _tiny_law(4)
+    est = law.entropy(5, 250, torch.Generator().manual_seed(7), batch=100)  # 100 + 100 + 50
+    gen = torch.Generator().manual_seed(7)
+    nll = torch.cat([-law.log_prob(law.sample(n, 5, gen)) for n in (100, 100, 50)]) / 5
+    assert est.samples == 250
+    assert est.mean == pytest.approx(float(nll.mean()), rel=1e-12)
+    assert est.se == pytest.approx(float(nll.std()) / math.sqrt(250), rel=1e-12)
+
+
+def test_topic_hmm_defaults_and_smallest_sizes():
+    default, explicit = topic_hmm(), topic_hmm(32, 4, 8, 0.3, 0.1, seed=0)
+    for name in ("initial", "transition", "emission"):
+        assert torch.equal(getattr(default, name), getattr(explicit, name))
+    assert default.initial.shape == (32,) and float(default.initial[0]) == 1 / 32
+    one = topic_hmm(num_tokens=1, topics=1, local_states=1)  # every size exactly 1: allowed
+    assert one.transition.tolist() == [[1.0]] and one.emission.tolist() == [[1.0]]
+    for sizes in ((2, 0, 1), (2, 1, 0)):
+        with pytest.raises(ValueError) as info:
+            topic_hmm(*sizes)
+        assert str(info.value) == f"need positive sizes, got D={sizes[0]}, C={sizes[1]}, " \
+                                  f"S={sizes[2]}"
+
+
+def test_the_written_rows_are_the_law_s_draws_in_split_order(tmp_path):
+    import numpy as np
+
+    law = topic_hmm(num_tokens=5, topics=2, local_states=2, seed=1)
+    m = write_dataset(law, tmp_path / "d", seq_len=4, rows={"valid": 3, "train": 2}, seed=9)
+    gen = torch.Generator().manual_seed(9)
+    want = {"valid": law.sample(3, 4, gen), "train": law.sample(2, 4, gen)}
+    for split, rows in want.items():
+        got = np.fromfile(tmp_path / "d" / f"{split}.bin", dtype=np.uint16).reshape(-1, 4)
+        assert got.tolist() == rows.tolist()
+        info = m.splits[split]
+        assert (info.rows, info.tokens, info.documents) == (len(rows), rows.numel(), len(rows))
+    assert (m.pad_id, m.bos_id, m.eos_id, m.mode, m.dtype) == (None, None, None, "wrap", "uint16")
+    assert m.tokenizer == {"kind": "hmm", "law": law.to_dict()} and m.sources == ["hmm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary left
+    with pytest.raises(RuntimeError):  # train written, then the draw of valid fails
+        write_dataset(law, tmp_path / "f", seq_len=4, rows={"train": 2, "valid": -1}, seed=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # a failed write leaves none either
+
+
+def test_load_law_refuses_a_dataset_the_law_did_not_write(tmp_path):
+    from xdlm.data import prepare
+
+    (tmp_path / "c.txt").write_text("a b c d e f g h\n\ni j k l m n o\n")
+    prepare(tmp_path / "c.txt", tmp_path / "text", tokenizer="char", seq_len=4, valid_fraction=0)
+    with pytest.raises(ValueError, match=r"text was not written by xdlm\.data\.synthetic \("
+                                         r"tokenizer \{'kind': 'char'"):
+        load_law(tmp_path / "text")
