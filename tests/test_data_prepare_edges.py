@@ -1,0 +1,116 @@
+"""Edges of `prepare` (issue 29): each argument at its limit and one past, every refusal word
+for word, how batches are cut, what a resume compares, the progress shown, the manifest."""
+
+import importlib
+import importlib.metadata
+import json
+
+import pytest
+
+import xdlm.data.encoding as encoding
+from xdlm.data import load_tokenizer_dir, prepare
+
+prepare_module = importlib.import_module("xdlm.data.prepare")
+DOCS = [f"document {i} " + "abcdefgh"[: i % 8] for i in range(12)]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("\n\n".join(DOCS) + "\n")
+    return path
+
+
+def _refused(message, corpus, out, **kwargs):
+    with pytest.raises(ValueError) as info:
+        prepare(corpus, out, **{"tokenizer": "char", **kwargs})
+    assert str(info.value) == message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"seq_len": 1}, "seq_len must be an int >= 2 (room for BOS and EOS), got 1"),
+        ({"seq_len": 8.0}, "seq_len must be an int >= 2 (room for BOS and EOS), got 8.0"),
+        ({"valid_fraction": 1.0}, "valid_fraction must be in [0, 1), got 1.0"),
+        ({"valid_fraction": -0.1}, "valid_fraction must be in [0, 1), got -0.1"),
+        ({"valid_docs": -1}, "valid_docs must be >= 0 or None, got -1"),
+        ({"num_proc": 2.0}, "num_proc must be an int >= 1, got 2.0"),
+        ({"mode": "packed"}, "unknown mode 'packed'; choose one of ('wrap', 'pad')"),
+        ({"pad_overflow": "drop"},
+         "unknown pad_overflow 'drop'; choose one of ('split', 'truncate')"),
+    ],
+)  # fmt: skip
+def test_each_argument_one_past_its_limit_is_refused(corpus, tmp_path, kwargs, message):
+    _refused(message, corpus, tmp_path / "out", **kwargs)
+
+
+def test_each_argument_exactly_at_its_limit_is_accepted(corpus, tmp_path):
+    m = prepare(corpus, tmp_path / "a", tokenizer="char", seq_len=2, valid_docs=0)
+    assert m.seq_len == 2 and list(m.splits) == ["train"] and m.splits["train"].documents == 12
+    m = prepare([str(corpus)], tmp_path / "b", tokenizer="char", seq_len=4, valid_fraction=0.0)
+    assert list(m.splits) == ["train"] and m.sources == [str(corpus)]
+    m = prepare(corpus, tmp_path / "c", tokenizer="char", seq_len=4, valid_fraction=0.95)
+    assert (m.splits["train"].documents, m.splits["valid"].documents) == (1, 11)
+    _refused("no inputs given; pass text files or 'hf:NAME' dataset names", [], tmp_path / "d")
+
+
+def test_a_batch_closes_once_it_holds_batch_bytes_characters(corpus, tmp_path, monkeypatch):
+    sizes = []
+    real = encoding.encode_texts
+    spy = lambda tok, texts: sizes.append(len(texts)) or real(tok, texts)  # noqa: E731
+    monkeypatch.setattr(encoding, "encode_texts", spy)
+    same = [f"doc{i:02d} xy" for i in range(6)]  # 8 characters each
+    (tmp_path / "same.txt").write_text("\n\n".join(same))
+    prepare(tmp_path / "same.txt", tmp_path / "a", tokenizer="char", seq_len=4, batch_bytes=16)
+    assert sizes == [2, 2, 2]  # 16 characters reached exactly: the batch closes
+    sizes.clear()
+    prepare(tmp_path / "same.txt", tmp_path / "b", tokenizer="char", seq_len=4, batch_bytes=17)
+    assert sizes == [3, 3]
+
+
+def test_a_changed_input_is_not_resumed(corpus, tmp_path, monkeypatch):
+    real = prepare_module._batches
+
+    def dying(items, batch_bytes):
+        yield next(real(items, batch_bytes))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "_batches", dying)
+    kw = dict(tokenizer="char", seq_len=4, batch_bytes=16, checkpoint_seconds=0)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, tmp_path / "out", **kw)
+    monkeypatch.undo()
+    plan = json.loads((tmp_path / ".out.partial" / "progress.json").read_text())["plan"]
+    stat = corpus.stat()
+    assert plan["sources"] == [[str(corpus), stat.st_size, stat.st_mtime_ns]]
+    corpus.write_text(corpus.read_text() + "\n\none more\n")
+    with pytest.raises(ValueError, match=r"\.out\.partial holds an unfinished preparation with "
+                                         r"other arguments or changed inputs; pass resume=False"):
+        prepare(corpus, tmp_path / "out", **kw)
+
+
+def test_progress_is_shown_only_when_asked(corpus, tmp_path, capsys):
+    prepare(corpus, tmp_path / "a", tokenizer="char", seq_len=4, progress=True)
+    err = capsys.readouterr().err
+    assert "counting documents: " in err and "tokenizing: " in err and "12/12" in err
+    assert "doc/s" in err and "MBps=" in err and "tokens=" in err
+    prepare(corpus, tmp_path / "b", tokenizer="char", seq_len=4, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_manifest_names_the_tokenizer_and_the_library(corpus, tmp_path, monkeypatch):
+    m = prepare(corpus, tmp_path / "a", tokenizer="char", seq_len=4, seed=5)
+    tok = load_tokenizer_dir(tmp_path / "a" / "tokenizer")
+    assert m.tokenizer_sha256 == tok.fingerprint() and m.tokenizer == tok.spec
+    assert (m.vocab_size, m.mask_id, m.pad_id, m.bos_id, m.eos_id) == (
+        tok.vocab_size, tok.mask_id, tok.pad_id, tok.bos_id, tok.eos_id
+    )  # fmt: skip
+    assert m.seed == 5 and m.library_version == importlib.metadata.version("xdlm")
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert prepare(corpus, tmp_path / "b", tokenizer="char", seq_len=4).library_version == "unknown"
