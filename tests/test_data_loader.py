@@ -167,3 +167,13 @@ def test_next_batch_rolls_into_the_next_epoch_at_its_step_0():
     assert (batches[-1].epoch, batches[-1].step) == (1, 0)
     assert _ids(batches[-1]) == _ids(later.next_batch())
     assert first.state_dict() == {"epoch": 1, "position": 1, "seed": 0}
+
+
+def test_rows_take_indices_0_to_n_minus_1_only(prepared):
+    shards = TokenShards(prepared / "wrap", "valid")
+    n = len(shards)
+    assert shards.rows([n - 1]).tokens.shape == (1, 32) and shards.rows([]).tokens.shape == (0, 32)
+    for idx in ([n], [-1], [0, n + 5]):
+        with pytest.raises(IndexError) as info:
+            shards.rows(idx)
+        assert str(info.value) == f"row index out of range [0, {n}): {min(idx)}..{max(idx)}"
