@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 
 import pytest
 import torch
@@ -146,6 +147,8 @@ def test_entropy_is_the_mean_nll_per_token_over_batches_with_its_standard_error(
     assert est.samples == 250
     assert est.mean == pytest.approx(float(nll.mean()), rel=1e-12)
     assert est.se == pytest.approx(float(nll.std()) / math.sqrt(250), rel=1e-12)
+    default = law.entropy(1, 4097, torch.Generator().manual_seed(3))  # batches of 4096 + 1
+    assert default == law.entropy(1, 4097, torch.Generator().manual_seed(3), batch=4096)
 
 
 def test_topic_hmm_defaults_and_smallest_sizes():
@@ -167,6 +170,9 @@ def test_the_written_rows_are_the_law_s_draws_in_split_order(tmp_path):
 
     law = topic_hmm(num_tokens=5, topics=2, local_states=2, seed=1)
     m = write_dataset(law, tmp_path / "d", seq_len=4, rows={"valid": 3, "train": 2}, seed=9)
+    write_dataset(law, tmp_path / "new" / "parent" / "d", seq_len=4, rows={"train": 1}, seed=9)
+    assert (tmp_path / "new" / "parent" / "d" / "manifest.json").is_file()
+    shutil.rmtree(tmp_path / "new")
     gen = torch.Generator().manual_seed(9)
     want = {"valid": law.sample(3, 4, gen), "train": law.sample(2, 4, gen)}
     for split, rows in want.items():

@@ -279,3 +279,27 @@ def test_a_damaged_tokenizer_directory_is_named(tmp_path, corpus):
     message = str(info.value)
     assert message.startswith(f"{directory / 'tokenizer.json'} is not a tokenizers JSON file (")
     assert message.endswith("); the file is truncated, emptied or foreign: restore it")
+
+
+def test_a_hub_name_is_fetched_as_tokenizer_json_and_a_failure_named(tmp_path, monkeypatch):
+    import xdlm.data.tokenizers as tokenizers_module
+
+    local = load_tokenizer("gpt2", _tiny_gpt2(tmp_path / "gpt2"))._tok
+    asked = []
+
+    class Hub:
+        @staticmethod
+        def from_pretrained(name):
+            asked.append(name)
+            if name == "org/offline":
+                raise OSError("no network")
+            return local
+
+    monkeypatch.setattr(tokenizers_module, "Tokenizer", Hub)
+    tok = load_tokenizer("gpt2", "org/tok")
+    assert tok.spec["source"] == "org/tok" and tok.encode("ab") == [0, 1] and asked == ["org/tok"]
+    assert load_tokenizer("bert-base-uncased").spec["source"] == "bert-base-uncased"
+    assert asked[-1] == "bert-base-uncased"  # the default source of the kind
+    _refused(ValueError, "could not load wordpiece tokenizer 'org/offline' from the HF hub (no "
+             "network); pass source=<local dir> instead", load_tokenizer, "wordpiece",
+             "org/offline")  # fmt: skip

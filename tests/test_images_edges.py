@@ -2,6 +2,7 @@
 per patch, the VQ codebook), every refusal word for word, what a prepared directory holds."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -102,6 +103,9 @@ def test_the_vq_codebook_holds_every_code(tmp_path):
 def test_a_prepared_image_directory_holds_labels_and_is_replaced_only_on_request(tmp_path):
     codes = np.arange(8 * 3).reshape(8, 3) * 3000  # codes up to 69,000: uint32 storage
     path = _npz(tmp_path / "v.npz", codes=codes, labels=np.arange(8) % 4)
+    nested = tmp_path / "new" / "parent" / "d"  # parents are created
+    assert prepare_images(path, nested, kind="vq").splits["train"].rows == 7
+    shutil.rmtree(tmp_path / "new")
     out = tmp_path / "d"
     m = prepare_images(path, out, kind="vq", valid_fraction=0.25, seed=3)
     assert (m.vocab_size, m.mask_id, m.dtype, m.seq_len, m.mode) == (69_002, 69_001, "uint32",

@@ -161,8 +161,8 @@ def test_sources_are_files_directories_or_hub_ids(tmp_path, monkeypatch):
 
     monkeypatch.setattr(hub, "snapshot_download", snapshot)
     with pytest.raises(ValueError) as info:
-        read_source("org/name")
-    assert calls[-1] == ("org/name", None, ["config.json", "model.safetensors",
+        read_source("org/name", revision="v2")
+    assert calls[-1] == ("org/name", "v2", ["config.json", "model.safetensors",
                                             "pytorch_model.bin"])  # fmt: skip
     assert str(info.value) == (
         "could not download org/name from the HF Hub (offline); download it elsewhere and pass "
