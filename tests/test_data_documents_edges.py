@@ -106,7 +106,15 @@ def test_hf_sources_follow_their_grammar(monkeypatch):
 
 def test_hf_rows_without_the_field_are_named(monkeypatch):
     datasets = pytest.importorskip("datasets")
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter([{"b": "x", "a": "y"}]))
+    calls = []
+
+    def load(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return iter([{"b": "x", "a": "y"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    assert read_documents("hf:org/name:cfg@dev", text_field="b") == ["x"]
+    assert calls == [("org/name", "cfg", "dev", True)]
     _refused(ValueError, "dataset hf:org/name has no column 'text' (columns: ['a', 'b']); pass "
              "text_field=<name>", "hf:org/name")  # fmt: skip
     assert [p.text for p in iter_pieces("hf:org/name", "b", max_chars=4)] == ["x"]

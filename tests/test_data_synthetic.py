@@ -130,6 +130,15 @@ def test_a_law_is_refused_at_each_broken_shape_or_sign():
         HiddenMarkovLaw(law.initial * 2, law.transition, law.emission)
 
 
+def test_a_deterministic_law_is_sampled_exactly():
+    """Rows with a single possible outcome (one-hot): every draw is that outcome."""
+    one_hot = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    law = HiddenMarkovLaw(torch.tensor([1.0, 0.0], dtype=torch.float64), one_hot, torch.eye(2,
+                          dtype=torch.float64))  # fmt: skip
+    x = law.sample(3, 5, torch.Generator().manual_seed(0))
+    assert x.tolist() == [[0, 1, 0, 1, 0]] * 3  # state 0 first, then alternating
+
+
 def test_log_prob_takes_ids_up_to_d_minus_1_in_a_2d_batch():
     law = _tiny_law()
     assert torch.isfinite(law.log_prob(torch.tensor([[0, 2, 1]]))).all()
@@ -155,6 +164,9 @@ def test_topic_hmm_defaults_and_smallest_sizes():
     default, explicit = topic_hmm(), topic_hmm(32, 4, 8, 0.3, 0.1, seed=0)
     for name in ("initial", "transition", "emission"):
         assert torch.equal(getattr(default, name), getattr(explicit, name))
+        assert getattr(default, name).dtype == torch.float64
+    tiny = default.emission < 1e-6  # sparse Dirichlet rows, yet no probability exactly 0
+    assert 0.2 < float(tiny.double().mean()) < 0.5 and float(default.emission.min()) > 0
     assert default.initial.shape == (32,) and float(default.initial[0]) == 1 / 32
     one = topic_hmm(num_tokens=1, topics=1, local_states=1)  # every size exactly 1: allowed
     assert one.transition.tolist() == [[1.0]] and one.emission.tolist() == [[1.0]]
@@ -196,3 +208,12 @@ def test_load_law_refuses_a_dataset_the_law_did_not_write(tmp_path):
     with pytest.raises(ValueError, match=r"text was not written by xdlm\.data\.synthetic \("
                                          r"tokenizer \{'kind': 'char'"):
         load_law(tmp_path / "text")
+
+
+def test_a_full_disk_leaves_no_temporary_directory(small_fs):
+    from run_fixtures import fill_disk
+
+    fill_disk(small_fs, 64 * 1024)
+    with pytest.raises(OSError, match="No space left on device"):  # 128 KB of rows
+        write_dataset(_tiny_law(), small_fs / "d", seq_len=64, rows={"train": 1000}, seed=0)
+    assert sorted(p.name for p in small_fs.iterdir()) == ["filler"]

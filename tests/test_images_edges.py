@@ -12,11 +12,13 @@ from xdlm.data.images import (
     ImageInfo,
     dequantize,
     expand_patches,
+    from_patches,
     image_info,
     load_image_tokens,
     prepare_images,
     quantize,
     resize,
+    to_patches,
     tokens_to_images,
 )
 from xdlm.data.manifest import load_manifest
@@ -154,3 +156,34 @@ def _text_manifest(tmp_path):
     (tmp_path / "c.txt").write_text("a b c d e f g h\n\ni j k l m n o\n")
     return prepare(tmp_path / "c.txt", tmp_path / "text", tokenizer="char", seq_len=4,
                    valid_fraction=0.0)  # fmt: skip
+
+
+def test_patches_of_one_and_three_pixels_are_codes_of_their_blocks():
+    grey = np.random.default_rng(0).integers(0, 2, (2, 3, 6))
+    assert np.array_equal(to_patches(grey, 1, 2), grey)  # one pixel per patch: its own level
+    codes = to_patches(grey, 3, 2)
+    assert codes.shape == (2, 1, 2) and codes.max() < 2**9
+    assert codes[1, 0, 1] == sum(int(q) << b for b, q in enumerate(grey[1, :, 3:].ravel()))
+    assert np.array_equal(from_patches(codes, 3, 2), grey)
+
+
+def test_the_defaults_are_14_pixels_8_levels_and_patch_2(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (10, 28, 28)).astype(np.uint8)
+    path = _npz(tmp_path / "x.npz", images=images, labels=np.arange(10) % 2)
+    assert load_image_tokens(path).info == ImageInfo("pixels", 14, 14, 8, 2)
+    assert load_image_tokens(path, "patches").info == ImageInfo("patches", 7, 7, 8**4, 2, 2)
+    assert prepare_images(path, tmp_path / "d").image == vars(ImageInfo("pixels", 14, 14, 8, 2))
+    ones = load_image_tokens(path, "patches", levels=4, patch=1)  # patch 1 is allowed
+    assert ones.info == ImageInfo("patches", 14, 14, 4, 2, 1)
+    assert np.array_equal(ones.tokens, load_image_tokens(path, levels=4).tokens)
+
+
+def test_a_full_disk_leaves_no_temporary_directory(tmp_path, small_fs):
+    from run_fixtures import fill_disk
+
+    codes = np.arange(4000 * 16).reshape(4000, 16) % 70_000  # ~256 KB of uint32 rows
+    path = _npz(tmp_path / "v.npz", codes=codes, labels=np.zeros(4000, dtype=np.int64))
+    fill_disk(small_fs, 64 * 1024)
+    with pytest.raises(OSError, match="No space left on device"):
+        prepare_images(path, small_fs / "d", kind="vq")
+    assert sorted(os.listdir(small_fs)) == ["filler"]
