@@ -303,3 +303,14 @@ def test_a_hub_name_is_fetched_as_tokenizer_json_and_a_failure_named(tmp_path, m
     _refused(ValueError, "could not load wordpiece tokenizer 'org/offline' from the HF hub (no "
              "network); pass source=<local dir> instead", load_tokenizer, "wordpiece",
              "org/offline")  # fmt: skip
+
+
+def test_a_wordpiece_vocab_lowercases_joins_pieces_and_maps_the_unknown(tmp_path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\n##s\nworld\n")
+    for source in (vocab, tmp_path):  # the file or its directory
+        tok = load_tokenizer("wordpiece", source)
+        assert tok.spec == {"kind": "wordpiece", "source": str(source), "vocab_size": 8}
+        assert tok.special_ids == {"bos": 2, "eos": 3, "pad": 0, "mask": 4}
+        assert tok.encode("HELLOs world \u2603") == [5, 6, 7, 1]  # lowercased; [UNK] = 1
+        assert tok.decode([2, 5, 6, 7, 3, 0]) == "hellos world"
