@@ -314,3 +314,27 @@ def test_a_wordpiece_vocab_lowercases_joins_pieces_and_maps_the_unknown(tmp_path
         assert tok.special_ids == {"bos": 2, "eos": 3, "pad": 0, "mask": 4}
         assert tok.encode("HELLOs world \u2603") == [5, 6, 7, 1]  # lowercased; [UNK] = 1
         assert tok.decode([2, 5, 6, 7, 3, 0]) == "hellos world"
+
+
+def test_a_saved_tokenizer_reads_back_its_fields_each_checked(tmp_path):
+    tok = load_tokenizer("gpt2", _tiny_gpt2(tmp_path / "gpt2"))
+    assert repr(tok) == (
+        f"TextTokenizer({{'kind': 'gpt2', 'source': '{tmp_path / 'gpt2'}', 'vocab_size': 6}}, "
+        "special_ids={'bos': 3, 'eos': 2, 'pad': 4, 'mask': 5})"
+    )
+    directory = tok.save(tmp_path / "tok")
+    again = load_tokenizer_dir(directory)
+    assert again.fingerprint() == tok.fingerprint() and again.shared == ()
+    meta_path = directory / "xdlm_tokenizer.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta == {"shared": [], "spec": tok.spec, "special_tokens": tok.special_tokens}
+    del meta["shared"]  # written before roles could be shared: none are
+    meta_path.write_text(json.dumps(meta))
+    assert load_tokenizer_dir(directory).special_ids == tok.special_ids
+    del meta["special_tokens"]["pad"]
+    meta_path.write_text(json.dumps(meta))
+    _refused(ValueError, f"{meta_path}: special_tokens: the key 'pad' is missing; the file was "
+             "edited or is foreign, restore it", load_tokenizer_dir, directory)  # fmt: skip
+    meta_path.write_text(json.dumps({**meta, "spec": []}))
+    _refused(ValueError, f"{meta_path}: spec must be dict, got []", load_tokenizer_dir,
+             directory)  # fmt: skip
