@@ -114,3 +114,15 @@ def test_the_manifest_names_the_tokenizer_and_the_library(corpus, tmp_path, monk
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
     assert prepare(corpus, tmp_path / "b", tokenizer="char", seq_len=4).library_version == "unknown"
+
+
+def test_the_long_document_warning_points_at_the_caller(tmp_path):
+    (tmp_path / "c.txt").write_text(("word " * 50_000).strip() + "\n\nshort one\n")
+    with pytest.warns(UserWarning) as record:
+        prepare(tmp_path / "c.txt", tmp_path / "o", tokenizer="char", seq_len=8, valid_fraction=0)
+    assert len(record) == 1 and record[0].filename == __file__
+    assert str(record[0].message) == (
+        "1 documents over 200,000 characters were read and tokenized in pieces cut before "
+        "whitespace; split such inputs into documents (blank lines in .txt, one object per line "
+        "in .jsonl) if that is not wanted"
+    )

@@ -271,7 +271,7 @@ class _Job:
                 f"{n_long} documents over {MAX_PIECE_CHARS:,} characters were read and tokenized "
                 "in pieces cut before whitespace; split such inputs into documents (blank lines "
                 "in .txt, one object per line in .jsonl) if that is not wanted",
-                stacklevel=4,
+                stacklevel=5,  # the caller of prepare(): _count < run < open_and_run < prepare
             )
         if n_docs == 0:
             raise ValueError(
