@@ -138,8 +138,13 @@ def test_image_views_of_each_kind(tmp_path):
     grid = np.array([[[1, 2], [3, 4]]])
     assert expand_patches(grid, 2).tolist() == [[[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4],
                                                  [3, 3, 4, 4]]]  # fmt: skip
-    vq = ImageInfo("vq", 1, 3, 5, 2)
-    assert tokens_to_images(torch.tensor([[0, 2, 5]]), vq).tolist() == [[[0.0, 0.5, 1.0]]]
+    vq = ImageInfo("vq", 1, 4, 5, 2)  # codes 0..4: code / 4, outside clipped into [0, 1]
+    assert tokens_to_images(torch.tensor([[0, 2, 5, -1]]), vq).tolist() == [[[0, 0.5, 1, 0]]]
+    patches = ImageInfo("patches", 1, 4, 2, 2, 1)  # g = 2 grey levels, one pixel a patch
+    shown = tokens_to_images(np.array([[0, 1, 2, -1]]), patches)  # the mask 2 and -1: grey
+    assert shown.tolist() == [[[0.25, 0.75, 0.5, 0.5]]]
+    for info in (vq, patches, ImageInfo("pixels", 1, 4, 4, 2)):
+        assert tokens_to_images(np.array([[0, 1, 1, 0]]), info).dtype == np.float32
     one = ImageInfo("vq", 1, 2, 1, 2)  # a codebook of one code is shown black, never / 0
     assert tokens_to_images(np.array([[0, 0]]), one).tolist() == [[[0.0, 0.0]]]
     pixels = ImageInfo("pixels", 1, 2, 4, 2)
