@@ -126,3 +126,60 @@ def test_the_long_document_warning_points_at_the_caller(tmp_path):
         "whitespace; split such inputs into documents (blank lines in .txt, one object per line "
         "in .jsonl) if that is not wanted"
     )
+
+
+def _interrupted(corpus, out, monkeypatch, **kw):
+    """Leave `out`'s work directory as a kill after the first batch would."""
+    real = prepare_module._batches
+
+    def dying(items, batch_bytes):
+        yield next(real(items, batch_bytes))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "_batches", dying)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, out, **kw)
+    monkeypatch.undo()
+
+
+RESUME = dict(tokenizer="char", seq_len=4, batch_bytes=16, checkpoint_seconds=0)
+
+
+@pytest.mark.parametrize(
+    "base, change",
+    [({}, {"seq_len": 5}), ({}, {"mode": "pad"}), ({"mode": "pad"}, {"pad_overflow": "truncate"}),
+     ({}, {"valid_fraction": 0.2}), ({}, {"valid_docs": 2}), ({}, {"seed": 1}),
+     ({}, {"tokenizer": "bpe", "tokenizer_vocab_size": 300}), ({}, {"text_field": "body"}),
+     ({}, {"tokenizer_source": "x"})],
+)  # fmt: skip
+def test_a_resume_with_any_other_argument_is_refused(corpus, tmp_path, monkeypatch, base, change):
+    _interrupted(corpus, tmp_path / "out", monkeypatch, **RESUME, **base)
+    with pytest.raises(ValueError, match="holds an unfinished preparation with other arguments"):
+        prepare(corpus, tmp_path / "out", **{**RESUME, **base, **change})
+    assert (tmp_path / ".out.partial" / "progress.json").is_file()
+
+
+def test_the_same_arguments_resume_without_tokenizing_again(corpus, tmp_path, monkeypatch):
+    reference = prepare(corpus, tmp_path / "ref", **RESUME)
+    _interrupted(corpus, tmp_path / "out", monkeypatch, **RESUME)
+    trained = []
+    monkeypatch.setattr(prepare_module, "load_tokenizer", lambda *a: trained.append(a))
+    assert prepare(corpus, tmp_path / "out", **RESUME) == reference
+    assert trained == []  # the saved tokenizer of the first run is used
+
+
+def test_progress_none_is_silent_off_a_terminal_and_an_empty_corpus_is_named(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text("a b\n\nc d\n")
+    prepare(tmp_path / "c.txt", tmp_path / "o", tokenizer="char", seq_len=2, progress=None)
+    assert capsys.readouterr().err == ""
+    (tmp_path / "blank.txt").write_text(" \n\n\t\n")
+    _refused(f"empty corpus: no non-blank document in ['{tmp_path / 'blank.txt'}']; check the "
+             "files (or text_field) hold text", tmp_path / "blank.txt", tmp_path / "e")  # fmt: skip
+
+
+def test_a_hub_dataset_is_a_source_of_its_own(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"text": d} for d in DOCS]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(rows))
+    m = prepare("hf:org/name", tmp_path / "o", tokenizer="char", seq_len=4)
+    assert m.sources == ["hf:org/name"] and sum(s.documents for s in m.splits.values()) == 12
