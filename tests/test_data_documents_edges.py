@@ -87,6 +87,8 @@ def test_parquet_names_a_missing_column_and_a_missing_pyarrow(tmp_path, monkeypa
     _refused(ValueError, f"{path} has no column 'text' (columns: ['body']); pass "
              "text_field=<name>", path)  # fmt: skip
     assert read_documents(path, text_field="body") == ["x"]
+    pq.write_table(pa.table({"id": ["1", "2"], "text": ["a", " b "]}), path)
+    assert read_documents(path) == ["a", "b"]  # the named column, wherever it stands
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     _refused(ValueError, f"reading {path} needs pyarrow: pip install pyarrow", path)
 

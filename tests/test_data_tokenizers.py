@@ -260,6 +260,8 @@ def test_a_gpt2_directory_builds_gpt2_and_gpt2_mdlm_only_at_50257_ids(tmp_path):
     tok = load_tokenizer("gpt2", gpt2)
     assert tok.special_ids == {"bos": 3, "eos": 2, "pad": 4, "mask": 5} and tok.vocab_size == 6
     assert tok.encode("ab") == [0, 1] and tok.decode([3, 0, 5, 1, 2]) == "ab"
+    assert tok.special_tokens == {"bos": "[BOS]", "eos": "<|endoftext|>", "pad": "[PAD]",
+                                  "mask": "[MASK]"}  # fmt: skip
     assert tok.spec == {"kind": "gpt2", "source": str(gpt2), "vocab_size": 6}
     _refused(ValueError, f"gpt2-mdlm needs the 50,257-token GPT-2 vocabulary, got 3 ids from "
              f"{gpt2}", load_tokenizer, "gpt2-mdlm", gpt2)  # fmt: skip
