@@ -171,3 +171,43 @@ def test_sources_are_files_directories_or_hub_ids(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "hf_hub_download", lambda *a, **k: snapshot("", "", ""))
     with pytest.raises(ValueError, match=r"^could not download org/name last\.ckpt from the HF"):
         read_source("org/name", file="last.ckpt")
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [({"backbone.blocks.0.norm1.weight": None}, 'Missing key(s) in state_dict: '
+      '"blocks.0.norm1.weight"'),
+     ({"backbone.blocks.1.norm1.weight": torch.zeros(7)}, "size mismatch for blocks.1.norm1"),
+     ({"backbone.vocab_embed.embedding": None}, "the source has no embed.weight tensor (it has "),
+     ({"backbone.sigma_map.mlp.0.weight": None}, "the source has no time_in.weight tensor")],
+)  # fmt: skip
+def test_weights_that_do_not_fit_are_one_line(tmp_path, capsys, edit, message):
+    """Regression: a checkpoint missing a tensor (or with one of another shape) crashed
+    `xdlm import` with a KeyError / RuntimeError traceback."""
+    from xdlm.cli import main
+
+    sd = upstream_state_dict(V, torch.Generator().manual_seed(0))
+    sd.update({name: value for name, value in edit.items() if value is not None})
+    for name in [name for name, value in edit.items() if value is None]:
+        del sd[name]
+    torch.save({"state_dict": sd}, tmp_path / "m.ckpt")
+    gpt2 = _gpt2_dir(tmp_path / "tok", V - 4)
+    argv = ["import", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "run"), "--k", "0",
+            "--n-heads", str(SIZES["heads"]), "--tokenizer", "gpt2", "--tokenizer-source", gpt2]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not (tmp_path / "run").exists()
+
+
+def test_convert_passes_the_file_and_revision_on(tmp_path, monkeypatch):
+    hub = pytest.importorskip("huggingface_hub")
+    ckpt = _ckpt(tmp_path / "a.ckpt", step=9)
+    gpt2 = _gpt2_dir(tmp_path / "tok", V - 4)
+    opts = ImportOptions(k=0.0, n_heads=SIZES["heads"], tokenizer="gpt2", tokenizer_source=gpt2,
+                         file="a.ckpt")  # fmt: skip
+    run = convert(str(tmp_path), opts)  # a directory and the file in it
+    assert run.step == 9 and run.meta["imported"]["file"] == "a.ckpt"
+    asked = []
+    monkeypatch.setattr(hub, "hf_hub_download", lambda *a, **k: asked.append((a, k)) or ckpt)
+    assert convert("org/name", ImportOptions(**{**vars(opts), "revision": "v3"})).step == 9
+    assert asked == [(("org/name", "a.ckpt"), {"revision": "v3"})]

@@ -96,16 +96,26 @@ def model_config(w: UpstreamWeights, opts: ImportOptions) -> ModelConfig:
     """The mdlm-dit ModelConfig: sizes from the tensor shapes, the rest from the source's
     hints (config.json / the .ckpt's saved config), options first."""
     hints = w.hints
-    d_model = int(w.weights["embed.weight"].shape[1])
+    d_model = _shape(w, "embed.weight")[1]
     n_layers = len({k.split(".")[1] for k in w.weights if k.startswith("blocks.")})
     n_heads = opts.n_heads or hints.get("n_heads") or d_model // 64
     time_input = opts.time_input or _time_input(hints)
     return ModelConfig(
         backbone="mdlm-dit", n_layers=n_layers, d_model=d_model, n_heads=int(n_heads),
-        mlp_ratio=w.weights["blocks.0.mlp_in.weight"].shape[0] / d_model,
-        cond_dim=int(w.weights["time_in.weight"].shape[0]), time_input=time_input,
+        mlp_ratio=_shape(w, "blocks.0.mlp_in.weight")[0] / d_model,
+        cond_dim=_shape(w, "time_in.weight")[0], time_input=time_input,
         time_conditioning=time_input != "none",
     )  # fmt: skip
+
+
+def _shape(w: UpstreamWeights, name: str) -> tuple[int, ...]:
+    """The shape of the source's tensor `name` (MDLMDiT naming); ValueError when it has none."""
+    if name not in w.weights:
+        raise ValueError(
+            f"the source has no {name} tensor (it has {len(w.weights)} backbone tensors); the "
+            "checkpoint is incomplete or not an MDLM-lineage DiT"
+        )
+    return tuple(int(n) for n in w.weights[name].shape)
 
 
 def _time_input(hints: dict) -> str:
@@ -175,7 +185,7 @@ def convert(source: str, opts: ImportOptions | None = None) -> ImportedRun:
         raise ValueError(f"--seq-len must be >= 2 (tokens per row, the run's data.seq_len), "
                          f"got {opts.seq_len}; leave it out for config.json's or 1024")  # fmt: skip
     w = read_source(source, opts.file, opts.revision)
-    V = int(w.weights["embed.weight"].shape[0])
+    V = _shape(w, "embed.weight")[0]
     k, tok = kernel_k(w, opts), import_tokenizer(V, opts)
     seq_len = opts.seq_len if opts.seq_len is not None else int(w.hints.get("model_length", 1024))
     cfg = validate(XDLMConfig(
@@ -185,7 +195,14 @@ def convert(source: str, opts: ImportOptions | None = None) -> ImportedRun:
                         tokenizer_vocab_size=None, seq_len=seq_len, mode="wrap"),
     ))  # fmt: skip
     model = build_model(cfg.model, V)
-    model.load_state_dict(w.weights, strict=True)
+    try:
+        model.load_state_dict(w.weights, strict=True)
+    except RuntimeError as err:  # a tensor missing, left over or of another shape
+        raise ValueError(
+            f"{source}: the weights do not fit the mdlm-dit their shapes describe "
+            f"({' '.join(str(err).split())}); the checkpoint is incomplete or of another "
+            "architecture"
+        ) from None
     meta = {
         "kernel": _kernel(V, tok.mask_id, k).spec(),
         "schedule": schedule_spec(make_schedule("loglinear", eps=SIGMA_EPS)),
