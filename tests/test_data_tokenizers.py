@@ -340,3 +340,19 @@ def test_a_saved_tokenizer_reads_back_its_fields_each_checked(tmp_path):
     meta_path.write_text(json.dumps({**meta, "spec": []}))
     _refused(ValueError, f"{meta_path}: spec must be dict, got []", load_tokenizer_dir,
              directory)  # fmt: skip
+
+
+def test_gpt2_mdlm_from_a_50257_token_directory(tmp_path):
+    """The released models' layout without the real vocabulary: 50,256 plain tokens and
+    <|endoftext|>; its literal text and "[MASK]" in a document are never special ids."""
+    directory = tmp_path / "gpt2"
+    directory.mkdir()
+    encoder = {"a": 0, **{f"t{i}": i for i in range(1, 50_256)}, "<|endoftext|>": 50_256}
+    (directory / "encoder.json").write_text(json.dumps(encoder))
+    (directory / "vocab.bpe").write_text("#version: 0.2\n")
+    tok = load_tokenizer("gpt2-mdlm", directory)
+    assert tok.spec == {"kind": "gpt2-mdlm", "source": str(directory), "vocab_size": 50_258}
+    assert tok.special_ids == {"bos": 50_256, "eos": 50_256, "pad": 50_256, "mask": 50_257}
+    assert tok.special_tokens == {"bos": "<|endoftext|>", "eos": "<|endoftext|>",
+                                  "pad": "<|endoftext|>", "mask": "[MASK]"}  # fmt: skip
+    assert tok.encode("a<|endoftext|>a[MASK]a") == [0, 0, 0]
