@@ -10,6 +10,7 @@ import pytest
 from xdlm.data.documents import (
     Piece,
     document_pieces,
+    iter_documents,
     iter_pieces,
     parse_hf_source,
     read_documents,
@@ -141,3 +142,11 @@ def test_pieces_are_cut_before_the_last_whitespace_in_reach(tmp_path, doc, max_c
     assert list(iter_pieces(tmp_path / "d.txt", max_chars=max_chars)) == want
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": doc}) + "\n")
     assert list(iter_pieces(tmp_path / "d.jsonl", max_chars=max_chars)) == want
+
+
+def test_a_document_longer_than_a_piece_is_read_whole(tmp_path):
+    long = " ".join(f"w{i}" for i in range(60_000))  # ~350,000 characters: two pieces
+    (tmp_path / "a.txt").write_text(f"{long}\n\nshort\n")
+    assert read_documents(tmp_path / "a.txt") == [long, "short"]
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+    assert list(iter_documents(tmp_path / "a.jsonl")) == ["x"]  # the field "text" by default
