@@ -112,6 +112,7 @@ def test_seq_len_is_checked_at_its_limit_and_read_from_the_source(tmp_path):
                                     "ema": False}  # fmt: skip
     assert run.config.kernel.use_mask and run.config.kernel.eps == 1e-3
     assert run.config.data.tokenizer == "gpt2" and run.config.data.tokenizer_source == gpt2
+    assert run.config.data.tokenizer_vocab_size is None and run.config.data.mode == "wrap"
     uniform = convert(source, ImportOptions(**{**vars(opts), "k": 1.0}))
     assert uniform.meta["kernel"] == {"vocab_size": V, "mask_id": None, "k": 1.0}
     assert not uniform.config.kernel.use_mask
