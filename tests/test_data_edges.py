@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -200,3 +201,75 @@ def test_a_writer_resumes_only_from_a_file_at_least_as_long_as_its_checkpoint(tm
     (tmp_path / "train.bin").unlink()
     with pytest.raises(ValueError, match=r"train\.bin is missing or shorter"):
         SplitWriter(tmp_path, "train", fmt, state)
+
+
+def _hf_dir(path, vocab, added=(), **special_tokens):
+    """A transformers fast tokenizer (word level) saved with save_pretrained."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=vocab[0]))
+    base.pre_tokenizer = pre_tokenizers.Whitespace()
+    base.add_tokens([AddedToken(a, special=True) for a in added])
+    PreTrainedTokenizerFast(tokenizer_object=base, **special_tokens).save_pretrained(path)
+    return path
+
+
+def test_hf_tokenizers_keep_their_distinct_specials_and_append_the_missing(tmp_path):
+    pytest.importorskip("transformers")
+    own = _hf_dir(tmp_path / "own", ["<unk>", "a", "<s>", "</s>", "<pad>", "<mask>"],
+                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", mask_token="<mask>")
+    tok = load_tokenizer("hf", own)  # fmt: skip
+    assert tok.special_ids == {"bos": 2, "eos": 3, "pad": 4, "mask": 5} and tok.vocab_size == 6
+    assert tok.spec == {"kind": "hf", "source": str(own), "vocab_size": 6}
+    llada = _hf_dir(tmp_path / "llada", ["<unk>", "a", "<|endoftext|>"], added=["<|mdm_mask|>"],
+                    eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok = load_tokenizer("hf", llada)  # the added mask is found; BOS, PAD = EOS get their own
+    assert tok.special_tokens == {"mask": "<|mdm_mask|>", "eos": "<|endoftext|>",
+                                  "bos": "[BOS]", "pad": "[PAD]"}  # fmt: skip
+    assert tok.special_ids == {"bos": 4, "eos": 2, "pad": 5, "mask": 3}
+    bare = load_tokenizer("hf", _hf_dir(tmp_path / "bare", ["<unk>", "a", "[MASK]"]))
+    assert bare.special_tokens == {"mask": "[MASK]", "eos": "[EOS]", "bos": "[BOS]",
+                                   "pad": "[PAD]"}  # fmt: skip
+    assert bare.special_ids == {"bos": 3, "eos": 4, "pad": 5, "mask": 2}  # appended in role order
+
+
+def test_an_hf_tokenizer_that_cannot_serve_is_named(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+
+    def load(source):
+        if source.endswith("slow"):
+            return SimpleNamespace(is_fast=False)
+        if source.endswith("odd"):
+            return SimpleNamespace()  # no is_fast at all: not a fast tokenizer either
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", load)
+    for name in ("slow", "odd"):
+        with pytest.raises(ValueError) as info:
+            load_tokenizer("hf", f"org/{name}")
+        assert str(info.value) == (
+            f"tokenizer 'org/{name}' has no fast (tokenizers) backend; convert it first"
+        )
+    with pytest.raises(ValueError) as info:
+        load_tokenizer("hf", "org/x")
+    assert str(info.value) == (
+        "could not load tokenizer 'org/x' with AutoTokenizer (offline); pass a local directory "
+        "saved with save_pretrained"
+    )
+
+
+def test_byte_level_decoding_skips_every_special_and_keeps_added_text(capfd):
+    from tokenizers import AddedToken
+
+    tok = load_tokenizer("bpe", corpus_texts=["abc abd"], vocab_size=261)
+    assert capfd.readouterr() == ("", "")  # training shows no progress of its own
+    assert tok.spec == {"kind": "bpe", "source": "corpus", "vocab_size": 261}
+    chars = load_tokenizer("char", corpus_texts=["ba"]).spec
+    assert chars == {"kind": "char", "source": "corpus", "vocab_size": 7}  # a, b, [UNK], 4
+    tok._tok.add_tokens([AddedToken("\u00fc")])  # an added ordinary token: its text as is
+    tok._tok.add_special_tokens([AddedToken("<extra>", special=True)])  # no role, still special
+    text, extra = tok.encode("abc abd"), tok._tok.token_to_id("<extra>")
+    plain = tok._tok.token_to_id("\u00fc")
+    assert tok.decode([extra, *text, plain]) == "abc abd\u00fc"
+    assert tok.decode([extra, *text], skip_special=False) == "<extra>abc abd"

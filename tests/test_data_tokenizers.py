@@ -302,9 +302,10 @@ def test_a_hub_name_is_fetched_as_tokenizer_json_and_a_failure_named(tmp_path, m
     assert tok.spec["source"] == "org/tok" and tok.encode("ab") == [0, 1] and asked == ["org/tok"]
     assert load_tokenizer("bert-base-uncased").spec["source"] == "bert-base-uncased"
     assert asked[-1] == "bert-base-uncased"  # the default source of the kind
-    _refused(ValueError, "could not load wordpiece tokenizer 'org/offline' from the HF hub (no "
-             "network); pass source=<local dir> instead", load_tokenizer, "wordpiece",
-             "org/offline")  # fmt: skip
+    for kind in ("wordpiece", "gpt2"):
+        _refused(ValueError, f"could not load {kind} tokenizer 'org/offline' from the HF hub (no "
+                 "network); pass source=<local dir> instead", load_tokenizer, kind,
+                 "org/offline")  # fmt: skip
 
 
 def test_a_wordpiece_vocab_lowercases_joins_pieces_and_maps_the_unknown(tmp_path):
