@@ -204,12 +204,17 @@ def test_a_writer_resumes_only_from_a_file_at_least_as_long_as_its_checkpoint(tm
 
 
 def _hf_dir(path, vocab, added=(), **special_tokens):
-    """A transformers fast tokenizer (word level) saved with save_pretrained."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    """A transformers fast tokenizer (word level) saved with save_pretrained; with "<s>" and
+    "</s>" in `vocab` its post-processor frames every text with them, as BERT's does."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     base = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token=vocab[0]))
     base.pre_tokenizer = pre_tokenizers.Whitespace()
+    if "<s>" in vocab:
+        ends = [(t, vocab.index(t)) for t in ("<s>", "</s>")]
+        base.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                            special_tokens=ends)  # fmt: skip
     base.add_tokens([AddedToken(a, special=True) for a in added])
     PreTrainedTokenizerFast(tokenizer_object=base, **special_tokens).save_pretrained(path)
     return path
@@ -222,6 +227,7 @@ def test_hf_tokenizers_keep_their_distinct_specials_and_append_the_missing(tmp_p
     tok = load_tokenizer("hf", own)  # fmt: skip
     assert tok.special_ids == {"bos": 2, "eos": 3, "pad": 4, "mask": 5} and tok.vocab_size == 6
     assert tok.spec == {"kind": "hf", "source": str(own), "vocab_size": 6}
+    assert tok.encode("a a") == [1, 1] and tok.encode_batch(["a"]) == [[1]]  # no <s> ... </s>
     llada = _hf_dir(tmp_path / "llada", ["<unk>", "a", "<|endoftext|>"], added=["<|mdm_mask|>"],
                     eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
     tok = load_tokenizer("hf", llada)  # the added mask is found; BOS, PAD = EOS get their own
