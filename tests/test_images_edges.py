@@ -40,7 +40,8 @@ def test_grey_levels_and_size_at_their_limits():
     assert quantize(np.array([0, 255], dtype=np.uint8), 256).tolist() == [0, 255]
     for levels in (1, 257):
         _raises(ValueError, f"levels must be in [2, 256], got {levels}", quantize, [0], levels)
-    assert dequantize(torch.tensor([0, 1, 2, -1]), 2).tolist() == [0.25, 0.75, 0.5, 0.5]
+    grey = dequantize(torch.tensor([0, 1, 2, -1]), 2)
+    assert grey.tolist() == [0.25, 0.75, 0.5, 0.5] and grey.dtype == np.float32
     square = np.array([[[0, 255], [255, 255]], [[0, 1], [0, 0]]], dtype=np.uint8)
     assert resize(square, 1).tolist() == [[[191]], [[0]]]  # area means 191.25 and 0.25, rounded
     assert resize(square, 1).dtype == np.uint8
@@ -145,6 +146,8 @@ def test_image_views_of_each_kind(tmp_path):
     assert shown.tolist() == [[[0.25, 0.75, 0.5, 0.5]]]
     for info in (vq, patches, ImageInfo("pixels", 1, 4, 4, 2)):
         assert tokens_to_images(np.array([[0, 1, 1, 0]]), info).dtype == np.float32
+    two = ImageInfo("vq", 1, 2, 2, 2)
+    assert tokens_to_images(np.array([[0, 1]]), two).tolist() == [[[0.0, 1.0]]]
     one = ImageInfo("vq", 1, 2, 1, 2)  # a codebook of one code is shown black, never / 0
     assert tokens_to_images(np.array([[0, 0]]), one).tolist() == [[[0.0, 0.0]]]
     pixels = ImageInfo("pixels", 1, 2, 4, 2)
