@@ -4,6 +4,7 @@ for word, how batches are cut, what a resume compares, the progress shown, the m
 import importlib
 import importlib.metadata
 import json
+import os
 
 import pytest
 
@@ -120,7 +121,9 @@ def test_the_long_document_warning_points_at_the_caller(tmp_path):
     (tmp_path / "c.txt").write_text(("word " * 50_000).strip() + "\n\nshort one\n")
     with pytest.warns(UserWarning) as record:
         prepare(tmp_path / "c.txt", tmp_path / "o", tokenizer="char", seq_len=8, valid_fraction=0)
-    assert len(record) == 1 and record[0].filename == __file__
+    assert len(record) == 1
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add frames of their own
+        assert record[0].filename == __file__
     assert str(record[0].message) == (
         "1 documents over 200,000 characters were read and tokenized in pieces cut before "
         "whitespace; split such inputs into documents (blank lines in .txt, one object per line "
