@@ -238,6 +238,8 @@ def test_hf_tokenizers_keep_their_distinct_specials_and_append_the_missing(tmp_p
     assert bare.special_tokens == {"mask": "[MASK]", "eos": "[EOS]", "bos": "[BOS]",
                                    "pad": "[PAD]"}  # fmt: skip
     assert bare.special_ids == {"bos": 3, "eos": 4, "pad": 5, "mask": 2}  # appended in role order
+    none = load_tokenizer("hf", _hf_dir(tmp_path / "none", ["<unk>", "a"]))  # no mask anywhere
+    assert none.special_tokens["mask"] == "[MASK]" and none.mask_id == 5
 
 
 def test_an_hf_tokenizer_that_cannot_serve_is_named(tmp_path, monkeypatch):

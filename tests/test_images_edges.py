@@ -181,6 +181,8 @@ def test_the_defaults_are_14_pixels_8_levels_and_patch_2(tmp_path):
     assert load_image_tokens(path).info == ImageInfo("pixels", 14, 14, 8, 2)
     assert load_image_tokens(path, "patches").info == ImageInfo("patches", 7, 7, 8**4, 2, 2)
     assert prepare_images(path, tmp_path / "d").image == vars(ImageInfo("pixels", 14, 14, 8, 2))
+    patches = prepare_images(path, tmp_path / "p", kind="patches", levels=2).image
+    assert patches == vars(ImageInfo("patches", 7, 7, 16, 2, 2))
     ones = load_image_tokens(path, "patches", levels=4, patch=1)  # patch 1 is allowed
     assert ones.info == ImageInfo("patches", 14, 14, 4, 2, 1)
     assert np.array_equal(ones.tokens, load_image_tokens(path, levels=4).tokens)

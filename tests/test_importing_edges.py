@@ -177,9 +177,10 @@ def test_sources_are_files_directories_or_hub_ids(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "edit, message",
     [({"backbone.blocks.0.norm1.weight": None}, 'Missing key(s) in state_dict: '
-      '"blocks.0.norm1.weight"'),
+      '"blocks.0.norm1.weight".); the checkpoint is incomplete or of another architecture'),
      ({"backbone.blocks.1.norm1.weight": torch.zeros(7)}, "size mismatch for blocks.1.norm1"),
-     ({"backbone.vocab_embed.embedding": None}, "the source has no embed.weight tensor (it has "),
+     ({"backbone.vocab_embed.embedding": None}, "the source has no embed.weight tensor (it has 29 "
+      "backbone tensors); the checkpoint is incomplete or not an MDLM-lineage DiT"),
      ({"backbone.sigma_map.mlp.0.weight": None}, "the source has no time_in.weight tensor")],
 )  # fmt: skip
 def test_weights_that_do_not_fit_are_one_line(tmp_path, capsys, edit, message):
