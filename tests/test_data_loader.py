@@ -177,3 +177,14 @@ def test_rows_take_indices_0_to_n_minus_1_only(prepared):
         with pytest.raises(IndexError) as info:
             shards.rows(idx)
         assert str(info.value) == f"row index out of range [0, {n}): {min(idx)}..{max(idx)}"
+
+
+def test_shards_default_to_train_and_name_the_splits_they_have(prepared):
+    shards = TokenShards(prepared / "wrap")
+    assert shards.split == "train" and shards.rows([0]).labels is None  # text: no labels
+    with pytest.raises(ValueError) as info:
+        TokenShards(prepared / "wrap", "test")
+    assert str(info.value) == (
+        f"{prepared / 'wrap'} has no split 'test' (has ['train', 'valid']); pass one of those or "
+        "prepare with a validation share"
+    )
