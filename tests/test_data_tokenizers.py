@@ -281,6 +281,7 @@ def test_a_damaged_tokenizer_directory_is_named(tmp_path, corpus):
     message = str(info.value)
     assert message.startswith(f"{directory / 'tokenizer.json'} is not a tokenizers JSON file (")
     assert message.endswith("); the file is truncated, emptied or foreign: restore it")
+    assert "EOF while parsing" in message  # the loader's own reason
 
 
 def test_a_hub_name_is_fetched_as_tokenizer_json_and_a_failure_named(tmp_path, monkeypatch):
@@ -341,6 +342,15 @@ def test_a_saved_tokenizer_reads_back_its_fields_each_checked(tmp_path):
     meta_path.write_text(json.dumps({**meta, "spec": []}))
     _refused(ValueError, f"{meta_path}: spec must be dict, got []", load_tokenizer_dir,
              directory)  # fmt: skip
+    meta_path.write_text(json.dumps({"spec": meta["spec"]}))
+    _refused(ValueError, f"{meta_path}: the key 'special_tokens' is missing; the file was edited "
+             "or is foreign, restore it", load_tokenizer_dir, directory)  # fmt: skip
+    meta_path.write_text("{")
+    with pytest.raises(ValueError, match=r"\(the special tokens of a saved tokenizer\) is not "):
+        load_tokenizer_dir(directory)
+    meta_path.unlink()  # one of the two files is not a saved tokenizer
+    with pytest.raises(FileNotFoundError, match="holds no saved tokenizer"):
+        load_tokenizer_dir(directory)
 
 
 def test_gpt2_mdlm_from_a_50257_token_directory(tmp_path):
