@@ -186,3 +186,19 @@ def test_a_hub_dataset_is_a_source_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(rows))
     m = prepare("hf:org/name", tmp_path / "o", tokenizer="char", seq_len=4)
     assert m.sources == ["hf:org/name"] and sum(s.documents for s in m.splits.values()) == 12
+
+
+def test_a_resume_with_another_tokenizer_object_is_refused(corpus, tmp_path, monkeypatch):
+    from xdlm.data import load_tokenizer
+
+    first = load_tokenizer("char", corpus_texts=DOCS)
+    _interrupted(corpus, tmp_path / "out", monkeypatch, **{**RESUME, "tokenizer": first})
+    other = load_tokenizer("char", corpus_texts=DOCS + ["xyz"])
+    with pytest.raises(ValueError, match="holds an unfinished preparation with other arguments"):
+        prepare(corpus, tmp_path / "out", **{**RESUME, "tokenizer": other})
+
+
+def test_a_split_too_short_for_one_row_is_named(corpus, tmp_path):
+    _refused("split 'valid' yields 0 rows of seq_len=64: its 1 documents are too short to fill "
+             "one row; lower seq_len, raise valid_fraction/valid_docs, or add data", corpus,
+             tmp_path / "o", seq_len=64, valid_docs=1)  # fmt: skip
