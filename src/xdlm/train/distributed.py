@@ -180,12 +180,10 @@ def no_sync(wrapped: torch.nn.Module, skip: bool):
 def clip_grad_norm_(params: Iterable[torch.nn.Parameter], max_norm: float) -> Tensor:
     """Clip the global gradient norm to `max_norm`; returns the norm before clipping (a plain
     0-dim tensor, also when the gradients are DTensor shards: their norm is reduced first)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
-    return norm
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)  # scales each p.grad
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 # ---------------------------------------------------------------------- collectives

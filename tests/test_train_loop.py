@@ -1,0 +1,364 @@
+"""The train loop's parts on a real tiny run (`tiny_run`'s prepared data, 1-layer DiT): the
+step (micro-batches, the global-batch loss, its gradient, skipped non-finite steps), labels of
+a class-conditional model, validation, the loop's metrics / validation / save cadence and its
+result, the run directory's checks, and the data checks at their limits."""
+
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+from run_fixtures import rewrite_meta, tiny_cfg
+
+from xdlm.builders import lr_at
+from xdlm.core.fused import fused_diffusion_loss
+from xdlm.core.objective import diffusion_loss
+from xdlm.data.loader import TokenShards
+from xdlm.runs import find_checkpoint
+from xdlm.train.loop import NonFiniteLossError, Trainer, train
+from xdlm.train.run_state import LoopState
+
+TOKENS = 8 * 32  # one micro-batch of tiny_cfg: 8 rows of 32 tokens, no padding
+
+
+@pytest.fixture
+def make(tiny_corpus, tiny_run, tmp_path):
+    """make(*sets, run="run", resume=False): a Trainer on tiny_run's data, closed at the end."""
+    made = []
+
+    def trainer(*sets, run="run", resume=False):
+        cfg = tiny_cfg(tiny_corpus, tiny_run / "data", *sets)
+        made.append(Trainer(cfg, tmp_path / run, resume))
+        return made[-1]
+
+    yield trainer
+    for t in made:
+        t.close()
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- the step
+
+
+def test_a_step_is_the_global_mean_over_its_micro_batches(make):
+    tr = make("train.grad_accum=2", "train.warmup_steps=4", "train.lr=0.01")
+    seen, real = [], tr.loss_fn
+    assert real is diffusion_loss
+
+    def loss(model, kernel, schedule, x0, **kw):
+        out = real(model, kernel, schedule, x0, **kw)
+        seen.append((x0.shape, kw["t"], out.nats.detach(), kw["attention_mask"], kw["cond"]))
+        return out
+
+    tr.loss_fn = loss
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    mean = tr.train_step()
+    assert [s[0] for s in seen] == [(8, 32), (8, 32)]
+    assert all(s[3] is None and s[4] is None for s in seen)  # packed rows, no classes
+    assert mean == pytest.approx(float(sum(s[2] for s in seen)) / (2 * TOKENS), rel=1e-6)
+    # one antithetic draw over the 16 rows of the global batch: (u + i/16) mod 1, i = 0..15
+    t_min = tr.cfg.train.t_min
+    frac = (torch.cat([s[1] for s in seen]) - t_min) / (1 - t_min)
+    want = torch.remainder(frac[0] + torch.arange(16) / 16, 1.0)
+    assert torch.allclose(frac, want, atol=1e-5)
+    assert tr.state == LoopState(step=1, nan_steps=0, tokens_seen=2 * TOKENS, elapsed=0.0)
+    assert tr.optimizer.param_groups[0]["lr"] == lr_at(tr.cfg.train, 0) == pytest.approx(0.0025)
+    assert all(p.grad is None for p in tr.model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, tr.model.parameters(), strict=True))
+    assert tr.ema.num_updates == 1 and tr.last_grad_norm > 0
+    tr.train_step()
+    assert tr.optimizer.param_groups[0]["lr"] == pytest.approx(0.005)
+    assert tr.state.tokens_seen == 4 * TOKENS and tr.ema.num_updates == 2
+
+
+def test_each_micro_batch_loss_is_divided_by_the_global_tokens(make):
+    """The gradient is that of Σ nats / (real tokens of the global batch)."""
+    tr = make("train.grad_accum=2", "train.grad_clip=inf", "train.ema_decay=0")
+    p = next(tr.model.parameters())
+    total = float(p.detach().sum())
+    calls = []
+
+    def loss(model, kernel, schedule, x0, **kw):  # micro-batch a has nats (a + 1)·Σp
+        calls.append(x0)
+        return SimpleNamespace(nats=p.sum() * len(calls))
+
+    tr.loss_fn = loss
+    mean = tr.train_step()
+    assert len(calls) == 2 and tr.ema is None
+    assert mean == pytest.approx(3 * total / (2 * TOKENS), rel=1e-5)
+    assert tr.last_grad_norm == pytest.approx(3 / (2 * TOKENS) * p.numel() ** 0.5, rel=1e-5)
+
+
+def _nan_nats(real):
+    def loss(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return replace(out, nats=out.nats * float("nan"))
+
+    return loss
+
+
+def test_a_non_finite_step_is_skipped_up_to_max_nan_steps(make):
+    tr = make("train.max_nan_steps=1", "train.ema_decay=0.5")
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    tr.loss_fn = _nan_nats(tr.loss_fn)
+    assert tr.train_step() is None  # 1 = max_nan_steps: skipped
+    assert tr.state == LoopState(step=1, nan_steps=1, tokens_seen=TOKENS, elapsed=0.0)
+    assert all(torch.equal(a, p) for a, p in zip(before, tr.model.parameters(), strict=True))
+    assert all(p.grad is None for p in tr.model.parameters())
+    assert tr.ema.num_updates == 0 and not hasattr(tr, "last_grad_norm")
+    with pytest.raises(NonFiniteLossError, match=r": 2 steps had a non-finite loss or gradient, "
+                       r"more than train.max_nan_steps=1 \(last at step 2: loss=nan, "
+                       r"gradient norm=nan\); stopped without saving it, the newest checkpoint "
+                       r"\(none yet\) is kept"):  # fmt: skip
+        tr.train_step()
+    assert tr.state.step == 1 and tr.state.nan_steps == 2
+
+
+def test_an_infinite_gradient_of_a_finite_loss_is_non_finite(make):
+    tr = make()
+    real = tr.loss_fn
+
+    def loss(*args, **kwargs):
+        out = real(*args, **kwargs)
+        p = next(tr.model.parameters())
+        p.register_hook(lambda g: torch.full_like(g, float("inf")))
+        return out
+
+    tr.loss_fn = loss
+    with pytest.raises(NonFiniteLossError, match=r"step 1 had non-finite values \(loss=\d"
+                       r"[^,]*, gradient norm=inf\)"):  # fmt: skip
+        tr.train_step()
+
+
+# ---------------------------------------------------------------- labels
+
+
+def test_labels_of_a_class_conditional_model(make):
+    tr = make("model.num_classes=3")
+    labels = torch.tensor([0, 1, 2, 2])
+    assert torch.equal(tr._cond(labels, 0.0), labels)
+    assert torch.equal(tr._cond(labels, 1.0), torch.full((4,), 3))  # all the null class
+    state = tr.noise_gen.get_state()
+    mixed = tr._cond(torch.zeros(64, dtype=torch.long), 0.5)
+    assert set(mixed.tolist()) == {0, 3} and not torch.equal(tr.noise_gen.get_state(), state)
+    tr.noise_gen.set_state(state)
+    assert torch.equal(tr._cond(torch.zeros(64, dtype=torch.long), 0.5), mixed)  # its stream
+    with pytest.raises(ValueError, match=r"^labels must be in \[0, model.num_classes=3\), got 3"):
+        tr._cond(torch.tensor([0, 3]), 0.0)
+    with pytest.raises(ValueError, match=r"^labels must be in \[0, model.num_classes=3\)"):
+        tr._cond(torch.tensor([-1, 2]), 0.0)
+    with pytest.raises(
+        ValueError,
+        match=r"^model.num_classes=3 but \S+ has no labels; prepare "
+        r"labelled data \(xdlm images prepare\) or set model.num_classes=0$",
+    ):
+        tr._cond(None, 0.1)
+    with pytest.raises(ValueError, match="has no labels"):
+        tr.train_step()  # the text data has none
+
+
+def test_an_unconditional_model_ignores_labels(make):
+    assert make()._cond(torch.tensor([5, 7]), 0.5) is None
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_validation_rows_are_capped_by_eval_batches_and_the_split(make):
+    tr = make("train.eval_batches=1")
+    live = [p.detach().clone() for p in tr.model.parameters()]
+    tr.train_step()
+    trained = [p.detach().clone() for p in tr.model.parameters()]
+    got = tr.validate()
+    assert got.keys() == {"valid_nats_per_token", "valid_se_nats_per_token", "valid_ppl",
+                          "valid_tokens", "valid_rows"}  # fmt: skip
+    assert (got["valid_rows"], got["valid_tokens"]) == (8, TOKENS)
+    assert got["valid_ppl"] == pytest.approx(torch.tensor(got["valid_nats_per_token"]).exp())
+    assert tr.model.training  # back to training, with its live (not EMA) weights
+    assert all(torch.equal(a, p) for a, p in zip(trained, tr.model.parameters(), strict=True))
+    assert not all(torch.equal(a, p) for a, p in zip(live, trained, strict=True))
+    n = len(tr.valid)
+    tr.cfg.train.eval_batches = 1000
+    assert tr.validate()["valid_rows"] == n
+    tr.cfg.train.eval_batches = 0
+    assert tr.validate() is None
+
+
+def test_validation_uses_the_ema_weights(make):
+    tr = make("train.eval_batches=1", "train.ema_decay=0.5", "train.lr=0.05")
+    for _ in range(2):
+        tr.train_step()
+    with_ema = tr.validate()
+    tr.ema = None
+    live = tr.validate()
+    assert with_ema["valid_nats_per_token"] != live["valid_nats_per_token"]
+    tr.ema = SimpleNamespace(swapped=_Swap)
+    assert tr.validate() == live  # a swap that loads nothing gives the live weights' number
+
+
+class _Swap:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        assert not torch.is_grad_enabled()  # validation runs without autograd
+        return self.model
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_sharded_model_validates_whole_global_batches(make, monkeypatch):
+    from xdlm.train import validation
+
+    tr = make("train.eval_batches=1000", "data.batch_size=5")
+    n = len(tr.valid)
+    assert n % 5  # the split is not a whole number of batches
+    assert tr.validate()["valid_rows"] == n
+    monkeypatch.setattr(validation.D, "is_sharded", lambda model: True)
+    assert tr.validate()["valid_rows"] == n - n % 5
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def test_the_loop_logs_validates_and_saves_on_its_cadence(make, capsys):
+    tr = make("train.steps=5", "train.log_every=2", "train.eval_every=3", "train.save_every=4",
+              "train.keep_last=5")  # fmt: skip
+    capsys.readouterr()
+    result = tr.run()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == tr.precision.describe()
+    assert out[1] == ("global batch 8 sequences = micro 8 x accum 1 x world 1 "
+                      "(dist.strategy=none, device cpu)")  # fmt: skip
+    records = _metrics(tr.run_dir)
+    logged = [r for r in records if "loss" in r]
+    valid = [r for r in records if "valid_rows" in r]
+    assert [r["step"] for r in logged] == [2, 4, 5] and [r["step"] for r in valid] == [3, 5]
+    for r in logged:
+        assert r.keys() == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen",
+                            "nan_steps", "elapsed"}  # fmt: skip
+        assert r["lr"] == lr_at(tr.cfg.train, r["step"] - 1)
+        assert r["tokens_seen"] == r["step"] * TOKENS and r["nan_steps"] == 0
+        assert r["tokens_per_s"] > 0 and isinstance(r["grad_norm"], float)
+    assert 0 < logged[0]["elapsed"] < logged[1]["elapsed"] < logged[2]["elapsed"]
+    v3 = valid[0]
+    assert (f"step 3: valid NELBO {v3['valid_nats_per_token']:.4f} ± "
+            f"{v3['valid_se_nats_per_token']:.4f} nats/token (first 8 rows), PPL ≤ "
+            f"{v3['valid_ppl']:.2f}") in out  # fmt: skip
+    ckpts = sorted(p.name for p in (tr.run_dir / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_0000004", "step_0000005"]
+    assert result.run_dir == tr.run_dir and (result.step, result.start_step) == (5, 0)
+    assert (result.last_loss, result.last_loss_step) == (logged[-1]["loss"], 5)
+    assert result.valid == {k: v for k, v in valid[-1].items() if k != "step"}
+    assert not result.interrupted and result.nan_steps == 0 and result.tokens_per_s > 0
+    assert tr.state.elapsed == logged[-1]["elapsed"]
+
+
+def test_a_finished_run_resumed_trains_nothing_and_says_nothing(make, tiny_corpus, capsys):
+    first = make("train.steps=2")
+    first.run()
+    first.close()
+    capsys.readouterr()
+    again = make("train.steps=2", resume=True)
+    result = again.run()
+    assert capsys.readouterr().out == ""
+    assert (result.start_step, result.step, result.last_loss, result.valid) == (2, 2, None, None)
+    assert result.tokens_per_s == 0
+
+
+def test_the_last_loss_is_the_last_finite_one(make):
+    tr = make("train.steps=3", "train.max_nan_steps=1", "train.eval_batches=0")
+    real, step = tr.loss_fn, {"n": 0}
+
+    def loss(*args, **kwargs):
+        step["n"] += 1
+        return (_nan_nats(real) if step["n"] == 3 else real)(*args, **kwargs)
+
+    tr.loss_fn = loss
+    result = tr.run()
+    logged = {r["step"]: r for r in _metrics(tr.run_dir)}
+    assert logged[3]["loss"] is None and logged[3]["nan_steps"] == 1
+    assert (result.last_loss, result.last_loss_step) == (logged[2]["loss"], 2)
+    assert result.nan_steps == 1 and result.step == 3
+
+
+def test_train_closes_the_run_so_a_resume_can_take_it(tiny_corpus, tiny_run, tmp_path):
+    cfg = tiny_cfg(tiny_corpus, tiny_run / "data", "train.steps=1", "train.eval_batches=0")
+    assert train(cfg, tmp_path / "run").step == 1
+    assert train(replace(cfg, train=replace(cfg.train, steps=2)), tmp_path / "run", True).step == 2
+
+
+# ---------------------------------------------------------------- the run directory
+
+
+def test_resume_removes_partial_saves_and_refuses_another_tokenizer(make, capsys, tmp_path):
+    tr = make("train.steps=2", "train.eval_batches=0")
+    tr.run()
+    tr.close()
+    stale = tmp_path / "run" / "checkpoints" / "step_0000009.tmp-abc"
+    stale.mkdir()
+    capsys.readouterr()
+    again = make("train.steps=3", "train.eval_batches=0", "train.lr=0.002", resume=True)
+    assert capsys.readouterr().out == f"removed {stale}, left by an interrupted save\n"
+    assert not stale.exists() and again.state.step == 2
+    event = [r for r in _metrics(tmp_path / "run") if r.get("event") == "resume"]
+    assert event == [{"event": "resume", "step": 2, "changes": {
+        "train.lr": [0.0003, 0.002], "train.steps": [2, 3]}}]  # fmt: skip
+    again.close()
+    rewrite_meta(find_checkpoint(tmp_path / "run"),
+                 lambda m: m["data"].update(tokenizer_sha256="f" * 64))  # fmt: skip
+    with pytest.raises(ValueError, match=r"was trained on data tokenized with tokenizer "
+                       r"ffffffffffff, but \S+ was tokenized with [0-9a-f]{12} \("):  # fmt: skip
+        make("train.steps=3", resume=True)
+    rewrite_meta(find_checkpoint(tmp_path / "run"), lambda m: m["data"].pop("tokenizer_sha256"))
+    assert make("train.steps=3", resume=True).state.step == 2  # an older run: nothing to compare
+
+
+def test_a_new_run_copies_the_tokenizer_and_records_its_data(make, tiny_run):
+    from xdlm.data.manifest import sha256_file
+
+    tr = make()
+    assert (tr.run_dir / "tokenizer").is_dir() and (tr.run_dir / "config.yaml").is_file()
+    data = tr.meta["data"]
+    assert data["path"] == str(tiny_run / "data") and data["seq_len"] == 32
+    assert data["manifest_sha256"] == sha256_file(tiny_run / "data" / "manifest.json")
+    assert (data["vocab_size"], data["mask_id"], data["mode"]) == (
+        tr.manifest.vocab_size, tr.manifest.mask_id, tr.manifest.mode,
+    )  # fmt: skip
+    assert tr.meta["kernel"] == tr.kernel.spec()
+    assert tr.meta["precision"] == {"name": "fp32", "reason": tr.precision.reason}
+
+
+# ---------------------------------------------------------------- data checks and the loss
+
+
+def test_the_train_split_must_hold_one_global_batch_exactly_at_the_limit(make, tiny_run):
+    n = len(TokenShards(tiny_run / "data", "train"))
+    assert make(f"data.batch_size={n}", run="at").loader is not None
+    with pytest.raises(
+        ValueError,
+        match=rf"has {n} training rows, fewer than one global batch "
+        rf"\({n + 1}×1\); lower data.batch_size or data.seq_len, or add data$",
+    ):
+        make(f"data.batch_size={n + 1}", run="past")
+
+
+def test_a_seq_len_other_than_the_prepared_one_is_named(make):
+    with pytest.raises(
+        ValueError,
+        match=r"^data.seq_len=33 but \S+ was prepared with "
+        r"seq_len=32; set data.seq_len=32 or prepare the data again$",
+    ):
+        make("data.seq_len=33")
+
+
+def test_the_fused_loss_needs_the_unwrapped_model(make):
+    assert make("train.fused_loss=true", run="a").loss_fn is fused_diffusion_loss
+    with pytest.raises(ValueError, match=r"^train.fused_loss needs dist.strategy=none and "
+                       r"compile=false \(it calls model.hidden"):  # fmt: skip
+        make("train.fused_loss=true", "train.compile=true", run="b")
