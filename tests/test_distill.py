@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -212,3 +213,78 @@ def test_distill_user_errors(tiny_run, tmp_path, capsys):
     kernel = [*base, "--rounds", "2", "--steps", "1", "--set", "kernel.k=0.5"]
     assert main(kernel) == 2
     assert "do not --set kernel" in capsys.readouterr().err
+
+
+def _student_cfg(teacher, *sets):
+    from xdlm.config import apply_overrides
+    from xdlm.runs import latest_config
+
+    return apply_overrides(latest_config(teacher), ["train.steps=1", *sets])
+
+
+def test_a_new_student_starts_from_the_teacher_and_freezes_it(tiny_run, tmp_path):
+    teacher = tiny_run / "run"
+    student = distill_mod.Distiller(_student_cfg(teacher), tmp_path / "T2", teacher, 2)
+    try:
+        want = load_run(teacher).model.state_dict()  # the teacher's EMA weights
+        got = student.model.state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert student.ema.num_updates == 0
+        assert all(torch.equal(student.ema.shadow[k], want[k]) for k in student.ema.shadow)
+        assert not student.teacher.training
+        assert not any(p.requires_grad for p in student.teacher.parameters())
+        assert student.loss_fn.keywords == {"teacher": student.teacher, "steps": 2}
+        ckpt = load_run(teacher).checkpoint
+        assert student.meta["distill"] == {"teacher": str(ckpt), "steps": 2}
+    finally:
+        student.close()
+
+
+def test_a_resumed_round_keeps_its_own_weights(tiny_run, tmp_path):
+    teacher = tiny_run / "run"
+    distill(teacher, tmp_path / "s", [2], 1)
+    mine = _weights(tmp_path / "s" / "T2")
+    again = distill_mod.Distiller(_student_cfg(teacher, "train.steps=2"), tmp_path / "s" / "T2",
+                                  teacher, 2, resume=True)  # fmt: skip
+    try:
+        got = again.model.state_dict()
+        assert again.state.step == 1 and all(torch.equal(got[k], mine[k]) for k in mine)
+    finally:
+        again.close()
+
+
+def test_a_teacher_of_another_kernel_is_refused_and_the_run_released(tiny_run, tmp_path):
+    teacher = tiny_run / "run"
+    cfg = _student_cfg(teacher, "kernel.k=0.5")
+    with pytest.raises(ValueError, match=r"^teacher \S+ has kernel \{.*\} but the student config "
+                       r"gives \{.*\}; do not --set kernel.\* for distill$"):  # fmt: skip
+        distill_mod.Distiller(cfg, tmp_path / "T2", teacher, 2)
+    distill_mod.Distiller(_student_cfg(teacher), tmp_path / "T2", teacher, 2).close()  # unlocked
+
+
+def test_rounds_must_strictly_decrease_from_at_least_one():
+    distill_mod.check_rounds([1], 1)  # the smallest valid rounds and steps
+    distill_mod.check_rounds([3, 2, 1], 5)
+    rounds_error = (r"^--rounds \(distill rounds\) must be strictly decreasing step counts >= 1, "
+                    r"e.g. 16,8,4; got ")  # fmt: skip
+    for rounds in ([], [0], [2, 0], [2, 2], [1, 2]):
+        with pytest.raises(ValueError, match=rounds_error + re.escape(str(rounds)) + "$"):
+            distill_mod.check_rounds(rounds, 1)
+    with pytest.raises(ValueError, match=r"^--steps \(optimizer steps per round\) must be >= 1, "
+                       r"got 0$"):  # fmt: skip
+        distill_mod.check_rounds([2], 0)
+
+
+def test_finished_rounds_are_skipped_and_started_ones_need_resume(tiny_run, tmp_path):
+    teacher, out = tiny_run / "run", tmp_path / "s"
+    assert distill_mod.round_dir(out, 4) == out / "T4"
+    done = distill(teacher, out, [4, 2], 2)
+    assert done.students == {4: out / "T4", 2: out / "T2"} and done.last.step == 2
+    again = distill(teacher, out, [4, 2], 2, resume=True)  # each round reached its steps
+    assert again.students == done.students and again.last is None
+    fresh = tmp_path / "f"
+    (fresh / "T2").mkdir(parents=True)
+    (fresh / "T2" / "config.yaml").write_text("{}\n")  # a round that failed before a checkpoint
+    with pytest.raises(ValueError, match=r"T2 already holds a distillation round; pass --resume "
+                       r"to continue it or choose a new --out$"):  # fmt: skip
+        distill(teacher, fresh, [2], 1)

@@ -4,6 +4,7 @@ a class-conditional model, validation, the loop's metrics / validation / save ca
 result, the run directory's checks, and the data checks at their limits."""
 
 import json
+import re
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -110,7 +111,8 @@ def test_a_non_finite_step_is_skipped_up_to_max_nan_steps(make):
     assert all(torch.equal(a, p) for a, p in zip(before, tr.model.parameters(), strict=True))
     assert all(p.grad is None for p in tr.model.parameters())
     assert tr.ema.num_updates == 0 and not hasattr(tr, "last_grad_norm")
-    with pytest.raises(NonFiniteLossError, match=r": 2 steps had a non-finite loss or gradient, "
+    with pytest.raises(NonFiniteLossError, match=rf"^{re.escape(str(tr.run_dir))}: 2 steps had a "
+                       r"non-finite loss or gradient, "
                        r"more than train.max_nan_steps=1 \(last at step 2: loss=nan, "
                        r"gradient norm=nan\); stopped without saving it, the newest checkpoint "
                        r"\(none yet\) is kept"):  # fmt: skip
@@ -163,6 +165,24 @@ def test_labels_of_a_class_conditional_model(make):
 
 def test_an_unconditional_model_ignores_labels(make):
     assert make()._cond(torch.tensor([5, 7]), 0.5) is None
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_precision_probe_times_this_runs_loss(make, fused):
+    """`precision=auto` times `_probe_loss`: the run's own loss (fused or not, its weighting),
+    noise drawn from the probe's generator."""
+    tr = make(f"train.fused_loss={str(fused).lower()}", "train.weighting=unit")
+    x0 = torch.randint(0, tr.manifest.vocab_size - 1, (2, 32))
+    loss = fused_diffusion_loss if fused else diffusion_loss
+    forwards = []
+    tr.model.register_forward_hook(lambda m, a, out: forwards.append(out.shape))
+    got = tr._probe_loss(tr.model, x0, torch.Generator().manual_seed(3))
+    assert forwards == ([] if fused else [(2, 32, tr.manifest.vocab_size)])  # fused: no logits
+    want = loss(tr.model, tr.kernel, tr.schedule, x0, generator=torch.Generator().manual_seed(3),
+                weighting=tr.weighting)  # fmt: skip
+    assert torch.equal(got.nats, want.nats)
+    elbo = loss(tr.model, tr.kernel, tr.schedule, x0, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(got.nats, elbo.nats)  # unit weighting, not the default
 
 
 # ---------------------------------------------------------------- validation
@@ -313,10 +333,24 @@ def test_resume_removes_partial_saves_and_refuses_another_tokenizer(make, capsys
     rewrite_meta(find_checkpoint(tmp_path / "run"),
                  lambda m: m["data"].update(tokenizer_sha256="f" * 64))  # fmt: skip
     with pytest.raises(ValueError, match=r"was trained on data tokenized with tokenizer "
-                       r"ffffffffffff, but \S+ was tokenized with [0-9a-f]{12} \("):  # fmt: skip
+                       r"ffffffffffff, but \S+ was tokenized with [0-9a-f]{12} \(same "
+                       r"vocabulary size or not, the ids mean other tokens\); resume on the "
+                       r"run's own data$"):  # fmt: skip
         make("train.steps=3", resume=True)
     rewrite_meta(find_checkpoint(tmp_path / "run"), lambda m: m["data"].pop("tokenizer_sha256"))
-    assert make("train.steps=3", resume=True).state.step == 2  # an older run: nothing to compare
+    make("train.steps=3", resume=True).close()  # an older run: nothing to compare
+    rewrite_meta(find_checkpoint(tmp_path / "run"), lambda m: m.pop("data"))
+    assert make("train.steps=3", resume=True).state.step == 2
+
+
+def test_a_resume_with_another_kernel_is_refused(make, tmp_path):
+    first = make("train.steps=1", "train.eval_batches=0")
+    first.run()
+    first.close()
+    with pytest.raises(ValueError, match=r"^checkpoint \S+step_0000001 was trained with kernel "
+                       r"\{.*\} but the config and data give \{.*'k': 0.0.*\}; use the run's own "
+                       r"config.yaml and data, or start a new --out$"):  # fmt: skip
+        make("train.steps=2", "kernel.k=0", resume=True)
 
 
 def test_a_new_run_copies_the_tokenizer_and_records_its_data(make, tiny_run):
