@@ -4,7 +4,9 @@ a class-conditional model, validation, the loop's metrics / validation / save ca
 result, the run directory's checks, and the data checks at their limits."""
 
 import json
+import os
 import re
+import signal
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -305,6 +307,44 @@ def test_the_last_loss_is_the_last_finite_one(make):
     assert logged[3]["loss"] is None and logged[3]["nan_steps"] == 1
     assert (result.last_loss, result.last_loss_step) == (logged[2]["loss"], 2)
     assert result.nan_steps == 1 and result.step == 3
+
+
+def _sigint_in_step(tr, n: int) -> None:
+    """Ctrl-C (a real SIGINT) during the forward of step n."""
+    real, calls = tr.loss_fn, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    tr.loss_fn = loss
+
+
+def _steps_saved(run_dir) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+
+
+def test_ctrl_c_in_the_first_step_saves_that_step(make, capsys):
+    tr = make("train.steps=3", "train.save_every=10", "train.eval_batches=0")
+    _sigint_in_step(tr, 1)
+    result = tr.run()
+    assert result.interrupted and result.step == 1 and result.start_step == 0
+    ckpt = tr.run_dir / "checkpoints" / "step_0000001"
+    out = capsys.readouterr().out
+    assert out.endswith(f"\ninterrupted at step 1; saved {ckpt}. Continue with --resume.\n")
+    assert _steps_saved(tr.run_dir) == ["step_0000001"]
+
+
+def test_ctrl_c_in_the_last_step_ends_the_run_as_usual(make, capsys):
+    tr = make("train.steps=2", "train.save_every=10", "train.eval_batches=0")
+    _sigint_in_step(tr, 2)
+    result = tr.run()
+    assert not result.interrupted and result.step == 2
+    captured = capsys.readouterr()
+    assert "interrupted" not in captured.out and _steps_saved(tr.run_dir) == ["step_0000002"]
+    assert f"loss={result.last_loss:.3f}" in captured.err and "train: 100%" in captured.err
 
 
 def test_train_closes_the_run_so_a_resume_can_take_it(tiny_corpus, tiny_run, tmp_path):
