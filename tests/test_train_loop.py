@@ -488,3 +488,29 @@ def test_a_sharded_run_saves_dcp_and_resumes_its_state(make, fsdp_of_one):
 def test_a_sharded_model_refuses_the_fused_loss(make, fsdp_of_one):
     with pytest.raises(ValueError, match=r"^train.fused_loss needs dist.strategy=none"):
         make("dist.strategy=fsdp", "train.fused_loss=true")
+
+
+def test_a_resume_names_the_state_file_whose_optimizer_does_not_fit(make, tmp_path):
+    first = make("train.steps=1", "train.eval_batches=0")
+    first.run()
+    first.close()
+    path = tmp_path / "run" / "checkpoints" / "step_0000001" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    state["optimizer"]["param_groups"][1]["params"].pop()
+    torch.save(state, path)
+    n = sum(1 for _ in first.model.parameters())
+    want = rf"^{re.escape(str(path))}: optimizer holds {n - 1} parameters, the model has {n}; "
+    with pytest.raises(ValueError, match=want + "the file belongs to another run$"):
+        make("train.steps=2", resume=True)
+
+
+def test_a_resume_may_turn_the_ema_off_or_on(make, tmp_path):
+    first = make("train.steps=1", "train.eval_batches=0")
+    first.run()
+    first.close()
+    off = make("train.steps=2", "train.eval_batches=0", "train.ema_decay=0", resume=True)
+    assert off.ema is None and off.state.step == 1
+    off.run()
+    off.close()
+    on = make("train.steps=3", "train.ema_decay=0.9", resume=True)  # step 2 saved no EMA
+    assert on.ema.num_updates == 0 and on.state.step == 2
