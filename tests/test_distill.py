@@ -191,6 +191,7 @@ def test_stopped_distillation_resumes_exactly(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(distill_mod.Distiller, "train_step", ctrl_c_in_round_two)
     stopped = distill(teacher, tmp_path / "b", [4, 2], 3)
     assert stopped.last.interrupted and stopped.last.step == 2
+    assert stopped.students == {4: tmp_path / "b" / "T4", 2: tmp_path / "b" / "T2"}
     monkeypatch.setattr(distill_mod.Distiller, "train_step", real_step)
     resumed = distill(teacher, tmp_path / "b", [4, 2], 3, resume=True)
     assert resumed.last.step == 3
@@ -288,3 +289,28 @@ def test_finished_rounds_are_skipped_and_started_ones_need_resume(tiny_run, tmp_
     with pytest.raises(ValueError, match=r"T2 already holds a distillation round; pass --resume "
                        r"to continue it or choose a new --out$"):  # fmt: skip
         distill(teacher, fresh, [2], 1)
+
+
+@pytest.fixture
+def remote_teacher(tiny_run, tmp_path):
+    """A copy of tiny_run's run whose saved config declares an HF model with its own code."""
+    import shutil
+
+    from run_fixtures import rewrite_meta
+
+    run = shutil.copytree(tiny_run / "run", tmp_path / "remote")
+    hf = {"backbone": "hf", "hf_name": "gpt2", "trust_remote_code": True}
+    for ckpt in (run / "checkpoints").glob("step_*"):
+        rewrite_meta(ckpt, lambda m: m["config"]["model"].update(hf))
+    return run
+
+
+def test_a_teacher_running_its_own_code_needs_the_callers_trust(tiny_run, remote_teacher, tmp_path):
+    flag = r"--trust-remote-code on the command line"
+    with pytest.raises(ValueError, match=r"meta.json: .*" + flag):
+        distill(remote_teacher, tmp_path / "s", [2], 1)
+    with pytest.raises(ValueError, match=r"meta.json: .*" + flag):
+        distill_mod.Distiller(_student_cfg(tiny_run / "run"), tmp_path / "T2", remote_teacher, 2)
+    sets = ["model.backbone=hf", "model.hf_name=gpt2", "model.trust_remote_code=true"]
+    with pytest.raises(ValueError, match=r"^--set: .*" + flag):
+        distill(tiny_run / "run", tmp_path / "s", [2], 1, overrides=sets)
