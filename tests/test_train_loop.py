@@ -249,8 +249,8 @@ def test_a_sharded_model_validates_whole_global_batches(make, monkeypatch):
 
 
 def test_the_loop_logs_validates_and_saves_on_its_cadence(make, capsys):
-    tr = make("train.steps=5", "train.log_every=2", "train.eval_every=3", "train.save_every=4",
-              "train.keep_last=5")  # fmt: skip
+    tr = make("train.steps=5", "train.log_every=2", "train.eval_every=3", "train.save_every=2",
+              "train.keep_last=3")  # fmt: skip
     capsys.readouterr()
     result = tr.run()
     out = capsys.readouterr().out.splitlines()
@@ -273,7 +273,7 @@ def test_the_loop_logs_validates_and_saves_on_its_cadence(make, capsys):
             f"{v3['valid_se_nats_per_token']:.4f} nats/token (first 8 rows), PPL ≤ "
             f"{v3['valid_ppl']:.2f}") in out  # fmt: skip
     ckpts = sorted(p.name for p in (tr.run_dir / "checkpoints").glob("step_*"))
-    assert ckpts == ["step_0000004", "step_0000005"]
+    assert ckpts == ["step_0000002", "step_0000004", "step_0000005"]  # all 3 kept
     assert result.run_dir == tr.run_dir and (result.step, result.start_step) == (5, 0)
     assert (result.last_loss, result.last_loss_step) == (logged[-1]["loss"], 5)
     assert result.valid == {k: v for k, v in valid[-1].items() if k != "step"}
@@ -326,8 +326,9 @@ def _steps_saved(run_dir) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
 
 
-def test_ctrl_c_in_the_first_step_saves_that_step(make, capsys):
-    tr = make("train.steps=3", "train.save_every=10", "train.eval_batches=0")
+@pytest.mark.parametrize("save_every", [10, 1])  # 1: step 1 was saved already, not twice
+def test_ctrl_c_in_the_first_step_saves_that_step(make, capsys, save_every):
+    tr = make("train.steps=3", f"train.save_every={save_every}", "train.eval_batches=0")
     _sigint_in_step(tr, 1)
     result = tr.run()
     assert result.interrupted and result.step == 1 and result.start_step == 0
