@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import time
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -250,9 +251,11 @@ def test_a_sharded_model_validates_whole_global_batches(make, monkeypatch):
 
 def test_the_loop_logs_validates_and_saves_on_its_cadence(make, capsys):
     tr = make("train.steps=5", "train.log_every=2", "train.eval_every=3", "train.save_every=2",
-              "train.keep_last=3")  # fmt: skip
+              "train.keep_last=3", "train.warmup_steps=10")  # fmt: skip
     capsys.readouterr()
+    began = time.perf_counter()
     result = tr.run()
+    took = time.perf_counter() - began
     out = capsys.readouterr().out.splitlines()
     assert out[0] == tr.precision.describe()
     assert out[1] == ("global batch 8 sequences = micro 8 x accum 1 x world 1 "
@@ -267,7 +270,8 @@ def test_the_loop_logs_validates_and_saves_on_its_cadence(make, capsys):
         assert r["lr"] == lr_at(tr.cfg.train, r["step"] - 1)
         assert r["tokens_seen"] == r["step"] * TOKENS and r["nan_steps"] == 0
         assert r["tokens_per_s"] > 0 and isinstance(r["grad_norm"], float)
-    assert 0 < logged[0]["elapsed"] < logged[1]["elapsed"] < logged[2]["elapsed"]
+    assert 0 < logged[0]["elapsed"] < logged[1]["elapsed"] < logged[2]["elapsed"] < took
+    assert len({r["lr"] for r in logged}) == 3  # in warmup: each step's own rate
     v3 = valid[0]
     assert (f"step 3: valid NELBO {v3['valid_nats_per_token']:.4f} ± "
             f"{v3['valid_se_nats_per_token']:.4f} nats/token (first 8 rows), PPL ≤ "
@@ -346,6 +350,14 @@ def test_ctrl_c_in_the_last_step_ends_the_run_as_usual(make, capsys):
     captured = capsys.readouterr()
     assert "interrupted" not in captured.out and _steps_saved(tr.run_dir) == ["step_0000002"]
     assert f"loss={result.last_loss:.3f}" in captured.err and "train: 100%" in captured.err
+    assert "| 2/2 [" in captured.err and "tok_s=" in captured.err
+
+
+def test_the_bar_shows_nan_until_a_step_has_a_finite_loss(make, capsys):
+    tr = make("train.steps=1", "train.max_nan_steps=1", "train.eval_batches=0")
+    tr.loss_fn = _nan_nats(tr.loss_fn)
+    assert tr.run().last_loss is None
+    assert "loss=nan" in capsys.readouterr().err
 
 
 def test_train_closes_the_run_so_a_resume_can_take_it(tiny_corpus, tiny_run, tmp_path):
