@@ -230,7 +230,7 @@ def test_a_new_student_starts_from_the_teacher_and_freezes_it(tiny_run, tmp_path
         want = load_run(teacher).model.state_dict()  # the teacher's EMA weights
         got = student.model.state_dict()
         assert all(torch.equal(got[k], want[k]) for k in want)
-        assert student.ema.num_updates == 0
+        assert student.ema.num_updates == 0 and student.ema.decay == 0.9  # the config's
         assert all(torch.equal(student.ema.shadow[k], want[k]) for k in student.ema.shadow)
         assert not student.teacher.training
         assert not any(p.requires_grad for p in student.teacher.parameters())
@@ -314,3 +314,22 @@ def test_a_teacher_running_its_own_code_needs_the_callers_trust(tiny_run, remote
     sets = ["model.backbone=hf", "model.hf_name=gpt2", "model.trust_remote_code=true"]
     with pytest.raises(ValueError, match=r"^--set: .*" + flag):
         distill(tiny_run / "run", tmp_path / "s", [2], 1, overrides=sets)
+
+
+def test_the_callers_trust_reaches_every_load_of_the_teacher(tiny_run, tmp_path, monkeypatch):
+    """What `--trust-remote-code` grants is passed on to each read of the teacher run (a native
+    teacher is unaffected by it)."""
+    seen = []
+
+    def spy(name, real):
+        def call(run_dir, *args, **kwargs):
+            seen.append((name, kwargs.get("trust_remote_code", args[-1] if args else None)))
+            return real(run_dir, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(distill_mod, "latest_config", spy("config", distill_mod.latest_config))
+    monkeypatch.setattr(distill_mod, "load_run", spy("run", distill_mod.load_run))
+    result = distill(tiny_run / "run", tmp_path / "s", [2], 1, trust_remote_code=True)
+    assert result.last.step == 1
+    assert seen == [("config", True), ("run", True)]
