@@ -330,3 +330,28 @@ def test_describe_batch_multiplies_micro_accum_and_world():
     assert D.describe_batch(8, 2, "ddp", ctx) == (
         "global batch 64 sequences = micro 8 x accum 2 x world 4 (dist.strategy=ddp, device cpu)"
     )
+
+
+def test_a_gpu_rank_uses_its_local_gpu_and_nccl(monkeypatch, tmp_path):
+    """Under torchrun on GPUs (asked here of a CPU machine: the device is named, set and the
+    backend chosen; the group itself is gloo over one process)."""
+    real, calls = dist.init_process_group, []
+
+    def init(backend, timeout):
+        calls.append(backend)
+        real("gloo", init_method=f"file://{tmp_path / 's'}", rank=0, world_size=1)
+
+    monkeypatch.setattr(D, "build_device", lambda name: "cuda")
+    monkeypatch.setattr(dist, "init_process_group", init)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(dev))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert D.setup_distributed(DistConfig(), "auto").device == torch.device("cuda", 3)
+    assert calls == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    try:
+        ctx = D.setup_distributed(DistConfig(strategy="ddp"), "cuda")
+    finally:
+        dist.destroy_process_group()
+    assert ctx == DistContext(0, 1, 3, torch.device("cuda", 3))
+    assert calls == [torch.device("cuda", 3), "nccl"]
