@@ -137,7 +137,8 @@ def test_wrap_refuses_unknown_strategies_and_fsdp_policies_elsewhere():
             with pytest.raises(
                 ValueError,
                 match=r"^dist.mixed_precision / dist.cpu_offload are "
-                r"FSDP2 policies; set dist.strategy=fsdp \(for bf16 autocast",
+                r"FSDP2 policies; set dist.strategy=fsdp \(for bf16 autocast without FSDP use "
+                r"train.precision=bf16\)$",
             ):
                 D.wrap_model(Blocks(), cfg, _ctx(world_size=2))
 
@@ -154,6 +155,23 @@ def test_one_process_trains_the_model_itself(strategy):
     model = Blocks()
     assert D.wrap_model(model, DistConfig(strategy=strategy), _ctx()) is model
     assert not D.is_sharded(model)
+
+
+def test_strategy_none_trains_the_model_itself_whatever_the_world():
+    model = Blocks()
+    assert D.wrap_model(model, DistConfig(strategy="none"), _ctx(world_size=2)) is model
+
+
+def test_ddp_on_a_gpu_rank_is_given_its_device(monkeypatch):
+    """What DDP is asked for on cuda:1 (recorded here: this machine has no GPU)."""
+    import torch.nn.parallel
+
+    asked = []
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel",
+                        lambda model, device_ids: asked.append(device_ids) or model)  # fmt: skip
+    ctx = DistContext(1, 2, 1, torch.device("cuda", 1))
+    D.wrap_model(Blocks(), DistConfig(strategy="ddp"), ctx)
+    assert asked == [[1]]
 
 
 def test_activation_checkpointing_recomputes_each_block_in_backward():
