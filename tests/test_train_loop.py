@@ -211,6 +211,10 @@ def test_validation_rows_are_capped_by_eval_batches_and_the_split(make):
     assert tr.validate() is None
 
 
+def test_validation_of_a_single_row(make):
+    assert make("data.batch_size=1", "train.eval_batches=1").validate()["valid_rows"] == 1
+
+
 def test_validation_uses_the_ema_weights(make):
     tr = make("train.eval_batches=1", "train.ema_decay=0.5", "train.lr=0.05")
     for _ in range(2):
@@ -242,7 +246,7 @@ def test_a_sharded_model_validates_whole_global_batches(make, monkeypatch):
     n = len(tr.valid)
     assert n % 5  # the split is not a whole number of batches
     assert tr.validate()["valid_rows"] == n
-    monkeypatch.setattr(validation.D, "is_sharded", lambda model: True)
+    monkeypatch.setattr(validation.D, "is_sharded", lambda model: model is tr.model)
     assert tr.validate()["valid_rows"] == n - n % 5
 
 
