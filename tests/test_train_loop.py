@@ -211,6 +211,22 @@ def test_validation_rows_are_capped_by_eval_batches_and_the_split(make):
     assert tr.validate() is None
 
 
+def test_validation_follows_the_eval_settings(make):
+    """eval.seed, eval.t_samples, eval.quadrature and train.t_min reach the estimator."""
+    from xdlm.eval.distributed import evaluate_rows_distributed
+    from xdlm.eval.likelihood import shard_batches
+
+    tr = make("train.eval_batches=1", "eval.seed=5", "eval.t_samples=3",
+              "eval.quadrature=gauss-legendre", "train.t_min=0.05")  # fmt: skip
+    got = tr.validate()["valid_nats_per_token"]
+    with torch.no_grad(), tr.ema.swapped(tr.model):
+        want = evaluate_rows_distributed(
+            tr.model, tr.kernel, tr.schedule, shard_batches(tr.valid, 8, 8), tr.ctx, seed=5,
+            t_samples=3, method="gauss-legendre", t_min=0.05,
+        ).nats_per_token  # fmt: skip
+    assert got == want
+
+
 def test_validation_of_a_single_row(make):
     assert make("data.batch_size=1", "train.eval_batches=1").validate()["valid_rows"] == 1
 
