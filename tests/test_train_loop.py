@@ -333,14 +333,15 @@ def test_the_last_loss_is_the_last_finite_one(make):
     assert result.nan_steps == 1 and result.step == 3
 
 
-def _sigint_in_step(tr, n: int) -> None:
-    """Ctrl-C (a real SIGINT) during the forward of step n."""
+def _sigint_in_step(tr, n: int, times: int = 1) -> None:
+    """Ctrl-C (`times` real SIGINTs) during the forward of step n."""
     real, calls = tr.loss_fn, []
 
     def loss(*args, **kwargs):
         calls.append(1)
         if len(calls) == n:
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
     tr.loss_fn = loss
@@ -360,6 +361,18 @@ def test_ctrl_c_in_the_first_step_saves_that_step(make, capsys, save_every):
     out = capsys.readouterr().out
     assert out.endswith(f"\ninterrupted at step 1; saved {ckpt}. Continue with --resume.\n")
     assert _steps_saved(tr.run_dir) == ["step_0000001"]
+
+
+@pytest.mark.parametrize("step, kept", [(1, "the start (no checkpoint yet)"), (2, "step_0000001")])
+def test_a_second_ctrl_c_stops_at_once_naming_what_resume_continues(make, capsys, step, kept):
+    tr = make("train.steps=3", "train.save_every=1", "train.eval_batches=0")
+    _sigint_in_step(tr, step, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    assert capsys.readouterr().out.endswith(
+        f"\nstopped without saving; --resume continues from {kept}\n"
+    )
+    assert len(_steps_saved(tr.run_dir)) == step - 1
 
 
 def test_ctrl_c_in_the_last_step_ends_the_run_as_usual(make, capsys):
