@@ -429,6 +429,25 @@ def test_resume_removes_partial_saves_and_refuses_another_tokenizer(make, capsys
     assert make("train.steps=3", resume=True).state.step == 2
 
 
+def test_new_run_or_resume_is_checked_against_the_directory(make, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=rf"^--resume: {re.escape(str(run))} holds no run "
+                       r"\(no config.yaml, no checkpoint\); drop --resume to start a new run "
+                       r"there$"):  # fmt: skip
+        make(resume=True)
+    first = make("train.steps=1", "train.eval_batches=0")
+    first.run()
+    first.close()
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run))} already holds a run; pass "
+                       r"--resume to continue it or choose a new --out$"):  # fmt: skip
+        make("train.steps=2")
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run / "tokenizer").iterdir()}
+    (run / "config.yaml").unlink()  # a checkpoint is enough to resume
+    again = make("train.steps=2", "train.eval_batches=0", resume=True)
+    assert again.state.step == 1 and (run / "config.yaml").is_file()
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "tokenizer").iterdir()} == stamps
+
+
 def test_a_resume_with_another_kernel_is_refused(make, tmp_path):
     first = make("train.steps=1", "train.eval_batches=0")
     first.run()
@@ -445,7 +464,11 @@ def test_a_new_run_copies_the_tokenizer_and_records_its_data(make, tiny_run):
     tr = make()
     assert (tr.run_dir / "tokenizer").is_dir() and (tr.run_dir / "config.yaml").is_file()
     data = tr.meta["data"]
+    assert data.keys() == {"path", "sources", "manifest_sha256", "seq_len", "mode", "vocab_size",
+                           "mask_id", "tokenizer_sha256"}  # fmt: skip
     assert data["path"] == str(tiny_run / "data") and data["seq_len"] == 32
+    assert data["sources"] == tr.manifest.sources and data["sources"]
+    assert data["tokenizer_sha256"] == tr.manifest.tokenizer_sha256
     assert data["manifest_sha256"] == sha256_file(tiny_run / "data" / "manifest.json")
     assert (data["vocab_size"], data["mask_id"], data["mode"]) == (
         tr.manifest.vocab_size, tr.manifest.mask_id, tr.manifest.mode,
