@@ -79,6 +79,29 @@ def test_a_step_is_the_global_mean_over_its_micro_batches(make):
     assert tr.state.tokens_seen == 4 * TOKENS and tr.ema.num_updates == 2
 
 
+def test_padded_rows_count_their_real_tokens_only(tiny_corpus, tmp_path):
+    """data.mode=pad: the global token count (the loss's denominator, tokens_seen) is the number
+    of real tokens in the step's micro-batches, not rows × seq_len."""
+    cfg = tiny_cfg(tiny_corpus, tmp_path / "pad", "data.mode=pad", "train.grad_accum=2")
+    tr = Trainer(cfg, tmp_path / "run")
+    try:
+        seen, real = [], tr.loss_fn
+
+        def loss(*args, **kw):
+            out = real(*args, **kw)
+            seen.append((kw["attention_mask"], out.nats.detach()))
+            return out
+
+        tr.loss_fn = loss
+        mean = tr.train_step()
+        real_tokens = sum(int(mask.sum()) for mask, _ in seen)
+        assert all(mask is not None for mask, _ in seen) and real_tokens < 2 * TOKENS
+        assert tr.state.tokens_seen == real_tokens
+        assert mean == pytest.approx(float(sum(n for _, n in seen)) / real_tokens, rel=1e-6)
+    finally:
+        tr.close()
+
+
 def test_each_micro_batch_loss_is_divided_by_the_global_tokens(make):
     """The gradient is that of Σ nats / (real tokens of the global batch)."""
     tr = make("train.grad_accum=2", "train.grad_clip=inf", "train.ema_decay=0")
