@@ -606,3 +606,53 @@ def test_a_resume_may_turn_the_ema_off_or_on(make, tmp_path):
     off.close()
     on = make("train.steps=3", "train.ema_decay=0.9", resume=True)  # step 2 saved no EMA
     assert on.ema.num_updates == 0 and on.state.step == 2
+
+
+@pytest.fixture
+def rank_0_of_2(tmp_path, monkeypatch):
+    """DDP in a real gloo group of one process, the trainer told it is rank 0 of 2: what that
+    rank computes of a step (its strata of t, gradient sync on its last micro-batch). (Rank 1
+    cannot be played in a group of one: it would receive its own, undecided, precision.)"""
+    import torch.distributed as dist
+
+    from xdlm.collectives import DistContext
+    from xdlm.train import loop
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    ctx = DistContext(0, 2, 0, torch.device("cpu"))
+    monkeypatch.setattr(loop.D, "setup_distributed", lambda cfg, device: ctx)
+    yield
+    dist.destroy_process_group()
+
+
+def test_rank_0_of_2_takes_its_strata_and_syncs_on_its_last_micro_batch(make, rank_0_of_2):
+    tr = make("dist.strategy=ddp", "train.grad_accum=2", "train.t_min=0.05")
+    seen, real = [], tr.loss_fn
+
+    def loss(*args, **kw):
+        seen.append((kw["t"], tr.wrapped.require_backward_grad_sync))
+        return real(*args, **kw)
+
+    tr.loss_fn = loss
+    tr.train_step()
+    assert [sync for _, sync in seen] == [False, True]
+    # global batch of 2 micro × 2 ranks × 8 rows: micro-batch a of rank 0 holds positions
+    # 2a·8 .. 2a·8 + 7 of (u + i/32) mod 1
+    frac = (torch.cat([t for t, _ in seen]) - 0.05) / 0.95
+    i = torch.cat([torch.arange(0, 8), torch.arange(16, 24)])
+    assert torch.allclose(frac, torch.remainder(frac[0] + i / 32, 1.0), atol=1e-5)
+
+
+def test_times_without_antithetic_come_from_the_time_generator(make):
+    from xdlm.core.objective import sample_times
+
+    tr = make("train.antithetic=false", "train.t_min=0.05")
+    g = torch.Generator().manual_seed(0)
+    g.set_state(tr.time_gen.get_state())
+    torch.rand((), generator=g)  # the step's u, unused without antithetic
+    want = sample_times(8, g, t_min=0.05, antithetic=False)
+    seen, real = [], tr.loss_fn
+    tr.loss_fn = lambda *a, **kw: seen.append(kw["t"]) or real(*a, **kw)
+    tr.train_step()
+    assert torch.equal(seen[0], want)
