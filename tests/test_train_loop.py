@@ -189,6 +189,22 @@ def test_labels_of_a_class_conditional_model(make):
         tr.train_step()  # the text data has none
 
 
+def test_a_step_passes_each_rows_label_to_the_denoiser(make):
+    tr = make("model.num_classes=3", "train.cond_drop=0", "train.weighting=unit")
+    real_next, labels = tr.loader.next_batch, []
+
+    def next_batch():  # the text rows, labelled as an image-token dataset's would be
+        batch = real_next()
+        labels.append(torch.arange(8) % 3)
+        return replace(batch, labels=labels[-1])
+
+    tr.loader.next_batch = next_batch
+    seen, real = [], tr.loss_fn
+    tr.loss_fn = lambda *a, **kw: seen.append(kw) or real(*a, **kw)
+    tr.train_step()
+    assert torch.equal(seen[0]["cond"], labels[0]) and seen[0]["weighting"] is tr.weighting
+
+
 def test_an_unconditional_model_ignores_labels(make):
     assert make()._cond(torch.tensor([5, 7]), 0.5) is None
 
