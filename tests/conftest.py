@@ -57,6 +57,26 @@ def tiny_run(tiny_corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def make_trainer(tiny_corpus, tiny_run, tmp_path):
+    """make_trainer(*sets, run="run", resume=False): a `Trainer` of `tiny_cfg` with `sets` on
+    `tiny_run`'s data, in tmp_path / run; every one made is closed at the end of the test."""
+    from run_fixtures import tiny_cfg
+
+    from xdlm.train.loop import Trainer
+
+    made = []
+
+    def make(*sets, run="run", resume=False):
+        cfg = tiny_cfg(tiny_corpus, tiny_run / "data", *sets)
+        made.append(Trainer(cfg, tmp_path / run, resume))
+        return made[-1]
+
+    yield make
+    for trainer in made:
+        trainer.close()
+
+
+@pytest.fixture
 def run_copy(tiny_run, tmp_path) -> Path:
     """A private copy of `tiny_run`'s run directory."""
     import shutil

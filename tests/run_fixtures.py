@@ -3,6 +3,7 @@ the `tiny_run` fixture from it)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import shutil
 from pathlib import Path
@@ -33,6 +34,19 @@ def tiny_sets(corpus, data_dir, *extra) -> list[str]:
         "train.eval_every=2", "train.eval_batches=1", "train.save_every=2",
         "train.ema_decay=0.9", "train.precision=fp32", *extra,
     ]  # fmt: skip
+
+
+TINY_TOKENS = 8 * 32  # one micro-batch of `tiny_cfg`: 8 rows of 32 tokens (packed, no padding)
+
+
+def nan_nats(loss):
+    """`loss` (a diffusion loss function) with its nats made NaN: a non-finite step."""
+
+    def nan_loss(*args, **kwargs):
+        out = loss(*args, **kwargs)
+        return dataclasses.replace(out, nats=out.nats * float("nan"))
+
+    return nan_loss
 
 
 def tiny_cfg(corpus, data_dir, *extra) -> XDLMConfig:

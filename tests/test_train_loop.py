@@ -168,7 +168,9 @@ def test_an_infinite_gradient_of_a_finite_loss_is_non_finite(make):
 def test_labels_of_a_class_conditional_model(make):
     tr = make("model.num_classes=3")
     labels = torch.tensor([0, 1, 2, 2])
+    state = tr.noise_gen.get_state()
     assert torch.equal(tr._cond(labels, 0.0), labels)
+    assert torch.equal(tr.noise_gen.get_state(), state)  # no drop, no draw from the noise
     assert torch.equal(tr._cond(labels, 1.0), torch.full((4,), 3))  # all the null class
     state = tr.noise_gen.get_state()
     mixed = tr._cond(torch.zeros(64, dtype=torch.long), 0.5)
@@ -422,7 +424,8 @@ def test_ctrl_c_in_the_last_step_ends_the_run_as_usual(make, capsys):
     captured = capsys.readouterr()
     assert "interrupted" not in captured.out and _steps_saved(tr.run_dir) == ["step_0000002"]
     assert f"loss={result.last_loss:.3f}" in captured.err and "train: 100%" in captured.err
-    assert "| 2/2 [" in captured.err and "tok_s=" in captured.err
+    assert "| 2/2 [" in captured.err and "| 4/2 [" not in captured.err  # one step, one tick
+    assert re.search(r"tok_s=[\d,]+\]", captured.err)
 
 
 def test_the_bar_shows_nan_until_a_step_has_a_finite_loss(make, capsys):
