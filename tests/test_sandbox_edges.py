@@ -90,13 +90,22 @@ def test_the_child_runs_in_cwd_in_its_own_session_with_stdout_discarded(tmp_path
     assert "SHOULD-NOT-APPEAR" not in capfd.readouterr().out
 
 
-def test_without_isolation_the_program_runs_in_its_workdir_as_the_caller():
-    code = f"""
-    import os
+def _runs_with(interpreter: str) -> str:
+    return f"""
+    import os, sys
     assert os.path.isfile(os.path.join(os.getcwd(), "candidate.py"))
     assert os.geteuid() == {os.geteuid()}
+    assert os.path.realpath(sys.executable) == {interpreter!r}, sys.executable
     """
-    assert run_sandboxed(textwrap.dedent(code), 10.0, 256, isolation="none").status == "passed"
+
+
+def test_without_isolation_the_program_runs_in_its_workdir_as_the_caller_with_its_python():
+    mine = _runs_with(os.path.realpath(sys.executable))
+    assert run_sandboxed(textwrap.dedent(mine), 10.0, 256, isolation="none").status == "passed"
+    system = os.path.realpath(shutil.which("python3", path="/usr/bin:/bin") or sys.executable)
+    chosen = run_sandboxed(textwrap.dedent(_runs_with(system)), 10.0, 256, isolation="none",
+                           python=system)  # fmt: skip
+    assert chosen.status == "passed", chosen.stderr
 
 
 @needs_bwrap
@@ -145,3 +154,23 @@ def test_readable_by_others_needs_the_read_bit():
 def test_pass_at_k_refuses_each_bad_argument_alone(n, c, k):
     with pytest.raises(ValueError, match=f"got n={n}, c={c}, k={k}"):
         pass_at_k(n, c, k)
+
+
+@needs_bwrap
+def test_check_isolation_passes_here_and_names_a_missing_interpreter():
+    assert sandbox.check_isolation() is None
+    with pytest.raises(FileNotFoundError, match="interpreter 'no-such-python' not found"):
+        sandbox.check_isolation("no-such-python")
+
+
+def test_check_isolation_without_bubblewrap_names_the_fix(monkeypatch):
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, **kw: None if name == "bwrap"
+                        else real_which(name, **kw))  # fmt: skip
+    sandbox._check_bwrap.cache_clear()
+    try:
+        fix = r"bubblewrap \(bwrap\) is not installed.*apt-get install bubblewrap"
+        with pytest.raises(sandbox.SandboxUnavailableError, match=fix):
+            sandbox.check_isolation()
+    finally:
+        sandbox._check_bwrap.cache_clear()
