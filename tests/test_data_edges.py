@@ -193,8 +193,11 @@ def test_a_writer_resumes_only_from_a_file_at_least_as_long_as_its_checkpoint(tm
     state = writer.checkpoint()
     writer.close()
     (tmp_path / "train.lengths.partial").write_bytes(b"\0" * 15)  # 2 rows need 16 bytes
-    with pytest.raises(ValueError, match=r"lengths\.partial is missing or shorter than its "
-                                         r"checkpoint \(16 bytes\); prepare again with resume="):
+    with pytest.raises(
+        ValueError,
+        match=r"lengths\.partial is missing or shorter than its "
+        r"checkpoint \(16 bytes\); prepare again with resume=",
+    ):
         SplitWriter(tmp_path, "train", fmt, state)
     (tmp_path / "train.lengths.partial").write_bytes(b"\0" * 16)  # exactly long enough
     SplitWriter(tmp_path, "train", fmt, state).close()
@@ -222,14 +225,26 @@ def _hf_dir(path, vocab, added=(), **special_tokens):
 
 def test_hf_tokenizers_keep_their_distinct_specials_and_append_the_missing(tmp_path):
     pytest.importorskip("transformers")
-    own = _hf_dir(tmp_path / "own", ["<unk>", "a", "<s>", "</s>", "<pad>", "<mask>"],
-                  bos_token="<s>", eos_token="</s>", pad_token="<pad>", mask_token="<mask>")
+    own = _hf_dir(
+        tmp_path / "own",
+        ["<unk>", "a", "<s>", "</s>", "<pad>", "<mask>"],
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    )
     tok = load_tokenizer("hf", own)  # fmt: skip
     assert tok.special_ids == {"bos": 2, "eos": 3, "pad": 4, "mask": 5} and tok.vocab_size == 6
     assert tok.spec == {"kind": "hf", "source": str(own), "vocab_size": 6}
     assert tok.encode("a a") == [1, 1] and tok.encode_batch(["a"]) == [[1]]  # no <s> ... </s>
-    llada = _hf_dir(tmp_path / "llada", ["<unk>", "a", "<|endoftext|>"], added=["<|mdm_mask|>"],
-                    eos_token="<|endoftext|>", bos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    llada = _hf_dir(
+        tmp_path / "llada",
+        ["<unk>", "a", "<|endoftext|>"],
+        added=["<|mdm_mask|>"],
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
     tok = load_tokenizer("hf", llada)  # the added mask is found; BOS, PAD = EOS get their own
     assert tok.special_tokens == {"mask": "<|mdm_mask|>", "eos": "<|endoftext|>",
                                   "bos": "[BOS]", "pad": "[PAD]"}  # fmt: skip

@@ -150,8 +150,11 @@ def test_one_global_batch_is_the_least_a_split_may_hold():
         "split 'train' has 7 rows, fewer than one global batch (batch_size 4 x world_size 2); "
         "lower batch_size or prepare more data / a shorter seq_len"
     )
-    for kwargs in ({"batch_size": 0}, {"batch_size": 1, "world_size": 0}, {"batch_size": 1,
-                                                                          "rank": -1}):
+    for kwargs in (
+        {"batch_size": 0},
+        {"batch_size": 1, "world_size": 0},
+        {"batch_size": 1, "rank": -1},
+    ):
         with pytest.raises(ValueError) as info:
             ShardedLoader(IndexShards(8), **kwargs)
         assert str(info.value).startswith("need batch_size >= 1 and 0 <= rank < world_size, got ")

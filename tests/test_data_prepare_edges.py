@@ -87,8 +87,11 @@ def test_a_changed_input_is_not_resumed(corpus, tmp_path, monkeypatch):
     stat = corpus.stat()
     assert plan["sources"] == [[str(corpus), stat.st_size, stat.st_mtime_ns]]
     corpus.write_text(corpus.read_text() + "\n\none more\n")
-    with pytest.raises(ValueError, match=r"\.out\.partial holds an unfinished preparation with "
-                                         r"other arguments or changed inputs; pass resume=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"\.out\.partial holds an unfinished preparation with "
+        r"other arguments or changed inputs; pass resume=False",
+    ):
         prepare(corpus, tmp_path / "out", **kw)
 
 

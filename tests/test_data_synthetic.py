@@ -173,8 +173,9 @@ def test_topic_hmm_defaults_and_smallest_sizes():
     for sizes in ((2, 0, 1), (2, 1, 0)):
         with pytest.raises(ValueError) as info:
             topic_hmm(*sizes)
-        assert str(info.value) == f"need positive sizes, got D={sizes[0]}, C={sizes[1]}, " \
-                                  f"S={sizes[2]}"
+        assert (
+            str(info.value) == f"need positive sizes, got D={sizes[0]}, C={sizes[1]}, S={sizes[2]}"
+        )
 
 
 def test_the_written_rows_are_the_law_s_draws_in_split_order(tmp_path):
@@ -205,8 +206,11 @@ def test_load_law_refuses_a_dataset_the_law_did_not_write(tmp_path):
 
     (tmp_path / "c.txt").write_text("a b c d e f g h\n\ni j k l m n o\n")
     prepare(tmp_path / "c.txt", tmp_path / "text", tokenizer="char", seq_len=4, valid_fraction=0)
-    with pytest.raises(ValueError, match=r"text was not written by xdlm\.data\.synthetic \("
-                                         r"tokenizer \{'kind': 'char'"):
+    with pytest.raises(
+        ValueError,
+        match=r"text was not written by xdlm\.data\.synthetic \("
+        r"tokenizer \{'kind': 'char'",
+    ):
         load_law(tmp_path / "text")
 
 

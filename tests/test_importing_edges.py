@@ -194,8 +194,20 @@ def test_weights_that_do_not_fit_are_one_line(tmp_path, capsys, edit, message):
         del sd[name]
     torch.save({"state_dict": sd}, tmp_path / "m.ckpt")
     gpt2 = _gpt2_dir(tmp_path / "tok", V - 4)
-    argv = ["import", str(tmp_path / "m.ckpt"), "--out", str(tmp_path / "run"), "--k", "0",
-            "--n-heads", str(SIZES["heads"]), "--tokenizer", "gpt2", "--tokenizer-source", gpt2]
+    argv = [
+        "import",
+        str(tmp_path / "m.ckpt"),
+        "--out",
+        str(tmp_path / "run"),
+        "--k",
+        "0",
+        "--n-heads",
+        str(SIZES["heads"]),
+        "--tokenizer",
+        "gpt2",
+        "--tokenizer-source",
+        gpt2,
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not (tmp_path / "run").exists()

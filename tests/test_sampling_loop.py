@@ -361,7 +361,8 @@ def test_generate_records_on_request_and_passes_the_labels_to_xdm():
                  sampler=XDM(), guidance=1.0)  # fmt: skip
     assert str(refused.value).startswith(
         "the xdm sampler takes no LogitFilter or guidance; set XDM(temperature=..., cfg_scale=...)"
-        " instead (got LogitFilter(")
+        " instead (got LogitFilter("
+    )
 
 
 def test_the_trajectory_labels_each_step_and_the_final_one_and_times_the_run():
