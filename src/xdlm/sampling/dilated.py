@@ -54,7 +54,7 @@ P_THETA, UNIFORM, STAY = 0, 1, 2  # routes of `draw_routes`
 
 def van_der_corput_rank(length: int, device: str | torch.device = "cpu") -> Tensor:
     """(L,) long: position i's place in the bit-reversal order of 0..L−1 (0 is first)."""
-    bits = max(math.ceil(math.log2(length)), 1) if length > 1 else 1
+    bits = max(1, (length - 1).bit_length())  # enough for the largest index, exactly
     i = torch.arange(length, device=device)
     reversed_bits = torch.zeros_like(i)
     for b in range(bits):
