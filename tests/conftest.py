@@ -104,3 +104,23 @@ def small_fs(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def rank_0_of_2(tmp_path, monkeypatch):
+    """A real gloo group of one process, the trainer told it is rank 0 of 2: DDP syncs and FSDP2
+    shards as on 2 ranks, each collective spanning this one rank. What rank 0 computes (its
+    strata of t, its gradient sync, its sharded save and resume) is checked; gradient scale and
+    data split follow the declared 2 ranks. (Rank 1 cannot be played in a group of one: it
+    would receive its own, undecided, precision.)"""
+    import torch.distributed as dist
+
+    from xdlm.collectives import DistContext
+    from xdlm.train import loop
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)  # fmt: skip
+    ctx = DistContext(0, 2, 0, torch.device("cpu"))
+    monkeypatch.setattr(loop.D, "setup_distributed", lambda cfg, device: ctx)
+    yield
+    dist.destroy_process_group()

@@ -268,29 +268,11 @@ def test_the_fused_loss_needs_the_unwrapped_model(make_trainer):
         make_trainer("train.fused_loss=true", "train.compile=true", run="b")
 
 
-@pytest.fixture
-def fsdp_of_one(tmp_path, monkeypatch):
-    """FSDP2 in a real gloo group of one process, the trainer told the world has 2 ranks (so it
-    shards: one process never does); each collective then spans this one rank. Gradient scale
-    and data split follow the declared 2 ranks: only what is saved and loaded back is checked."""
-    import torch.distributed as dist
-
-    from xdlm.collectives import DistContext
-    from xdlm.train import loop
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)  # fmt: skip
-    ctx = DistContext(0, 2, 0, torch.device("cpu"))
-    monkeypatch.setattr(loop.D, "setup_distributed", lambda cfg, device: ctx)
-    yield
-    dist.destroy_process_group()
-
-
 def _full(tensor):
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
-def test_a_sharded_run_saves_dcp_and_resumes_its_state(make_trainer, fsdp_of_one):
+def test_a_sharded_run_saves_dcp_and_resumes_its_state(make_trainer, rank_0_of_2):
     from xdlm.runs import read_meta
 
     sets = ("dist.strategy=fsdp", "train.steps=2", "train.eval_batches=0", "train.lr=0.01")
@@ -312,7 +294,7 @@ def test_a_sharded_run_saves_dcp_and_resumes_its_state(make_trainer, fsdp_of_one
     assert again.ema.num_updates == 2
 
 
-def test_a_sharded_model_refuses_the_fused_loss(make_trainer, fsdp_of_one):
+def test_a_sharded_model_refuses_the_fused_loss(make_trainer, rank_0_of_2):
     with pytest.raises(ValueError, match=r"^train.fused_loss needs dist.strategy=none"):
         make_trainer("dist.strategy=fsdp", "train.fused_loss=true")
 

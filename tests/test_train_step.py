@@ -266,24 +266,6 @@ def test_a_sharded_model_validates_whole_global_batches(make_trainer, monkeypatc
     assert tr.validate()["valid_rows"] == n - n % 5
 
 
-@pytest.fixture
-def rank_0_of_2(tmp_path, monkeypatch):
-    """DDP in a real gloo group of one process, the trainer told it is rank 0 of 2: what that
-    rank computes of a step (its strata of t, gradient sync on its last micro-batch). (Rank 1
-    cannot be played in a group of one: it would receive its own, undecided, precision.)"""
-    import torch.distributed as dist
-
-    from xdlm.collectives import DistContext
-    from xdlm.train import loop
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)  # fmt: skip
-    ctx = DistContext(0, 2, 0, torch.device("cpu"))
-    monkeypatch.setattr(loop.D, "setup_distributed", lambda cfg, device: ctx)
-    yield
-    dist.destroy_process_group()
-
-
 def test_rank_0_of_2_takes_its_strata_and_syncs_on_its_last_micro_batch(make_trainer, rank_0_of_2):
     tr = make_trainer("dist.strategy=ddp", "train.grad_accum=2", "train.t_min=0.05")
     seen, real = [], tr.loss_fn
