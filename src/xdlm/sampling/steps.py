@@ -306,11 +306,15 @@ class TimeGrid(Protocol):
     def times(self, schedule: Schedule, steps: int) -> Tensor: ...
 
 
-def _linspace(start: float, end: float, steps: int, t_end: float) -> Tensor:
+def _check_grid(steps: int, t_end: float) -> None:
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not 0.0 <= t_end < 1.0:
         raise ValueError(f"t_end must be in [0, 1), got {t_end}")
+
+
+def _linspace(start: float, end: float, steps: int, t_end: float) -> Tensor:
+    _check_grid(steps, t_end)
     return torch.linspace(start, end, steps + 1, dtype=torch.float64)
 
 
@@ -347,7 +351,7 @@ class Doubling:
     t_end: float = 1e-5
 
     def times(self, schedule: Schedule, steps: int) -> Tensor:
-        _linspace(1.0, self.t_end, steps, self.t_end)  # checks steps and t_end
+        _check_grid(steps, self.t_end)
         ends = schedule.alpha(torch.tensor([1.0, self.t_end], dtype=torch.float64))
         alphas = torch.pow(2.0, torch.arange(1 - steps, 1, dtype=torch.float64))  # 2^{j−T}
         alphas = torch.cat([ends[:1], alphas[:-1], ends[1:]]).clamp(float(ends[0]), float(ends[1]))
