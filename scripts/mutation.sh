@@ -4,6 +4,7 @@
 #   scripts/mutation.sh                      # every target in [tool.mutmut] (pyproject.toml)
 #   scripts/mutation.sh 'xdlm.core.*'        # one package (mutmut name globs)
 #   scripts/mutation.sh 'xdlm.train.*' 40    # a seeded random sample of 40 of its mutants
+#   scripts/mutation.sh --resume 'xdlm.data.*'  # only its mutants with no cached verdict yet
 #   scripts/mutation.sh --score              # score per package from the cached results
 #
 # [tool.mutmut] in pyproject.toml lists the mutated files (core/, sampling/, train/, data/,
@@ -18,6 +19,13 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREAD
 CHILDREN="${MUTMUT_CHILDREN:-2}"
 
 if [[ "${1:-}" == "--score" ]]; then
+  exec python scripts/mutation_score.py
+fi
+if [[ "${1:-}" == "--resume" ]]; then  # finish an interrupted full run of a pattern
+  mapfile -t names < <(python scripts/mutation_score.py --unchecked "${2:?--resume needs a pattern}")
+  if (( ${#names[@]} )); then
+    python -m mutmut run --max-children "$CHILDREN" "${names[@]}"
+  fi
   exec python scripts/mutation_score.py
 fi
 pattern="${1:-xdlm.*}"

@@ -3,6 +3,7 @@
     python scripts/mutation_score.py                       # table: package, checked, killed, ...
     python scripts/mutation_score.py --sample 'xdlm.core.*' 150   # a seeded sample of names
     python scripts/mutation_score.py --base COPY   # COPY's verdicts, overridden by mutants/'s
+    python scripts/mutation_score.py --unchecked 'xdlm.data.*'  # names of mutants not yet run
 
 (mutmut forgets every verdict when `[tool.mutmut]`'s test selection changes; `--base` merges a
 copy of an earlier `mutants/src` with a rerun of its survivors.)
@@ -62,6 +63,7 @@ def main() -> None:
     parser.add_argument("--sample", nargs=2, metavar=("GLOB", "N"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--survivors", metavar="GLOB", help="list surviving mutant names")
+    parser.add_argument("--unchecked", metavar="GLOB", help="list mutant names not yet run")
     parser.add_argument("--base", type=Path, help="an earlier copy of mutants/src to merge")
     args = parser.parse_args()
     codes = results()
@@ -74,6 +76,9 @@ def main() -> None:
     elif args.survivors:
         print("\n".join(k for k, c in sorted(codes.items())
                         if fnmatch.fnmatch(k, args.survivors) and c == 0))  # fmt: skip
+    elif args.unchecked:
+        print("\n".join(k for k, c in sorted(codes.items())
+                        if fnmatch.fnmatch(k, args.unchecked) and c is None))  # fmt: skip
     else:
         print(score_table(codes))
 

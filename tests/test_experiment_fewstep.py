@@ -45,7 +45,8 @@ def test_each_method_builds_its_sampler_and_a_budget_may_list_its_seeds(fewstep)
     spec = settings["budgets"]["cpu-3000"]
     assert settings["seeds"] == [0, 1, 2, 3, 4]  # the budget's own list
     assert run.load_settings("cpu-800")["seeds"] == [0, 1, 2]  # the file's
-    plans = {m: run.plan(m, spec) for m in ("dilated", "dilated-uniform", "dilated-t")}
+    names = ("dilated", "dilated-uniform", "dilated-t", "dilated-final")
+    plans = {m: run.plan(m, spec) for m in names}
     assert plans["dilated"]["sampler"] == Dilated() and isinstance(
         plans["dilated"]["grid"], Doubling
     )
@@ -53,6 +54,9 @@ def test_each_method_builds_its_sampler_and_a_budget_may_list_its_seeds(fewstep)
     assert isinstance(plans["dilated-uniform"]["grid"], Doubling)
     assert plans["dilated-t"]["sampler"] == Dilated()
     assert isinstance(plans["dilated-t"]["grid"], UniformT)
+    assert plans["dilated-final"]["sampler"] == Dilated()
+    assert plans["dilated-final"]["grid"] == Doubling(t_end=0.25)  # the final step: last quarter
+    assert plans["dilated"]["grid"] == Doubling(t_end=1e-5)
     assert run.plan("distilled", spec)["sampler"] == run.plan("ancestral", spec)["sampler"]
 
 

@@ -136,20 +136,23 @@ VARIANTS = {
     "dilated": ("dilated", {"grid": "doubling"}),
     "dilated-uniform": ("dilated", {"grid": "doubling", "dilated_uniform_reveal": True}),
     "dilated-t": ("dilated", {}),
+    "dilated-final": ("dilated", {"grid": "doubling", "t_end": 0.25}),
 }
 
 
 def plan(method: str, spec: dict):
     """The sampler keywords of `generate` for a method (`VARIANTS`: ancestral for the distilled
     students; `threshold` without and `threshold-remask` with re-masking; `dilated` on the
-    doubling grid, its ablations with the uniform route kept or on the uniform-t grid)."""
+    doubling grid, its ablations with the uniform route kept or on the uniform-t grid;
+    `dilated-final` on the doubling grid stopped at t = 0.25, α ≈ 3/4, so that the final step
+    reveals the last quarter and, for k > 0, revises visible tokens)."""
     s = spec["samplers"]
     name, extra = VARIANTS.get(method, (method, {}))
     remask = s["threshold_remask"] if method == "threshold-remask" else 0.0
-    cfg = SampleConfig(sampler=name, final="ancestral", t_end=1e-5,
+    cfg = SampleConfig(sampler=name, final="ancestral",
                        pc_eta=s["pc_eta"], threshold=s["threshold"],
                        threshold_revise=s["threshold_revise"], threshold_remask=remask,
-                       **{"grid": "t", **extra})  # fmt: skip
+                       **{"grid": "t", "t_end": 1e-5, **extra})  # fmt: skip
     kw = build_sampler(cfg).generate_kwargs()
     kw.pop("filter")  # temperature 1, no top-k / top-p (generate_many's default setting)
     return kw
