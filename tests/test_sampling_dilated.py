@@ -166,6 +166,55 @@ def test_doubling_grid_doubles_alpha(schedule):
         Doubling(t_end=1.0).times(schedule, 2)
 
 
+def _peaked(z_t, t, _lengths, _labels):
+    """A denoiser sure of id 0 (p ≈ 0.96) wherever it looks; [MASK] is filtered out."""
+    logits = torch.full((*z_t.shape, V), -2.0)
+    logits[..., 0] = 2.0
+    return logits
+
+
+def test_a_grid_stopped_at_three_quarters_leaves_the_last_quarter_to_the_final_step():
+    """`Doubling(t_end)` with α(t_end) = 3/4 (the experiments' `dilated-final`): after the T
+    steps exactly L/4 positions are masked, the last in van der Corput order, and the final
+    step (one NFE) reveals them; at k > 0 it also revises visible ids, which a final step at
+    α ≈ 1 cannot do."""
+    schedule, length, steps = LogLinear(), 16, 4
+    t_end = float(schedule.t_of_alpha(torch.tensor(0.75, dtype=torch.float64)))
+    alphas = schedule.alpha(Doubling(t_end=t_end).times(schedule, steps))
+    torch.testing.assert_close(alphas[1:], torch.tensor([1 / 8, 1 / 4, 1 / 2, 3 / 4],
+                                                        dtype=torch.float64))  # fmt: skip
+
+    def run(kernel: MixedKernel, end: float):
+        return generate(_peaked, kernel, schedule, batch_size=64, seq_len=length, steps=steps,
+                        generator=torch.Generator().manual_seed(0), sampler=Dilated(),
+                        grid=Doubling(t_end=end), record=True)  # fmt: skip
+
+    out = run(MixedKernel(V, MASK, 0.0), t_end)
+    before_final = out.trajectory.states[-2]
+    last_quarter = torch.tensor(_order(length)[-length // 4 :])
+    assert (before_final[:, last_quarter] == MASK).all()
+    assert ((before_final == MASK).sum(-1) == length // 4).all()
+    assert out.nfe == steps + 1 and not (out.tokens == MASK).any()
+
+    kernel = MixedKernel(V, MASK, 0.1)
+
+    def revised(end: float) -> tuple[int, float]:
+        """(visible ids the final step changed, their expected number under the posterior)."""
+        z = run(kernel, end).trajectory.states[-2:]
+        visible = z[0] != MASK
+        p_x0 = torch.softmax(_peaked(z[0], None, None, None)[..., :MASK], -1)
+        p_x0 = torch.cat([p_x0, torch.zeros(*z[0].shape, 1)], -1)
+        alpha = schedule.alpha(torch.full((len(z[0]),), end, dtype=torch.float64)).float()
+        keep = kernel.posterior_probs(p_x0, z[0], alpha, torch.ones_like(alpha))
+        keep = keep.gather(-1, z[0][..., None])
+        return int((visible & (z[1] != z[0])).sum()), float((1 - keep[..., 0])[visible].sum())
+
+    changed, expected = revised(t_end)
+    assert expected > 5 and abs(changed - expected) < 4 * expected**0.5
+    changed, expected = revised(1e-5)
+    assert changed == 0 and expected < 1e-3
+
+
 def test_the_config_builds_it():
     plan = build_sampler(SampleConfig(sampler="dilated", grid="doubling"))
     assert plan.sampler == Dilated() and isinstance(plan.grid, Doubling)

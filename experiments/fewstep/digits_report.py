@@ -151,8 +151,10 @@ class-conditional 2 × 128 DiT (its `cpu-2500` recipe) trained {train["steps"]} 
 {sorted({r["seed"] for r in rows})}. Methods as in the known-law frontier: `ancestral`, `pc`
 (η = {s["pc_eta"]}), `threshold` (τ = {s["threshold"]}, revise margin {s["threshold_revise"]}, no
 re-masking), `threshold-remask` (re-masking below {s["threshold_remask"]}), `distilled` (students
-of `xdlm distill`, rounds {d["rounds"]} × {d["steps_per_round"]} steps, ancestral sampler) and
-`dilated` (planned reveals in van der Corput order of the raster, from p_θ, doubling grid).
+of `xdlm distill`, rounds {d["rounds"]} × {d["steps_per_round"]} steps, ancestral sampler),
+`dilated` (planned reveals in van der Corput order of the raster, from p_θ, doubling grid) and
+`dilated-final` (the same grid stopped at t_end = 0.25: the final step reveals the last
+quarter and, for k > 0, revises).
 Each cell: {ev["per_class"]} samples per class per model with guidance w = {ev["guidance"]:g}
 (NFE counts both passes), scored by the reference classifier
 ({100 * results["classifier"]["valid_accuracy"]:.1f} % on held-out digits): conditional accuracy,
