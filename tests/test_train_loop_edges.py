@@ -140,3 +140,35 @@ def test_the_kernel_spans_every_logit_of_a_wider_backbone(make_trainer, tmp_path
         == 320
         == tr.model(torch.zeros(1, 32, dtype=torch.long), torch.ones(1)).shape[-1]
     )
+
+
+def test_validation_reads_the_valid_split(make_trainer, tiny_run):
+    tr = make_trainer()
+    assert tr.valid.split == "valid"
+    assert len(tr.valid) == len(TokenShards(tiny_run / "data", "valid")) != len(tr.loader.shards)
+
+
+def test_the_generators_are_seeded_from_train_seed_and_rank(make_trainer):
+    """seed 3 on rank 0: noise draws from seed·7919 + rank, times from seed (same on every
+    rank), the global RNG (dropout) from seed + 1 + rank."""
+    tr = make_trainer("train.seed=3")
+    assert (tr.noise_gen.initial_seed(), tr.time_gen.initial_seed()) == (3 * 7919, 3)
+    assert torch.initial_seed() == 4
+
+
+def test_the_trackers_get_the_whole_config(make_trainer, monkeypatch):
+    got = []
+
+    class Recorder:
+        def __init__(self, cfg, run_dir, config):
+            got.append(config)
+
+        def log(self, record):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loop, "Trackers", Recorder)
+    tr = make_trainer("train.seed=3")
+    assert got == [tr.cfg.to_dict()] and got[0]["train"]["seed"] == 3
