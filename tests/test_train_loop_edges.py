@@ -13,7 +13,7 @@ from run_fixtures import tiny_cfg
 
 from xdlm.data.loader import ShardedLoader, TokenShards
 from xdlm.train import loop
-from xdlm.train.loop import Trainer
+from xdlm.train.loop import Trainer, stream_seed
 
 
 def test_the_global_batch_limit_counts_both_ranks(make_trainer, tiny_run, rank_0_of_2):
@@ -148,12 +148,16 @@ def test_validation_reads_the_valid_split(make_trainer, tiny_run):
     assert len(tr.valid) == len(TokenShards(tiny_run / "data", "valid")) != len(tr.loader.shards)
 
 
-def test_the_generators_are_seeded_from_train_seed_and_rank(make_trainer):
-    """seed 3 on rank 0: noise draws from seed·7919 + rank, times from seed (same on every
-    rank), the global RNG (dropout) from seed + 1 + rank."""
-    tr = make_trainer("train.seed=3")
-    assert (tr.noise_gen.initial_seed(), tr.time_gen.initial_seed()) == (3 * 7919, 3)
-    assert torch.initial_seed() == 4
+def test_the_random_streams_are_distinct_and_follow_seed_and_rank(make_trainer):
+    """Noise (per rank), times (every rank alike) and dropout (per rank) each get their own seed
+    from (train.seed, stream): at seed 0 on rank 0 no two of them, nor the initial weights'
+    seed 0, coincide (they did with seed·7919 + rank: noise and times both drew from seed 0)."""
+    tr = make_trainer("train.seed=0")
+    seeds = (tr.noise_gen.initial_seed(), tr.time_gen.initial_seed(), torch.initial_seed())
+    assert seeds == (stream_seed(0, "noise/0"), stream_seed(0, "time"), stream_seed(0, "dropout/0"))
+    assert len({*seeds, 0, stream_seed(0, "noise/1"), stream_seed(0, "dropout/1")}) == 6
+    assert stream_seed(3, "time") != stream_seed(0, "time")
+    assert all(0 <= s < 2**63 for s in seeds)
 
 
 def test_the_trackers_get_the_whole_config(make_trainer, monkeypatch):

@@ -14,6 +14,7 @@ resume, checkpoints).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -66,6 +67,15 @@ class TrainResult:
     nan_steps: int = 0
 
 
+def stream_seed(seed: int, stream: str) -> int:
+    """The seed of one named random stream of a run (`noise/<rank>`, `time`, `dropout/<rank>`):
+    63 bits of BLAKE2b over (seed, stream). Distinct streams never share a seed, with each other
+    or with the initial weights (seeded with `seed` itself), so no two of them draw the same
+    numbers (with seed·c + rank style seeds, seed 0's noise and times coincided)."""
+    digest = hashlib.blake2b(f"{seed}:{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
 def _train_shards(cfg: XDLMConfig, manifest, world_size: int) -> TokenShards:
     """The train split, refused when prepared with another seq_len or smaller than one global
     batch (`data.batch_size` × world size rows)."""
@@ -108,9 +118,10 @@ class Trainer(TrainStep, Validation, RunState):
             TokenShards(cfg.data.path, "valid") if "valid" in self.manifest.splits else None
         )
         dev = self.ctx.device
-        self.noise_gen = torch.Generator(dev).manual_seed(cfg.train.seed * 7919 + self.ctx.rank)
-        self.time_gen = torch.Generator(dev).manual_seed(cfg.train.seed)  # same on every rank
-        torch.manual_seed(cfg.train.seed + 1 + self.ctx.rank)  # dropout differs across ranks
+        seed, rank = cfg.train.seed, self.ctx.rank
+        self.noise_gen = torch.Generator(dev).manual_seed(stream_seed(seed, f"noise/{rank}"))
+        self.time_gen = torch.Generator(dev).manual_seed(stream_seed(seed, "time"))  # every rank
+        torch.manual_seed(stream_seed(seed, f"dropout/{rank}"))  # dropout differs across ranks
         self.state = LoopState()
         self._last_loss: tuple[float, int] | None = None  # (loss, step) of the last finite one
         self._saved_step, self._saved_path = -1, None
