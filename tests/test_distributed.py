@@ -162,3 +162,26 @@ def test_consolidated_fsdp_checkpoint_loads_like_a_ddp_one(runs, tmp_path):
         sb = b.model.state_dict()
         for name, value in a.model.state_dict().items():
             torch.testing.assert_close(value, sb[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.distributed
+def test_each_rank_reads_its_own_rows_and_noise_stream(runs, tmp_path):
+    """The real `Trainer` on 2 ranks: the ranks' first rows are disjoint halves of one process's
+    global batch; noise and dropout seeds differ by rank, the time seed is shared; only rank 0
+    holds the run's lock."""
+    from xdlm.data.loader import ShardedLoader, TokenShards
+    from xdlm.train.loop import stream_seed
+
+    data = runs[0]["data"]
+    out = tmp_path / "trainer.json"
+    proc = torchrun(WORKER, "trainer", out, data)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1)]
+    mine = [{tuple(row) for row in r["rows"]} for r in ranks]
+    assert len(mine[0]) == len(mine[1]) == 8 and not mine[0] & mine[1]
+    one = next(iter(ShardedLoader(TokenShards(data, "train"), 16, seed=5))).tokens.tolist()
+    assert mine[0] | mine[1] == {tuple(row) for row in one}
+    for r, got in enumerate(ranks):
+        streams = (f"noise/{r}", "time", f"dropout/{r}")
+        assert got["seeds"] == [stream_seed(5, s) for s in streams]
+        assert got["lock"] == (r == 0)

@@ -10,6 +10,8 @@ Modes:
                         process, and `gather_samples`; writes both results.
   kill                  rank 1 is SIGKILLed after two all-reduces (torchrun must fail the job).
   hang                  rank 1 stops answering (sleeps): rank 0's collective must time out.
+  trainer DATA_DIR      a real `Trainer` (ddp) on DATA_DIR on each rank; each rank writes
+                        OUT_JSON.rank<r>: its first batch's rows and its random streams' seeds.
 """
 
 from __future__ import annotations
@@ -131,8 +133,31 @@ def fail_mode(mode: str, ctx: D.DistContext) -> dict:
     return {}
 
 
+def trainer_mode(out: str, data_dir: str) -> None:
+    """Each rank's first rows and stream seeds, from the real loop's `Trainer` (rank 0 holds the
+    run's lock; rank 1 must not take it)."""
+    from xdlm.config import load_config
+    from xdlm.train.loop import Trainer
+
+    sets = [f"data.path={data_dir}", "data.seq_len=32", "data.batch_size=8",
+            "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.device=cpu",
+            "dist.strategy=ddp", "train.seed=5"]  # fmt: skip
+    trainer = Trainer(load_config(None, sets), Path(out).parent / "run")
+    try:
+        rows = next(iter(trainer.loader)).tokens.tolist()
+        seeds = [trainer.noise_gen.initial_seed(), trainer.time_gen.initial_seed(),
+                 torch.initial_seed()]  # fmt: skip
+        with open(f"{out}.rank{trainer.ctx.rank}", "w") as fh:
+            json.dump({"rows": rows, "seeds": seeds, "lock": trainer.lock is not None}, fh)
+    finally:
+        trainer.close()
+        D.cleanup(trainer.ctx)
+
+
 def main() -> None:
     mode, out = sys.argv[1], sys.argv[2]
+    if mode == "trainer":
+        return trainer_mode(out, sys.argv[3])
     strategy = mode.split("-")[1] if mode.startswith("step-") else "ddp"
     ctx = D.setup_distributed(DistConfig(strategy=strategy), "cpu")
     if mode.startswith("step-"):
