@@ -89,6 +89,7 @@ def test_sample_writes_jsonl_and_trace(fake_run, tmp_path, capsys):
         ["pc", "--pc-eta", "0.7"],
         ["threshold", "--threshold", "0.5"],
         ["dilated", "--grid", "doubling"],
+        ["dilated", "--grid", "doubling", "--t-end", "0.25"],
     ],
 )
 def test_prompt_and_infill_stay_fixed(fake_run, tmp_path, sampler):

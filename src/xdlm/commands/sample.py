@@ -73,6 +73,8 @@ def register(sub) -> None:
               help="noise removal")  # fmt: skip
     shorthand(p, "--grid", key=S + "grid", choices=choices(SampleConfig, "grid"),
               help="uniform in t or alpha_t")  # fmt: skip
+    shorthand(p, "--t-end", key=S + "t_end", type=float,
+              help="last grid time (0.25: the final step reveals and revises)")  # fmt: skip
     shorthand(p, "--temperature", key=S + "temperature", type=float,
               help="default: 0 for xdm, else 1")  # fmt: skip
     shorthand(p, "--top-k", key=S + "top_k", type=int)
