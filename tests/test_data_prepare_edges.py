@@ -3,8 +3,10 @@ for word, how batches are cut, what a resume compares, the progress shown, the m
 
 import importlib
 import importlib.metadata
+import io
 import json
 import os
+import sys
 
 import pytest
 
@@ -156,10 +158,11 @@ RESUME = dict(tokenizer="char", seq_len=4, batch_bytes=16, checkpoint_seconds=0)
     [({}, {"seq_len": 5}), ({}, {"mode": "pad"}), ({"mode": "pad"}, {"pad_overflow": "truncate"}),
      ({}, {"valid_fraction": 0.2}), ({}, {"valid_docs": 2}), ({}, {"seed": 1}),
      ({}, {"tokenizer": "bpe", "tokenizer_vocab_size": 300}), ({}, {"text_field": "body"}),
-     ({}, {"tokenizer_source": "x"})],
+     ({}, {"tokenizer_source": "x"}), ({"tokenizer_source": "x"}, {"tokenizer_source": "y"}),
+     ({"tokenizer": "bpe", "tokenizer_vocab_size": 300}, {"tokenizer_vocab_size": 301})],
 )  # fmt: skip
 def test_a_resume_with_any_other_argument_is_refused(corpus, tmp_path, monkeypatch, base, change):
-    _interrupted(corpus, tmp_path / "out", monkeypatch, **RESUME, **base)
+    _interrupted(corpus, tmp_path / "out", monkeypatch, **{**RESUME, **base})
     with pytest.raises(ValueError, match="holds an unfinished preparation with other arguments"):
         prepare(corpus, tmp_path / "out", **{**RESUME, **base, **change})
     assert (tmp_path / ".out.partial" / "progress.json").is_file()
@@ -205,3 +208,51 @@ def test_a_split_too_short_for_one_row_is_named(corpus, tmp_path):
     _refused("split 'valid' yields 0 rows of seq_len=64: its 1 documents are too short to fill "
              "one row; lower seq_len, raise valid_fraction/valid_docs, or add data", corpus,
              tmp_path / "o", seq_len=64, valid_docs=1)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"mode": "pad", "pad_overflow": "truncate", "valid_docs": 2, "seed": 3, "tokenizer": "bpe",
+          "tokenizer_source": "vocab", "tokenizer_vocab_size": 300, "text_field": "body"}],
+)  # fmt: skip
+def test_the_progress_file_records_the_plan_a_resume_must_match(corpus, tmp_path, monkeypatch, kw):
+    """progress.json is an on-disk format: a resumed run (of this or a later version) reads it."""
+    _interrupted(corpus, tmp_path / "out", monkeypatch, **{**RESUME, **kw})
+    state = json.loads((tmp_path / ".out.partial" / "progress.json").read_text())
+    stat = corpus.stat()
+    assert state["plan"] == {
+        "sources": [[str(corpus), stat.st_size, stat.st_mtime_ns]], "text_field": "text",
+        "seq_len": 4, "mode": "wrap", "pad_overflow": "split", "valid_fraction": 0.05,
+        "valid_docs": None, "seed": 0, "tokenizer": "char", "tokenizer_source": None,
+        "tokenizer_vocab_size": None, "max_piece_chars": 200_000, **kw,
+    }  # fmt: skip
+    assert state["n_docs"] == 12 and state["tokenizer_saved"] is True
+
+
+def test_a_jsonl_corpus_is_read_from_its_text_field(corpus, tmp_path):
+    rows = [{"body": d, "text": "not this"} for d in DOCS]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(tokenizer="char", seq_len=4, valid_docs=3)
+    prepare(tmp_path / "c.jsonl", tmp_path / "j", text_field="body", **kw)
+    prepare(corpus, tmp_path / "t", **kw)
+    for name in ("train.bin", "valid.bin"):
+        assert (tmp_path / "j" / name).read_bytes() == (tmp_path / "t" / name).read_bytes()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_none_shows_the_bars_on_a_terminal_counting_from_zero(corpus, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    prepare(corpus, tmp_path / "o", tokenizer="char", seq_len=4, progress=None)
+    shown = [line for line in terminal.getvalue().replace("\r", "\n").split("\n") if line]
+    counted = [line for line in shown if line.startswith("counting documents: ")]
+    tokenized = [line for line in shown if line.startswith("tokenizing: ")]
+    assert counted[0].startswith("counting documents: 0doc [")
+    assert counted[-1].startswith("counting documents: 12doc [")
+    assert tokenized[0].startswith("tokenizing:   0%|") and " 0/12 [" in tokenized[0]
+    assert tokenized[-1].startswith("tokenizing: 100%|") and " 12/12 [" in tokenized[-1]
