@@ -7,6 +7,7 @@ import io
 import json
 import os
 import sys
+import types
 
 import pytest
 
@@ -210,6 +211,17 @@ def test_a_split_too_short_for_one_row_is_named(corpus, tmp_path):
              tmp_path / "o", seq_len=64, valid_docs=1)  # fmt: skip
 
 
+def _plan(corpus, **kw) -> dict:
+    """The plan progress.json records for `prepare(corpus, ...)` with `kw` (the rest defaults)."""
+    stat = corpus.stat()
+    return {
+        "sources": [[str(corpus), stat.st_size, stat.st_mtime_ns]], "text_field": "text",
+        "seq_len": 1024, "mode": "wrap", "pad_overflow": "split", "valid_fraction": 0.05,
+        "valid_docs": None, "seed": 0, "tokenizer": "gpt2", "tokenizer_source": None,
+        "tokenizer_vocab_size": None, "max_piece_chars": 200_000, **kw,
+    }  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "kw",
     [{}, {"mode": "pad", "pad_overflow": "truncate", "valid_docs": 2, "seed": 3, "tokenizer": "bpe",
@@ -219,14 +231,33 @@ def test_the_progress_file_records_the_plan_a_resume_must_match(corpus, tmp_path
     """progress.json is an on-disk format: a resumed run (of this or a later version) reads it."""
     _interrupted(corpus, tmp_path / "out", monkeypatch, **{**RESUME, **kw})
     state = json.loads((tmp_path / ".out.partial" / "progress.json").read_text())
-    stat = corpus.stat()
-    assert state["plan"] == {
-        "sources": [[str(corpus), stat.st_size, stat.st_mtime_ns]], "text_field": "text",
-        "seq_len": 4, "mode": "wrap", "pad_overflow": "split", "valid_fraction": 0.05,
-        "valid_docs": None, "seed": 0, "tokenizer": "char", "tokenizer_source": None,
-        "tokenizer_vocab_size": None, "max_piece_chars": 200_000, **kw,
-    }  # fmt: skip
+    assert state["plan"] == _plan(corpus, **{"tokenizer": "char", "seq_len": 4, **kw})
     assert state["n_docs"] == 12 and state["tokenizer_saved"] is True
+
+
+def test_the_plan_of_a_tokenizer_object_is_its_spec_and_special_ids(corpus, tmp_path, monkeypatch):
+    from xdlm.data import load_tokenizer
+
+    tok = load_tokenizer("char", corpus_texts=DOCS)
+    _interrupted(corpus, tmp_path / "out", monkeypatch, **{**RESUME, "tokenizer": tok})
+    plan = json.loads((tmp_path / ".out.partial" / "progress.json").read_text())["plan"]
+    assert plan["tokenizer"] == {**tok.spec, "special_ids": tok.special_ids}
+
+
+def test_the_defaults_are_gpt2_rows_of_1024_wrapped_and_5_percent_valid(corpus, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    asked = []
+
+    def stop(*args):
+        asked.append(args)
+        raise KeyboardInterrupt  # the plan is saved by now; gpt2 needs the hub
+
+    monkeypatch.setattr(prepare_module, "load_tokenizer", stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, tmp_path / "out")
+    assert asked == [("gpt2", None, None, None)]
+    state = json.loads((tmp_path / ".out.partial" / "progress.json").read_text())
+    assert state["plan"] == _plan(corpus)
 
 
 def test_a_jsonl_corpus_is_read_from_its_text_field(corpus, tmp_path):
@@ -244,15 +275,72 @@ class _Terminal(io.StringIO):
         return True
 
 
+def _bars(text: str) -> dict[str, list[str]]:
+    """Each bar's renders in order (tqdm redraws a line after a carriage return)."""
+    bars = {"counting documents": [], "tokenizing": []}
+    for line in text.replace("\r", "\n").split("\n"):
+        for desc, renders in bars.items():
+            if line.startswith(f"{desc}: "):
+                renders.append(line)
+    return bars
+
+
 def test_progress_none_shows_the_bars_on_a_terminal_counting_from_zero(corpus, tmp_path,
                                                                         monkeypatch):  # fmt: skip
-    terminal = _Terminal()
-    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
     prepare(corpus, tmp_path / "o", tokenizer="char", seq_len=4, progress=None)
-    shown = [line for line in terminal.getvalue().replace("\r", "\n").split("\n") if line]
-    counted = [line for line in shown if line.startswith("counting documents: ")]
-    tokenized = [line for line in shown if line.startswith("tokenizing: ")]
+    bars = _bars(sys.stderr.getvalue())
+    counted, tokenized = bars["counting documents"], bars["tokenizing"]
     assert counted[0].startswith("counting documents: 0doc [")
     assert counted[-1].startswith("counting documents: 12doc [")
     assert tokenized[0].startswith("tokenizing:   0%|") and " 0/12 [" in tokenized[0]
     assert tokenized[-1].startswith("tokenizing: 100%|") and " 12/12 [" in tokenized[-1]
+
+
+def test_a_resume_counts_no_documents_and_its_bar_starts_at_the_documents_done(
+    corpus, tmp_path, monkeypatch
+):
+    _interrupted(corpus, tmp_path / "out", monkeypatch, **RESUME)
+    done = json.loads((tmp_path / ".out.partial" / "progress.json").read_text())["docs_done"]
+    assert 0 < done < 12
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    prepare(corpus, tmp_path / "out", **RESUME, progress=True)
+    bars = _bars(sys.stderr.getvalue())
+    assert bars["counting documents"] == []  # the count was saved with the plan
+    assert f" {done}/12 [" in bars["tokenizing"][0]
+    assert " 12/12 [" in bars["tokenizing"][-1]
+
+
+SEVEN = [f"doc{i:02d} xy" for i in range(7)]  # 8 characters: one document per batch of 8
+
+
+@pytest.mark.parametrize(
+    "step, checkpoints, rate",
+    [(60.0, [2, 4, 6, 7], "0.00"), (60.5, [1, 2, 3, 4, 5, 6, 7, 7], "0.00"), (1e-6, [7], "8.00")],
+)
+def test_a_checkpoint_follows_each_batch_that_ends_over_60_seconds_after_the_last(
+    tmp_path, monkeypatch, step, checkpoints, rate
+):
+    """prepare's clock advances `step` seconds per batch; checkpoints come once more than
+    checkpoint_seconds (60 by default) have passed, and at the end (7 batches done); the bar
+    shows bytes / 1e6 / elapsed."""
+    (tmp_path / "c.txt").write_text("\n\n".join(SEVEN))
+    encoded, saved = [], []
+    real_encode, real_checkpoint = encoding.encode_texts, prepare_module._Job._checkpoint
+    spy = lambda tok, texts: encoded.append(len(texts)) or real_encode(tok, texts)  # noqa: E731
+    monkeypatch.setattr(encoding, "encode_texts", spy)
+    clock = types.SimpleNamespace(monotonic=lambda: 1000.0 + step * len(encoded))
+    monkeypatch.setattr(prepare_module, "time", clock)
+
+    def checkpoint(job, writers, done, docs_done):
+        saved.append(done)
+        real_checkpoint(job, writers, done, docs_done)
+
+    monkeypatch.setattr(prepare_module._Job, "_checkpoint", checkpoint)
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    m = prepare(tmp_path / "c.txt", tmp_path / "o", tokenizer="char", seq_len=4, valid_docs=0,
+                batch_bytes=8, progress=True)  # fmt: skip
+    assert encoded == [1] * 7  # in this process: num_proc defaults to 1
+    assert saved == checkpoints
+    final = _bars(sys.stderr.getvalue())["tokenizing"][-1]
+    assert final.endswith(f", MBps={rate}, tokens={m.splits['train'].tokens:.3g}]")
