@@ -130,6 +130,7 @@ def test_the_long_document_warning_points_at_the_caller(tmp_path):
     assert len(record) == 1
     if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampolines add frames of their own
         assert record[0].filename == __file__
+    assert record[0].filename != prepare_module.__file__
     assert str(record[0].message) == (
         "1 documents over 200,000 characters were read and tokenized in pieces cut before "
         "whitespace; split such inputs into documents (blank lines in .txt, one object per line "
@@ -344,3 +345,17 @@ def test_a_checkpoint_follows_each_batch_that_ends_over_60_seconds_after_the_las
     assert saved == checkpoints
     final = _bars(sys.stderr.getvalue())["tokenizing"][-1]
     assert final.endswith(f", MBps={rate}, tokens={m.splits['train'].tokens:.3g}]")
+
+
+def test_the_cli_builds_a_tokenizer_kind_from_its_source(corpus, tmp_path, shared_data, capsys):
+    from xdlm.cli import main
+
+    source = shared_data / "tokenizers" / "gpt2"
+    out = tmp_path / "o"
+    assert main(["prepare", str(corpus), "--out", str(out), "--tokenizer", "gpt2",
+                 "--tokenizer-source", str(source), "--seq-len", "8", "--valid-docs", "0",
+                 "--num-proc", "1", "--no-progress"]) == 0  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer"] == {"kind": "gpt2", "source": str(source), "vocab_size": 50260}
+    assert manifest["splits"]["train"]["documents"] == 12
+    assert capsys.readouterr().out.endswith(f"bos=50257 eos=50256 -> {out}\n")
