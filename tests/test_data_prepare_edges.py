@@ -194,6 +194,12 @@ def test_a_hub_dataset_is_a_source_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(rows))
     m = prepare("hf:org/name", tmp_path / "o", tokenizer="char", seq_len=4)
     assert m.sources == ["hf:org/name"] and sum(s.documents for s in m.splits.values()) == 12
+    _interrupted("hf:org/name", tmp_path / "out", monkeypatch, **RESUME)
+    plan = json.loads((tmp_path / ".out.partial" / "progress.json").read_text())["plan"]
+    assert plan["sources"] == [["hf:org/name", None, None]]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: iter(rows))
+    with pytest.raises(ValueError, match="holds an unfinished preparation with other arguments"):
+        prepare("hf:org/other", tmp_path / "out", **RESUME)
 
 
 def test_a_resume_with_another_tokenizer_object_is_refused(corpus, tmp_path, monkeypatch):
@@ -303,7 +309,7 @@ def test_a_resume_counts_no_documents_and_its_bar_starts_at_the_documents_done(
 ):
     _interrupted(corpus, tmp_path / "out", monkeypatch, **RESUME)
     done = json.loads((tmp_path / ".out.partial" / "progress.json").read_text())["docs_done"]
-    assert 0 < done < 12
+    assert done == 2  # the first batch: 10 + 12 characters reach batch_bytes=16
     monkeypatch.setattr(sys, "stderr", _Terminal())
     prepare(corpus, tmp_path / "out", **RESUME, progress=True)
     bars = _bars(sys.stderr.getvalue())
@@ -334,7 +340,7 @@ def test_a_checkpoint_follows_each_batch_that_ends_over_60_seconds_after_the_las
     monkeypatch.setattr(prepare_module, "time", clock)
 
     def checkpoint(job, writers, done, docs_done):
-        saved.append(done)
+        saved.append((done, docs_done))
         real_checkpoint(job, writers, done, docs_done)
 
     monkeypatch.setattr(prepare_module._Job, "_checkpoint", checkpoint)
@@ -342,8 +348,8 @@ def test_a_checkpoint_follows_each_batch_that_ends_over_60_seconds_after_the_las
     m = prepare(tmp_path / "c.txt", tmp_path / "o", tokenizer="char", seq_len=4, valid_docs=0,
                 batch_bytes=8, progress=True)  # fmt: skip
     assert encoded == [1] * 7  # in this process: num_proc defaults to 1
-    assert saved == checkpoints
-    final = _bars(sys.stderr.getvalue())["tokenizing"][-1]
+    assert saved == [(n, n) for n in checkpoints]  # pieces and documents done: one piece each
+    final = _bars(sys.stderr.getvalue())["tokenizing"][-1].rstrip()  # tqdm pads to overwrite
     assert final.endswith(f", MBps={rate}, tokens={m.splits['train'].tokens:.3g}]")
 
 
