@@ -1,6 +1,7 @@
 """Edges of `prepare` (issue 29): each argument at its limit and one past, every refusal word
 for word, how batches are cut, what a resume compares, the progress shown, the manifest."""
 
+import errno
 import importlib
 import importlib.metadata
 import io
@@ -365,3 +366,23 @@ def test_the_cli_builds_a_tokenizer_kind_from_its_source(corpus, tmp_path, share
     assert manifest["tokenizer"] == {"kind": "gpt2", "source": str(source), "vocab_size": 50260}
     assert manifest["splits"]["train"]["documents"] == 12
     assert capsys.readouterr().out.endswith(f"bos=50257 eos=50256 -> {out}\n")
+
+
+def test_a_full_disk_in_any_form_is_one_enospc_error_keeping_the_checkpoint(
+    corpus, tmp_path, monkeypatch
+):
+    from xdlm.data import TextTokenizer
+
+    def full(tok, directory):
+        raise Exception("No space left on device (os error 28)")  # the tokenizers library's form
+
+    monkeypatch.setattr(TextTokenizer, "save", full)
+    with pytest.raises(OSError) as info:
+        prepare(corpus, tmp_path / "o", tokenizer="char", seq_len=4)
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.strerror == (
+        f"preparing {tmp_path / 'o'} failed: no space left on device (Exception: No space left on "
+        f"device (os error 28)) while writing {tmp_path / '.o.partial'}; free disk space and run "
+        "the same command again: it continues from its last checkpoint (--no-resume starts over)"
+    )
+    assert (tmp_path / ".o.partial" / "progress.json").is_file()
