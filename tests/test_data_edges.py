@@ -3,6 +3,8 @@ corpus' refusals, byte-level UTF-8 decoding at every sequence length, the tokeni
 start (it runs in forked processes, where mutmut sees no coverage, so it is also called here)."""
 
 import ctypes
+import dataclasses
+import json
 import os
 import re
 import signal
@@ -166,6 +168,9 @@ def test_pad_split_writes_a_document_across_batches_as_if_whole(tmp_path, resume
     assert lengths == [4, 4, 3, 3] and not (tmp_path / "train.lengths.partial").exists()
     assert (states[0].rows, states[0].tokens, states[0].documents) == (2, 8, 0)
     assert (states[0].tail, states[0].doc_rows) == ([17], 2)  # the open document's 2 rows
+    assert json.dumps(dataclasses.asdict(states[0])) == (  # progress.json holds integers
+        '{"rows": 2, "tokens": 8, "documents": 0, "tail": [17], "doc_rows": 2}'
+    )
     assert (states[1].rows, states[1].tokens, states[1].documents) == (4, 14, 2)
     assert (states[1].tail, states[1].doc_rows) == ([], 0)
     assert (info.rows, info.tokens, info.documents) == (4, 14, 2)
@@ -196,7 +201,7 @@ def test_a_writer_resumes_only_from_a_file_at_least_as_long_as_its_checkpoint(tm
     with pytest.raises(
         ValueError,
         match=r"lengths\.partial is missing or shorter than its "
-        r"checkpoint \(16 bytes\); prepare again with resume=",
+        r"checkpoint \(16 bytes\); prepare again with resume=False \(--no-resume\)$",
     ):
         SplitWriter(tmp_path, "train", fmt, state)
     (tmp_path / "train.lengths.partial").write_bytes(b"\0" * 16)  # exactly long enough

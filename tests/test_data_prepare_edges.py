@@ -349,6 +349,7 @@ def test_a_checkpoint_follows_each_batch_that_ends_over_60_seconds_after_the_las
     m = prepare(tmp_path / "c.txt", tmp_path / "o", tokenizer="char", seq_len=4, valid_docs=0,
                 batch_bytes=8, progress=True)  # fmt: skip
     assert encoded == [1] * 7  # in this process: num_proc defaults to 1
+    assert m.splits["train"].documents == 7  # counted over every batch
     assert saved == [(n, n) for n in checkpoints]  # pieces and documents done: one piece each
     final = _bars(sys.stderr.getvalue())["tokenizing"][-1].rstrip()  # tqdm pads to overwrite
     assert final.endswith(f", MBps={rate}, tokens={m.splits['train'].tokens:.3g}]")

@@ -11,7 +11,7 @@ import pytest
 
 import xdlm.data.encoding as encoding
 from xdlm.data import embedded_corpus_path, load_tokenizer, prepare, read_documents
-from xdlm.data.documents import iter_documents, split_documents
+from xdlm.data.documents import Piece, iter_documents, split_documents
 from xdlm.data.encoding import encode_stream, encode_texts
 
 prepare_module = importlib.import_module("xdlm.data.prepare")  # the package re-exports prepare()
@@ -52,6 +52,38 @@ def test_encode_texts_frames_documents(docs):
     for j, text in enumerate(docs[:7]):
         doc = batch.ids[batch.offsets[j] : batch.offsets[j + 1]].tolist()
         assert doc == [tok.bos_id, *tok.encode(text), tok.eos_id]
+
+
+def test_pieces_are_framed_by_their_flags_into_int64_ids(docs):
+    tok = load_tokenizer("char", corpus_texts=docs)
+    pieces = [Piece("ab", True, False), Piece("cd", False, True), "ef"]
+    batch = encode_texts(tok, pieces)
+    a, b, c, d, e, f = (tok.encode(x)[0] for x in "abcdef")
+    assert batch.ids.tolist() == [tok.bos_id, a, b, c, d, tok.eos_id, tok.bos_id, e, f, tok.eos_id]
+    assert batch.offsets.tolist() == [0, 3, 6, 10] and batch.n_bytes == 6
+    assert batch.first.tolist() == [True, False, True]
+    assert batch.last.tolist() == [False, True, True]
+    dtypes = [x.dtype for x in (batch.ids, batch.offsets, batch.first, batch.last)]
+    assert dtypes == [np.int64, np.int64, bool, bool]
+
+
+def test_at_most_two_batches_per_worker_are_in_flight(tmp_path, docs):
+    """Memory holds 2 * num_proc batches: the first result is handed out once that many are
+    submitted, whatever the workers' speed."""
+    tok = load_tokenizer("char", corpus_texts=docs)
+    tok.save(tmp_path / "tok")
+    drawn = []
+
+    def batches():
+        for i in range(10):
+            drawn.append(i)
+            yield docs[i : i + 1]
+
+    stream = encode_stream(batches(), tok, tmp_path / "tok", num_proc=2)
+    assert len(next(stream)) == 1 and len(drawn) == 4
+    assert len(list(stream)) == 9 and len(drawn) == 10
+    with pytest.raises(ValueError, match=r"^num_proc must be >= 1, got 0$"):
+        next(encode_stream(batches(), tok, tmp_path / "tok", num_proc=0))
 
 
 def test_worker_processes_keep_order(tmp_path, docs):
