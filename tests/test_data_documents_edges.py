@@ -4,9 +4,11 @@ the `hf:` source grammar, suffixes in any case."""
 import gzip
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
+import xdlm.data.documents as documents
 from xdlm.data.documents import (
     Piece,
     document_pieces,
@@ -63,6 +65,9 @@ def test_undecodable_text_and_broken_gzip_are_named(tmp_path):
     _refused(ValueError, f"{tmp_path / 'latin.txt'} is not UTF-8 text (byte b'\\xe9' cannot be "
              "decoded); convert it, e.g. iconv -f latin1 -t utf-8, or leave the binary file out",
              tmp_path / "latin.txt")  # fmt: skip
+    with pytest.raises(ValueError) as info:  # read in pieces: the same line
+        list(iter_pieces(tmp_path / "latin.txt"))
+    assert str(info.value).startswith(f"{tmp_path / 'latin.txt'} is not UTF-8 text (byte b'")
     (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"latin\.jsonl is not UTF-8 text \(byte b'\\xe9'"):
         read_documents(tmp_path / "latin.jsonl")
@@ -150,3 +155,31 @@ def test_a_document_longer_than_a_piece_is_read_whole(tmp_path):
     assert read_documents(tmp_path / "a.txt") == [long, "short"]
     (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
     assert list(iter_documents(tmp_path / "a.jsonl")) == ["x"]  # the field "text" by default
+
+
+@pytest.mark.parametrize("kind", [Path, str])
+@pytest.mark.parametrize("name", ["a.txt", "B.TXT", "c.txt.gz", "D.Txt.Gz"])
+def test_a_text_file_is_read_in_pieces_never_whole(tmp_path, monkeypatch, name, kind):
+    """Bounded memory: `iter_pieces` reads a .txt[.gz] piece by piece, never through
+    `iter_documents` (which holds a whole document)."""
+    text = b"aaa bbb ccc\n\nd\n"
+    (tmp_path / name).write_bytes(gzip.compress(text) if name.lower().endswith(".gz") else text)
+
+    def whole(*args):
+        raise AssertionError("read as whole documents")
+
+    monkeypatch.setattr(documents, "iter_documents", whole)
+    pieces = list(iter_pieces(kind(tmp_path / name), max_chars=5))
+    assert [p.text for p in pieces] == ["aaa", " bbb", " ccc", "d"]
+
+
+def test_whitespace_is_held_in_memory_up_to_the_cap_then_in_a_file():
+    held = documents._Held(4)
+    held.add("  ")
+    held.add("\t\n")  # exactly 4 characters: still in memory
+    assert held.file is None and held.parts == ["  ", "\t\n"]
+    held.add(" ")  # one past: all of it moves to a temporary file
+    assert held.file is not None and held.parts == [] and held.size == 0
+    held.add("\n")
+    assert list(held.drain()) == ["  \t\n", " ", "\n"]  # the file in chunks of 4, then memory
+    assert held.file is None and held.parts == []
