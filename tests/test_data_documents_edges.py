@@ -182,4 +182,4 @@ def test_whitespace_is_held_in_memory_up_to_the_cap_then_in_a_file():
     assert held.file is not None and held.parts == [] and held.size == 0
     held.add("\n")
     assert list(held.drain()) == ["  \t\n", " ", "\n"]  # the file in chunks of 4, then memory
-    assert held.file is None and held.parts == []
+    assert held.file is None and held.parts == [] and held.size == 0
