@@ -3,6 +3,8 @@ the `hf:` source grammar, suffixes in any case."""
 
 import gzip
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -183,3 +185,23 @@ def test_whitespace_is_held_in_memory_up_to_the_cap_then_in_a_file():
     held.add("\n")
     assert list(held.drain()) == ["  \t\n", " ", "\n"]  # the file in chunks of 4, then memory
     assert held.file is None and held.parts == [] and held.size == 0
+
+
+_READ = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location(sys.argv[1], sys.argv[2])  # stdlib only: fast
+module = sys.modules[sys.argv[1]] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print(ascii(module.read_documents(sys.argv[3])))
+"""
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.txt.gz"])
+def test_text_is_read_as_utf_8_whatever_the_locale(tmp_path, name):
+    text = "café\n\nnaïve\n".encode()
+    (tmp_path / name).write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+    assert read_documents(tmp_path / name) == ["café", "naïve"]
+    ascii_locale = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    args = [sys.executable, "-c", _READ, documents.__name__, documents.__file__, tmp_path / name]
+    read = subprocess.run(args, env=ascii_locale, capture_output=True, text=True, check=False)
+    assert (read.returncode, read.stdout) == (0, ascii(["café", "naïve"]) + "\n"), read.stderr
