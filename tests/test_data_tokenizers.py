@@ -89,8 +89,9 @@ def test_round_trip_bert_up_to_lowercase(shared_data):
 
 
 def test_save_load_identity(tok, tmp_path, corpus):
-    tok.save(tmp_path / "tok")
-    again = load_tokenizer_dir(tmp_path / "tok")
+    tok.save(tmp_path / "new" / "tok")  # its parents are created
+    tok.save(tmp_path / "new" / "tok")  # and an existing directory is written again
+    again = load_tokenizer_dir(tmp_path / "new" / "tok")
     assert again.special_ids == tok.special_ids
     assert again.vocab_size == tok.vocab_size and again.spec == tok.spec
     texts = [SAMPLE, LITERAL_SPECIALS, *corpus[:10]]
@@ -166,11 +167,16 @@ def test_gpt2_mdlm_mode_matches_the_released_models(shared_data, tmp_path):
 def test_shared_ids_only_where_named():
     from tokenizers import Tokenizer, models
 
-    base = Tokenizer(models.WordLevel({"a": 0, "[E]": 1, "[M]": 2}, unk_token="a"))
+    base = Tokenizer(models.WordLevel({"a": 0, "[E]": 1, "[M]": 2, "[B]": 3}, unk_token="a"))
     shared = {"bos": "[E]", "eos": "[E]", "pad": "[E]", "mask": "[M]"}
     with pytest.raises(ValueError, match="must be distinct"):
         TextTokenizer(base, shared, {"kind": "x", "source": "x"})
-    assert TextTokenizer(base, shared, {"kind": "x"}, shared=("bos", "eos", "pad")).eos_id == 1
+    with pytest.raises(ValueError, match="must be distinct"):  # one shared role, on eos's id
+        TextTokenizer(base, {**shared, "bos": "[B]"}, {"kind": "x"}, shared=("pad",))
+    tok = TextTokenizer(base, shared, {"kind": "x"}, shared=("bos", "eos", "pad"))
+    assert tok.eos_id == 1
+    other = TextTokenizer(base, {**shared, "bos": "[B]"}, {"kind": "x"}, shared=("eos", "pad"))
+    assert other.fingerprint() != tok.fingerprint()  # one vocabulary, other special tokens
     mask_too = {**shared, "mask": "[E]"}
     with pytest.raises(ValueError, match="only bos, eos and pad"):
         TextTokenizer(base, mask_too, {"kind": "x"}, shared=("bos", "eos", "pad", "mask"))
