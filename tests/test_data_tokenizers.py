@@ -169,10 +169,18 @@ def test_shared_ids_only_where_named():
 
     base = Tokenizer(models.WordLevel({"a": 0, "[E]": 1, "[M]": 2, "[B]": 3}, unk_token="a"))
     shared = {"bos": "[E]", "eos": "[E]", "pad": "[E]", "mask": "[M]"}
-    with pytest.raises(ValueError, match="must be distinct"):
+    with pytest.raises(ValueError) as info:
         TextTokenizer(base, shared, {"kind": "x", "source": "x"})
+    assert str(info.value) == (
+        "special ids must be distinct, got {'bos': 1, 'eos': 1, 'pad': 1, 'mask': 2}; only the "
+        "roles in shared=[] may share one id (the tokenizer kind 'gpt2-mdlm' shares BOS = EOS = "
+        "PAD)"
+    )
     with pytest.raises(ValueError, match="must be distinct"):  # one shared role, on eos's id
         TextTokenizer(base, {**shared, "bos": "[B]"}, {"kind": "x"}, shared=("pad",))
+    with pytest.raises(ValueError, match="must be distinct"):  # shared roles on two ids
+        TextTokenizer(base, {**shared, "bos": "a", "pad": "[B]"}, {"kind": "x"},
+                      shared=("eos", "pad"))  # fmt: skip
     tok = TextTokenizer(base, shared, {"kind": "x"}, shared=("bos", "eos", "pad"))
     assert tok.eos_id == 1
     other = TextTokenizer(base, {**shared, "bos": "[B]"}, {"kind": "x"}, shared=("eos", "pad"))
