@@ -317,6 +317,7 @@ def test_a_hub_name_is_fetched_as_tokenizer_json_and_a_failure_named(tmp_path, m
     assert tok.spec["source"] == "org/tok" and tok.encode("ab") == [0, 1] and asked == ["org/tok"]
     assert load_tokenizer("bert-base-uncased").spec["source"] == "bert-base-uncased"
     assert asked[-1] == "bert-base-uncased"  # the default source of the kind
+    assert load_tokenizer("gpt2").spec["source"] == "gpt2" and asked[-1] == "gpt2"
     for kind in ("wordpiece", "gpt2"):
         _refused(ValueError, f"could not load {kind} tokenizer 'org/offline' from the HF hub (no "
                  "network); pass source=<local dir> instead", load_tokenizer, kind,
