@@ -318,6 +318,10 @@ def test_a_hub_name_is_fetched_as_tokenizer_json_and_a_failure_named(tmp_path, m
     assert load_tokenizer("bert-base-uncased").spec["source"] == "bert-base-uncased"
     assert asked[-1] == "bert-base-uncased"  # the default source of the kind
     assert load_tokenizer("gpt2").spec["source"] == "gpt2" and asked[-1] == "gpt2"
+    with pytest.raises(ValueError, match=r"needs the 50,257-token GPT-2 vocabulary, got \d+ ids "
+                       r"from gpt2$"):  # fmt: skip
+        load_tokenizer("gpt2-mdlm")
+    assert asked[-1] == "gpt2"
     for kind in ("wordpiece", "gpt2"):
         _refused(ValueError, f"could not load {kind} tokenizer 'org/offline' from the HF hub (no "
                  "network); pass source=<local dir> instead", load_tokenizer, kind,
