@@ -137,6 +137,9 @@ def test_hf_rows_without_the_field_are_named(monkeypatch):
         ("ab\ncd ef", 5, ["ab", "\ncd", " ef"]),  # before a newline too
         ("a bcdefgh", 4, ["a", " bcd", "efgh"]),  # no whitespace after the start: at max_chars
         ("ab cdefg", 3, ["ab", " cd", "efg"]),  # a space at the piece's own start is no cut
+        ("a b cdefgh", 5, ["a b", " cdef", "gh"]),  # the last of two spaces in reach
+        ("a\nb\ncdefgh", 5, ["a\nb", "\ncdef", "gh"]),  # the last of two newlines
+        ("a\nbcdefg", 4, ["a", "\nbcd", "efg"]),  # a newline right after the piece's start
         ("abcd", 4, ["abcd"]),  # exactly max_chars: one piece
         ("abcde", 4, ["abcd", "e"]),  # one past
     ],
