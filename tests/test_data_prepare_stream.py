@@ -1,10 +1,8 @@
 """Streaming `prepare`: lazy reading, worker processes, resumable checkpoints."""
 
-import dataclasses
 import gzip
 import importlib
 import json
-import multiprocessing
 import os
 import random
 
@@ -86,19 +84,6 @@ def test_at_most_two_batches_per_worker_are_in_flight(tmp_path, docs):
     assert len(list(stream)) == 9 and len(drawn) == 10
     with pytest.raises(ValueError, match=r"^num_proc must be >= 1, got 0$"):
         next(encode_stream(batches(), tok, tmp_path / "tok", num_proc=0))
-
-
-@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="no fork")
-def test_workers_are_forked_where_the_platform_can(tmp_path, docs, monkeypatch):
-    """Forked workers start at once (no new interpreter importing torch) and run the parent's
-    code as it stands, as the kill -9 test of `xdlm prepare` relies on; spawn is the fallback."""
-    tok = load_tokenizer("char", corpus_texts=docs)
-    tok.save(tmp_path / "tok")
-    real = encoding.encode_texts
-    marked = lambda t, texts: dataclasses.replace(real(t, texts), n_bytes=-1)  # noqa: E731
-    monkeypatch.setattr(encoding, "encode_texts", marked)
-    out = encode_stream(iter([docs[:2], docs[2:4]]), tok, tmp_path / "tok", num_proc=2)
-    assert [batch.n_bytes for batch in out] == [-1, -1]  # encoded by the patched code
 
 
 def test_worker_processes_keep_order(tmp_path, docs):
