@@ -69,7 +69,8 @@ def test_pieces_are_framed_by_their_flags_into_int64_ids(docs):
 
 def test_at_most_two_batches_per_worker_are_in_flight(tmp_path, docs):
     """Memory holds 2 * num_proc batches: the first result is handed out once that many are
-    submitted, whatever the workers' speed."""
+    submitted, whatever the workers' speed. 3 workers: one more than this machine's cores, so a
+    pool left at its default size (`os.cpu_count()`) is seen."""
     tok = load_tokenizer("char", corpus_texts=docs)
     tok.save(tmp_path / "tok")
     drawn = []
@@ -79,8 +80,9 @@ def test_at_most_two_batches_per_worker_are_in_flight(tmp_path, docs):
             drawn.append(i)
             yield docs[i : i + 1]
 
-    stream = encode_stream(batches(), tok, tmp_path / "tok", num_proc=2)
-    assert len(next(stream)) == 1 and len(drawn) == 4
+    stream = encode_stream(batches(), tok, tmp_path / "tok", num_proc=3)
+    assert len(next(stream)) == 1 and len(drawn) == 6
+    assert len(multiprocessing.active_children()) == 3  # num_proc workers, whatever the cores
     assert len(list(stream)) == 9 and len(drawn) == 10
     with pytest.raises(ValueError, match=r"^num_proc must be >= 1, got 0$"):
         next(encode_stream(batches(), tok, tmp_path / "tok", num_proc=0))
