@@ -296,6 +296,12 @@ def test_a_damaged_tokenizer_directory_is_named(tmp_path, corpus):
     assert message.startswith(f"{directory / 'tokenizer.json'} is not a tokenizers JSON file (")
     assert message.endswith("); the file is truncated, emptied or foreign: restore it")
     assert "EOF while parsing" in message  # the loader's own reason
+    (directory / "tokenizer.json").write_text(json.dumps({"version": "x" * 300}))
+    with pytest.raises(ValueError) as info:  # a long reason is cut at 200 characters
+        load_tokenizer_dir(directory)
+    head = f"{directory / 'tokenizer.json'} is not a tokenizers JSON file ("
+    reason = str(info.value).removeprefix(head).split(");")[0]
+    assert reason == "Unknown tokenizer version '" + "x" * 173
 
 
 def test_a_hub_name_is_fetched_as_tokenizer_json_and_a_failure_named(tmp_path, monkeypatch):
@@ -386,3 +392,6 @@ def test_gpt2_mdlm_from_a_50257_token_directory(tmp_path):
     assert tok.special_tokens == {"bos": "<|endoftext|>", "eos": "<|endoftext|>",
                                   "pad": "<|endoftext|>", "mask": "[MASK]"}  # fmt: skip
     assert tok.encode("a<|endoftext|>a[MASK]a") == [0, 0, 0]
+    saved = json.loads((tok.save(tmp_path / "tok") / "tokenizer.json").read_text())
+    added = {(t["id"], t["content"], t["special"]) for t in saved["added_tokens"]}
+    assert added == {(50_256, "<|endoftext|>", True), (50_257, "[MASK]", True)}  # as released
