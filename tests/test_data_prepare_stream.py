@@ -3,6 +3,7 @@
 import gzip
 import importlib
 import json
+import multiprocessing
 import os
 import random
 
