@@ -321,9 +321,7 @@ def _char(texts: Iterable[str]) -> TextTokenizer:
         seen.update(text)
     if not seen:
         raise ValueError("tokenizer kind 'char' needs corpus_texts holding some text")
-    chars = sorted(seen)
-    reserved = set(_DEFAULT_SPECIALS.values()) | {"[UNK]"}
-    vocab = {c: i for i, c in enumerate(c for c in chars if c not in reserved)}
+    vocab = {c: i for i, c in enumerate(sorted(seen))}  # single characters: never a special
     vocab["[UNK]"] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
