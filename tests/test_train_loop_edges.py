@@ -3,6 +3,7 @@ batch limit on 2 ranks, the loader built from the run's seed, rank and world siz
 with no validation split, the EMA's configured decay, `train.compile` wrapping the model,
 tokens/s from the loop's own clock, one save per interrupted step, and the bar of a resume."""
 
+import hashlib
 import signal
 from types import SimpleNamespace
 
@@ -158,6 +159,8 @@ def test_the_random_streams_are_distinct_and_follow_seed_and_rank(make_trainer):
     assert len({*seeds, 0, stream_seed(0, "noise/1"), stream_seed(0, "dropout/1")}) == 6
     assert stream_seed(3, "time") != stream_seed(0, "time")
     assert all(0 <= s < 2**63 for s in seeds)
+    blake = hashlib.blake2b(b"0:time", digest_size=8).digest()  # the top 63 of its 64 bits
+    assert stream_seed(0, "time") == int.from_bytes(blake, "big") >> 1
 
 
 def test_the_trackers_get_the_whole_config(make_trainer, monkeypatch):
