@@ -17,6 +17,12 @@ cd "$(dirname "$0")/.."
 unset PYTHONPATH  # mutmut puts mutants/src first; the original src must not shadow it
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
 CHILDREN="${MUTMUT_CHILDREN:-2}"
+if (( CHILDREN > 1 )) && [[ "${PYTEST_ADDOPTS:-}" == *--basetemp* ]]; then
+  # each child's pytest session empties --basetemp at its start, under the other child's tests:
+  # their failures would count as kills
+  echo "PYTEST_ADDOPTS sets --basetemp, which $CHILDREN children would share: use MUTMUT_CHILDREN=1" >&2
+  exit 2
+fi
 
 if [[ "${1:-}" == "--score" ]]; then
   exec python scripts/mutation_score.py
