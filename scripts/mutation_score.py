@@ -73,12 +73,10 @@ def main() -> None:
         pattern, n = args.sample[0], int(args.sample[1])
         names = sorted(k for k in codes if fnmatch.fnmatch(k, pattern))
         print("\n".join(sorted(random.Random(args.seed).sample(names, min(n, len(names))))))
-    elif args.survivors:
+    elif args.survivors or args.unchecked:  # survived: exit code 0; not run: no code
+        pattern, wanted = (args.survivors, 0) if args.survivors else (args.unchecked, None)
         print("\n".join(k for k, c in sorted(codes.items())
-                        if fnmatch.fnmatch(k, args.survivors) and c == 0))  # fmt: skip
-    elif args.unchecked:
-        print("\n".join(k for k, c in sorted(codes.items())
-                        if fnmatch.fnmatch(k, args.unchecked) and c is None))  # fmt: skip
+                        if fnmatch.fnmatch(k, pattern) and c == wanted))  # fmt: skip
     else:
         print(score_table(codes))
 
