@@ -5,16 +5,18 @@ interpreter lookup."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
-from test_sandbox import needs_bwrap  # noqa: I001  (the shared skip marker)
+from test_sandbox import ISOLATIONS, needs_bwrap  # noqa: I001  (the shared skip markers)
 
 from xdlm.eval import sandbox
 from xdlm.eval.sandbox import pass_at_k, run_sandboxed
@@ -174,3 +176,177 @@ def test_check_isolation_without_bubblewrap_names_the_fix(monkeypatch):
             sandbox.check_isolation()
     finally:
         sandbox._check_bwrap.cache_clear()
+
+
+@needs_bwrap
+def test_the_defaults_are_ten_seconds_a_gib_and_a_64_mib_tmpfs_of_1024_files():
+    """Defaults as documented: 1 GiB over 1 + 3 processes, CPU time ceil(10 s) + 1, and a tmpfs
+    of 64 MiB holding 1,024 files besides its root directory."""
+    code = f"""
+    import os, resource
+    assert resource.getrlimit(resource.RLIMIT_AS) == ({2**28}, {2**28})
+    assert resource.getrlimit(resource.RLIMIT_CPU) == (11, 11)
+    disk = os.statvfs("/sandbox")
+    assert (disk.f_blocks * disk.f_frsize, disk.f_files) == ({64 * 2**20}, 1025), disk
+    """
+    result = run_sandboxed(textwrap.dedent(code))
+    assert result.status == "passed", result.stderr
+
+
+@pytest.mark.parametrize("timeout_s, cpu_s", [(0.25, 2), (1.0, 2), (1.5, 3)])
+def test_the_cpu_limit_is_the_timeout_rounded_up_plus_one_second(timeout_s, cpu_s):
+    code = f"import resource\nassert resource.getrlimit(resource.RLIMIT_CPU)[0] == {cpu_s}"
+    assert run_sandboxed(code, timeout_s, 256, isolation="none").status == "passed"
+
+
+@pytest.fixture
+def root_groups():
+    """As root, give this process supplementary groups for the test (restored after)."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can set its groups")
+    before = os.getgroups()
+    os.setgroups([0, 100])
+    yield [0, 100]
+    os.setgroups(before)
+
+
+@needs_bwrap
+def test_a_root_caller_s_groups_are_dropped_in_the_sandbox(root_groups):
+    code = "import os\nassert os.getgroups() == [], os.getgroups()"
+    result = run_sandboxed(code, 10.0, 256)
+    assert result.status == "passed", result.stderr
+
+
+def test_without_isolation_the_program_keeps_the_caller_s_groups(root_groups):
+    code = f"import os\nassert sorted(os.getgroups()) == {root_groups}, os.getgroups()"
+    result = run_sandboxed(code, 10.0, 256, isolation="none")
+    assert result.status == "passed", result.stderr
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_junk_written_to_the_verdict_pipe_does_not_break_the_verdict(isolation):
+    """A hostile program may write undecodable bytes to every pipe it holds."""
+    code = """
+    import os, stat
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.write(fd, b"\\xff\\xfe junk\\n")
+        except OSError:
+            pass
+    """
+    result = run_sandboxed(textwrap.dedent(code), 10.0, 256, isolation=isolation)
+    assert result.status == "passed", result.stderr
+
+
+def test_without_isolation_an_escaped_process_holding_the_verdict_pipe_cannot_stall_it(tmp_path):
+    """A grandchild in a session of its own survives the group kill and keeps the pipe's write
+    end open; the verdict is read without waiting for it (it is killed here after)."""
+    pid_file = tmp_path / "pid"
+    code = f"""
+    import os, sys, time
+    if os.fork() == 0:
+        os.setsid()
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        time.sleep(120)
+        os._exit(0)
+    while not os.path.exists({str(pid_file)!r}):
+        time.sleep(0.01)
+    sys.exit(3)
+    """
+    start = time.monotonic()
+    try:
+        result = run_sandboxed(textwrap.dedent(code), 60.0, 256, isolation="none")
+        elapsed = time.monotonic() - start
+    finally:
+        with contextlib.suppress(ProcessLookupError, FileNotFoundError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert (result.status, result.returncode) == ("failed", 3)
+    assert elapsed < 60, "the verdict waited for the escaped process"
+
+
+@needs_bwrap
+def test_machines_without_a_seccomp_filter_still_run_the_sandbox(monkeypatch):
+    monkeypatch.setattr(sandbox.seccomp, "deny_filter", lambda machine=None: None)
+    assert "--seccomp" not in sandbox._bwrap_args("/usr/bin/python3", "/w", None, 2**20, 1)
+    result = run_sandboxed("pass", 10.0, 256)
+    assert result.status == "passed", result.stderr
+
+
+def test_an_unreadable_system_python_is_refused_with_the_fix(monkeypatch):
+    """As nobody neither this interpreter nor a system python3 that nobody cannot read will do."""
+    monkeypatch.setattr(sandbox, "_readable_by_others", lambda path: False)
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: "/usr/bin/python3")
+    fix = r"and there is no system python3; pass python=PATH to a world-readable interpreter"
+    with pytest.raises(sandbox.SandboxUnavailableError, match=fix):
+        sandbox._interpreter(None, 65534)
+    monkeypatch.setattr(shutil, "which", lambda name, path=None: None)
+    with pytest.raises(sandbox.SandboxUnavailableError, match=fix):
+        sandbox._interpreter(None, 65534)
+
+
+_TOPS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+
+
+@needs_bwrap
+def test_the_top_level_system_dirs_look_inside_as_outside():
+    """Merged-/usr links (/bin -> usr/bin) are recreated; what the host lacks stays absent."""
+    host = {top: (os.path.exists(top), os.path.islink(top) and os.readlink(top)) for top in _TOPS}
+    code = f"""
+    import os
+    inside = {{top: (os.path.exists(top), os.path.islink(top) and os.readlink(top))
+              for top in {_TOPS!r}}}
+    assert inside == {host!r}, inside
+    """
+    result = run_sandboxed(textwrap.dedent(code), 10.0, 256)
+    assert result.status == "passed", result.stderr
+
+
+def test_real_top_level_dirs_are_bound_read_only_and_links_recreated(monkeypatch):
+    """A host without merged /usr: its real /bin, /lib, ... are bound read-only; links stay."""
+    links = {"/lib64": "usr/lib64"}
+    monkeypatch.setattr(os.path, "islink", lambda p: p in links)
+    monkeypatch.setattr(os, "readlink", lambda p: links[p])
+    monkeypatch.setattr(os.path, "isdir", lambda p: p in _TOPS)
+    args = sandbox._bwrap_args("/usr/bin/python3", "/w", None, 2**20, 1)
+    assert args[:2] == ["bwrap", "--unshare-all"]
+    expected = []
+    for top in _TOPS:
+        expected += ["--symlink", links[top], top] if top in links else ["--ro-bind", top, top]
+    after_tmp = args.index("/tmp") + 1
+    candidate = ["--ro-bind", "/w/candidate.py", "/candidate.py"]
+    assert args[after_tmp : after_tmp + len(expected) + 3] == [*expected, *candidate]
+
+
+@pytest.mark.parametrize(
+    "interpreter, bound",
+    [("/usr/bin/python3", None), ("/usr/local/bin/python3.12", None),
+     ("/usr2/bin/python3", "/usr2"), ("/opt/py/bin/python3.12", "/opt/py"),
+     ("/root/.pyenv/versions/3.11.7/bin/python3.11", "/root/.pyenv/versions/3.11.7")],
+)  # fmt: skip
+def test_an_interpreter_prefix_outside_usr_is_bound_read_only(interpreter, bound, monkeypatch):
+    monkeypatch.setattr(os.path, "islink", lambda p: False)
+    monkeypatch.setattr(os.path, "isdir", lambda p: False)
+    args = sandbox._bwrap_args(interpreter, "/w", None, 2**20, 1)
+    binds = [args[i + 1] for i, a in enumerate(args) if a == "--ro-bind"]
+    assert binds == ["/usr", *([bound] if bound else []), "/w/candidate.py"]
+    assert args[0] == "bwrap" and args[-6] == interpreter
+
+
+@pytest.mark.parametrize("euid, as_user", [(0, 65534), (1000, None)])
+def test_the_probe_runs_as_the_user_the_program_will_run_as(euid, as_user, monkeypatch):
+    """As root both check_isolation and run_sandboxed probe bwrap as nobody, else as the caller."""
+    probed = []
+
+    def probe(interpreter, user):
+        probed.append((interpreter, user))
+        raise sandbox.SandboxUnavailableError("stop here")
+
+    monkeypatch.setattr(sandbox, "_check_bwrap", probe)
+    monkeypatch.setattr(sandbox, "_interpreter", lambda python, user: f"python-for-{user}")
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    with pytest.raises(sandbox.SandboxUnavailableError, match="stop here"):
+        sandbox.check_isolation()
+    with pytest.raises(sandbox.SandboxUnavailableError, match="stop here"):
+        run_sandboxed("pass", 10.0, 256)
+    assert probed == [(f"python-for-{as_user}", as_user)] * 2

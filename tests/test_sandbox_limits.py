@@ -229,3 +229,26 @@ def test_seccomp_program(machine, arch, nr, allowed):
     verdict = _bpf(seccomp.deny_filter(machine), arch, nr)
     assert verdict == (0x7FFF0000 if allowed else 0x00050000 | errno.EPERM)
     assert seccomp.deny_filter("riscv64") is None
+
+
+_LD, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
+_ALLOW, _EPERM = 0x7FFF0000, 0x00050000 | errno.EPERM
+
+
+@pytest.mark.parametrize(
+    ("machine", "listing"),
+    [("x86_64", [(_LD, 0, 0, 4), (_JEQ, 0, 6, 0xC000003E), (_LD, 0, 0, 0),
+                 (_JGE, 4, 0, 0x40000000), (_JEQ, 3, 0, 29), (_JEQ, 2, 0, 319),
+                 (_JEQ, 1, 0, 447), (_RET, 0, 0, _ALLOW), (_RET, 0, 0, _EPERM)]),
+     ("aarch64", [(_LD, 0, 0, 4), (_JEQ, 0, 5, 0xC00000B7), (_LD, 0, 0, 0),
+                  (_JEQ, 3, 0, 194), (_JEQ, 2, 0, 279), (_JEQ, 1, 0, 447),
+                  (_RET, 0, 0, _ALLOW), (_RET, 0, 0, _EPERM)])],
+)  # fmt: skip
+def test_seccomp_program_listing(machine, listing):
+    """The whole program, instruction by instruction (code, jt, jf, k), as a disassembler shows
+    it: load arch, deny a foreign one, load nr, deny x32 numbers and the three calls, else allow.
+    Loads and returns carry no jump offsets (the kernel ignores them; canonical form has 0)."""
+    program = seccomp.deny_filter(machine)
+    assert [struct.unpack("=HBBI", program[i : i + 8]) for i in range(0, len(program), 8)] == (
+        listing
+    )

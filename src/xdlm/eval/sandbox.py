@@ -194,7 +194,7 @@ def run_sandboxed(
     if isolation == "bwrap":
         _check_bwrap(interpreter, as_user)
     with _workdir(code, as_user) as workdir, _seccomp_fd() as filter_fd:
-        limits = [str(share), str(max(1, math.ceil(timeout_s) + 1)), str(max_procs)]
+        limits = [str(share), str(math.ceil(timeout_s) + 1), str(max_procs)]  # CPU s >= 2
         harness = ["-I", "-c", _BOOTSTRAP, *limits]
         if isolation == "none":
             cmd = [interpreter, *harness, f"{workdir}/candidate.py"]
