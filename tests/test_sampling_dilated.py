@@ -38,7 +38,8 @@ def test_van_der_corput_order_spreads_every_prefix():
     assert _order(2) == [0, 1] and _order(1) == [0]
     assert sorted(_order(64)) == list(range(64))
     assert sorted(_order(64)[:16]) == list(range(0, 64, 4))  # the first quarter: every 4th
-    for length, bits in ((64, 6), (1000, 10)):  # against the bit reversal written as text
+    # against the bit reversal written as text; 5 and 65: one past a power of two
+    for length, bits in ((64, 6), (1000, 10), (5, 3), (65, 7)):
         reverse = [int(format(i, f"0{bits}b")[::-1], 2) for i in range(length)]
         assert _order(length) == sorted(range(length), key=reverse.__getitem__)
 
