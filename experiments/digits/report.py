@@ -99,7 +99,8 @@ def answers(summary: dict, ev: dict, classifier: dict, settings: dict) -> str:
     acc = classifier["valid_accuracy"]
     retried = "".join(  # the seeds that missed the bar before (run.train_reference_classifier)
         f"; seed {a['seed']} reached only {100 * a['valid_accuracy']:.1f} %, so seed "
-        f"{classifier['seed']} was trained" for a in classifier.get("attempts", [])[:-1]
+        f"{classifier['seed']} was trained"
+        for a in classifier.get("attempts", [])[:-1]
     )
     lines = [
         f"- Reference classifier: {100 * acc:.1f} % on the {classifier['valid_images']} "

@@ -101,10 +101,14 @@ def train_reference_classifier(spec: dict, data_dir: Path) -> dict:
     attempts, start = [], time.perf_counter()
     for seed in range(spec["seed"], spec["seed"] + spec.get("retries", 0) + 1):
         clf, real = reference_classifier(str(data_dir), seed)
-        attempts.append({"seed": seed, "valid_accuracy": classifier_accuracy(clf, real.images,
-                                                                             real.labels)})
-        print(f"reference classifier, seed {seed}: held-out accuracy "
-              f"{attempts[-1]['valid_accuracy']:.4f} (needed {spec['min_accuracy']})", flush=True)
+        attempts.append(
+            {"seed": seed, "valid_accuracy": classifier_accuracy(clf, real.images, real.labels)}
+        )
+        print(
+            f"reference classifier, seed {seed}: held-out accuracy "
+            f"{attempts[-1]['valid_accuracy']:.4f} (needed {spec['min_accuracy']})",
+            flush=True,
+        )
         if attempts[-1]["valid_accuracy"] >= spec["min_accuracy"]:
             break
     return {**attempts[-1], "valid_images": len(real.labels), "attempts": attempts,
