@@ -200,6 +200,10 @@ def test_no_memory_outside_the_budget():
     assert set(map(tuple, got.values())) == {(-1, errno.EPERM)}
 
 
+_LD, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
+_ALLOW, _EPERM = 0x7FFF0000, 0x00050000 | errno.EPERM
+
+
 def _bpf(program: bytes, arch: int, nr: int) -> int:
     """What the classic BPF `program` returns for a system call (a, k: accumulator, constant)."""
     insns = [struct.unpack("=HBBI", program[i : i + 8]) for i in range(0, len(program), 8)]
@@ -207,10 +211,10 @@ def _bpf(program: bytes, arch: int, nr: int) -> int:
     while True:
         code, jt, jf, k = insns[pc]
         pc += 1
-        if code == 0x20:  # ld [k]
+        if code == _LD:  # ld [k]
             a = data[k]
-        elif code in (0x15, 0x35):  # jeq / jge #k
-            pc += jt if (a == k if code == 0x15 else a >= k) else jf
+        elif code in (_JEQ, _JGE):  # jeq / jge #k
+            pc += jt if (a == k if code == _JEQ else a >= k) else jf
         else:  # ret #k
             return k
 
@@ -227,12 +231,8 @@ def _bpf(program: bytes, arch: int, nr: int) -> int:
 )  # fmt: skip
 def test_seccomp_program(machine, arch, nr, allowed):
     verdict = _bpf(seccomp.deny_filter(machine), arch, nr)
-    assert verdict == (0x7FFF0000 if allowed else 0x00050000 | errno.EPERM)
+    assert verdict == (_ALLOW if allowed else _EPERM)
     assert seccomp.deny_filter("riscv64") is None
-
-
-_LD, _JEQ, _JGE, _RET = 0x20, 0x15, 0x35, 0x06
-_ALLOW, _EPERM = 0x7FFF0000, 0x00050000 | errno.EPERM
 
 
 @pytest.mark.parametrize(
