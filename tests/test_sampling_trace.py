@@ -148,9 +148,9 @@ def _coords(element: ET.Element, *names: str) -> list[float]:
 def test_the_chart_draws_each_count_inside_its_axes(tmp_path):
     """Counts go from the x axis (0) to the top of the y axis (the largest), steps evenly from
     the y axis to the x axis' end; everything within the SVG, the count label above the plot."""
-    for trajectory, steps in ((_trajectory(), _STEPS),
-                              (Trajectory(torch.tensor([[[M, M]], [[1, M]], [[1, 2]]]),
-                                          ["a", "b"], M), {"revealed": [1, 1]})):  # fmt: skip
+    one_each = Trajectory(torch.tensor([[[M, M]], [[1, M]], [[1, 2]]]), ["a", "b"], M)
+    one_steps = {"revealed": [1, 1], "revised": [0, 0], "re-masked": [0, 0]}  # largest count 1
+    for trajectory, steps in ((_trajectory(), _STEPS), (one_each, one_steps)):
         svg = _svg(write_trace_html(trajectory, _decode, tmp_path / "t.html").read_text())
         width, height = _coords(svg, "width", "height")
         x_axis, y_axis = svg.findall("line")
@@ -159,20 +159,20 @@ def test_the_chart_draws_each_count_inside_its_axes(tmp_path):
         assert (bottom2, *_coords(y_axis, "x1", "x2", "y2")) == (bottom, left, left, bottom)
         (top,) = _coords(y_axis, "y1")
         assert 0 <= left < right <= width and 0 <= top < bottom <= height
-        highest = max(max(v) for v in steps.values())
+        highest, n_steps = max(max(v) for v in steps.values()), len(steps["revealed"])
         lines = svg.findall("polyline")
         assert [line.get("stroke") for line in lines] == list(COLOURS.values())
         for line, name in zip(lines, NAMES.values(), strict=True):
-            counts = steps.get(name, [0] * len(next(iter(steps.values()))))
+            counts = steps[name]
             points = [float(v) for p in line.get("points").split(" ") for v in p.split(",")]
-            xs = [left + (right - left) * i / (len(counts) - 1) for i in range(len(counts))]
+            xs = [left + (right - left) * i / (n_steps - 1) for i in range(n_steps)]
             ys = [bottom - (bottom - top) * c / highest for c in counts]
             assert points == pytest.approx(
                 [v for xy in zip(xs, ys, strict=True) for v in xy], abs=0.051
             )
         count_label, step_label = svg.findall("text")
         assert count_label.text == f"count (max {highest})"
-        assert step_label.text == f"step (1..{len(next(iter(steps.values())))})"
+        assert step_label.text == f"step (1..{n_steps})"
         x, y = _coords(count_label, "x", "y")
         assert 0 <= x and 0 < y < top
         x, y = _coords(step_label, "x", "y")
